@@ -1,0 +1,172 @@
+"""Turn a text corpus into a tokenizer plus train/val token files.
+
+    python data/prepare.py                          # the default corpus (Python's doc topics)
+    python data/prepare.py my_texts/ --tokenizer bpe --vocab-size 4096
+    python data/prepare.py "books/**/*.txt" --out data/books
+
+Writes ``<out>/train.bin``, ``<out>/val.bin`` and ``<out>/meta.json`` in the format of
+model/data.py (and, for BPE, ``tokenizer.tiktoken`` in tiktoken's rank-file format).
+Everything is written to a temporary folder first and moved into place at the end, so a
+failed run never leaves half a dataset and never destroys the one already there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from model.corpus import check_not_empty, corpus_name, default_corpus, find_documents, iter_pieces, iter_texts
+from model.data import META_FILE, SPLITS, TokenWriter, split_file, token_dtype, write_meta
+from model.errors import UserError
+from model.tokenizer import BPETokenizer, fit_tokenizer
+
+DATA_ROOT = Path(__file__).resolve().parent
+DEFAULT_VOCAB_SIZE = 2048
+
+
+def prepare(
+    inputs: list[str],
+    out_dir: Path,
+    tokenizer_spec: str = "char",
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    val_fraction: float = 0.1,
+    encoding_errors: str = "strict",
+    progress: bool = True,
+) -> dict:
+    """Read, fit the tokenizer, encode both splits; returns the meta written."""
+    if not 0.0 < val_fraction < 1.0:
+        raise UserError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    docs = find_documents(inputs) if inputs else default_corpus()
+    total_bytes = check_not_empty(docs, inputs)
+    _check_replaceable(out_dir)
+
+    def texts(split: str | None = None):
+        return _with_progress(iter_texts(docs, val_fraction, encoding_errors, split), "read", progress, total_bytes)
+
+    started = time.perf_counter()
+    # A BPE learns from the training text alone; a char vocabulary must cover val too.
+    fit_split = "train" if tokenizer_spec == "bpe" else None
+    tokenizer = fit_tokenizer(tokenizer_spec, lambda: texts(fit_split), vocab_size, progress=progress)
+    fit_seconds = time.perf_counter() - started
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        dtype = token_dtype(tokenizer.vocab_size)
+        writers = {split: TokenWriter(split_file(staging, split), dtype) for split in SPLITS}
+        pieces = iter_pieces(docs, val_fraction, encoding_errors)
+        for piece in _with_progress(pieces, "encode", progress, total_bytes, text_of=lambda p: p.text):
+            writer = writers[piece.split]
+            writer.write(tokenizer.encode(piece.text))
+            if piece.ends_document:
+                writer.write([tokenizer.eot_id])
+        for writer in writers.values():
+            writer.close()
+        if isinstance(tokenizer, BPETokenizer):
+            tokenizer.save(staging / "tokenizer.tiktoken")
+        meta = {
+            "format": "tinygpt-tokens",
+            "version": 1,
+            "tokenizer": tokenizer.state(),
+            "tokenizer_name": tokenizer.name,
+            "vocab_size": tokenizer.vocab_size,
+            "eot_id": tokenizer.eot_id,
+            "dtype": dtype.str,
+            "tokens": {split: writers[split].count for split in SPLITS},
+            "source": {"inputs": inputs or ["pydoc_data.topics"], "documents": len(docs), "bytes": total_bytes},
+            "split": {
+                "val_fraction": val_fraction,
+                "rule": "val is the text after the first line break at or after "
+                f"{1 - val_fraction:.0%} of the corpus bytes",
+            },
+            "encoding_errors": encoding_errors,
+            "tokenizer_fit_seconds": round(fit_seconds, 3),
+        }
+        for split in SPLITS:
+            if meta["tokens"][split] == 0:
+                raise UserError(f"the {split} split is empty; use a bigger corpus or another --val-fraction")
+        write_meta(staging, meta)
+        _swap_into_place(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return meta
+
+
+def _with_progress(items, desc: str, enabled: bool, total_bytes: int, text_of=lambda text: text):
+    """Pass items through, advancing a bar by the bytes of text each carries."""
+    with tqdm(total=total_bytes, desc=desc, unit="B", unit_scale=True, disable=not enabled, leave=False) as bar:
+        for item in items:
+            bar.update(len(text_of(item).encode("utf-8", errors="replace")))
+            yield item
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """Only an earlier prepared dataset (or nothing) may be replaced."""
+    if out_dir.exists() and not (out_dir / META_FILE).is_file() and any(out_dir.iterdir()):
+        raise UserError(f"{out_dir} exists and is not a prepared dataset; choose another --out")
+
+
+def _swap_into_place(staging: Path, out_dir: Path) -> None:
+    """Move the finished dataset in; the old one is removed only after the new one is there."""
+    if out_dir.exists():
+        retired = staging.with_name(staging.name + ".old")
+        out_dir.rename(retired)
+        staging.rename(out_dir)
+        shutil.rmtree(retired)
+    else:
+        staging.rename(out_dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Prepare a corpus for training: fit a tokenizer and write train/val token files.",
+    )
+    parser.add_argument("inputs", nargs="*", metavar="INPUT",
+                        help="text files, directories (read recursively) or glob patterns; "
+                        "default: Python's documentation topics (pydoc_data.topics)")
+    parser.add_argument("--tokenizer", default="char",
+                        help="char (one token per character), bpe (byte-level BPE trained here) or "
+                        "tiktoken:NAME (a named tiktoken encoding such as tiktoken:gpt2); default: char")
+    parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
+                        help=f"target vocabulary for --tokenizer bpe, end-of-text token included "
+                        f"(default {DEFAULT_VOCAB_SIZE})")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: data/<corpus name>, e.g. data/pydoc)")
+    parser.add_argument("--val-fraction", type=float, default=0.1,
+                        help="share of the corpus, taken from its end, held out for validation (default 0.1)")
+    parser.add_argument("--encoding-errors", choices=("strict", "replace"), default="strict",
+                        help="strict: stop at the first byte that is not UTF-8, naming file and offset; "
+                        "replace: turn such bytes into U+FFFD and go on")
+    parser.add_argument("--no-progress", action="store_true", help="do not show progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out_dir = args.out or DATA_ROOT / corpus_name(args.inputs)
+    try:
+        meta = prepare(args.inputs, out_dir, args.tokenizer, args.vocab_size, args.val_fraction,
+                       args.encoding_errors, progress=not args.no_progress)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+    tokens = meta["tokens"]
+    print(
+        f"{meta['source']['documents']} documents, {meta['source']['bytes']:,} bytes -> "
+        f"{tokens['train']:,} train + {tokens['val']:,} val tokens ({meta['tokenizer_name']}, "
+        f"vocab {meta['vocab_size']}, {meta['dtype']}) in {out_dir}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

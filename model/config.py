@@ -1,0 +1,210 @@
+"""Every knob of the project, as dataclasses, and their loading from TOML plus overrides.
+
+A config file has two tables, ``[model]`` (the network's shape) and ``[train]`` (the
+optimisation and the run). Anything left out keeps the default written here.
+Overrides on the command line are ``KEY=VALUE`` pairs, where KEY is ``section.field``
+or just ``field`` when only one section has it, and VALUE is read as a TOML value
+(``lr=3e-4``, ``compile=true``, ``device="cuda"`` or simply ``device=cuda``).
+
+Validation happens here, once: an unknown key names the closest known one, a value of
+the wrong type or out of range is a one-line :class:`UserError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from model.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    """The shape of the GPT (see model/gpt.py)."""
+
+    vocab_size: int = 0  # 0: take it from the prepared dataset's meta.json
+    block_size: int = 128  # the longest context the model sees
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2
+    attention: str = "sdpa"  # "sdpa" (fused kernel) or "explicit" (scores, mask, softmax, sum)
+
+    def validate(self) -> None:
+        for name in ("block_size", "n_layer", "n_head", "n_embd"):
+            _require(getattr(self, name) >= 1, f"model.{name} must be >= 1, got {getattr(self, name)}")
+        _require(self.vocab_size >= 0, f"model.vocab_size must be >= 0, got {self.vocab_size}")
+        _require(
+            self.n_embd % self.n_head == 0,
+            f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})",
+        )
+        _require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
+        _require(
+            self.attention in ("sdpa", "explicit"),
+            f"model.attention must be 'sdpa' or 'explicit', got {self.attention!r}",
+        )
+
+
+@dataclass
+class TrainConfig:
+    """How to train: data, optimiser, schedule, evaluation, checkpoints, device."""
+
+    data_dir: str = "data/pydoc"  # a folder written by data/prepare.py
+    out_dir: str = "out/default"  # checkpoints and metrics.jsonl go here
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    batch_size: int = 16
+    max_iters: int = 1000
+    learning_rate: float = 1e-3  # peak, reached after warmup
+    min_lr: float = 1e-4  # floor of the cosine decay
+    warmup_iters: int = 50
+    lr_decay_iters: int = 0  # 0: decay over the whole run (max_iters)
+    weight_decay: float = 0.1  # applied to 2-D weights only
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    eval_interval: int = 100  # iterations between evaluations (and checkpoints)
+    eval_iters: int = 20  # batches per split in one evaluation
+
+    def validate(self) -> None:
+        for name in ("batch_size", "max_iters", "eval_interval", "eval_iters"):
+            _require(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_iters", "lr_decay_iters"):
+            _require(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
+        _require(self.learning_rate > 0, f"train.learning_rate must be > 0, got {self.learning_rate}")
+        _require(
+            0 <= self.min_lr <= self.learning_rate,
+            f"train.min_lr must be in [0, learning_rate={self.learning_rate}], got {self.min_lr}",
+        )
+        _require(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        _require(self.grad_clip >= 0, f"train.grad_clip must be >= 0, got {self.grad_clip}")
+        for name in ("beta1", "beta2"):
+            _require(0 <= getattr(self, name) < 1, f"train.{name} must be in [0, 1), got {getattr(self, name)}")
+        _require(
+            self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
+            f"train.device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}",
+        )
+
+
+@dataclass
+class Config:
+    """A whole run: the model's shape and how to train it."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> Config:
+        self.model.validate()
+        self.train.validate()
+        return self
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a TOML config (or the defaults when ``path`` is None), apply overrides, validate."""
+    tables: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    if path is not None:
+        tables = _read_toml(Path(path))
+    for item in overrides:
+        section, key, value = parse_override(item)
+        tables[section][key] = value
+    return config_from_dict(tables, source=str(path) if path else "defaults")
+
+
+def config_from_dict(tables: dict[str, dict[str, Any]], source: str = "config") -> Config:
+    """Build a validated Config from ``{"model": {...}, "train": {...}}``."""
+    unknown_sections = set(tables) - set(SECTIONS)
+    if unknown_sections:
+        name = sorted(unknown_sections)[0]
+        raise UserError(f"{source}: unknown section [{name}]{_did_you_mean(name, SECTIONS)}")
+    parts = {}
+    for section, cls in SECTIONS.items():
+        values = tables.get(section, {})
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        for key, value in values.items():
+            if key not in known:
+                raise UserError(f"{source}: unknown key {section}.{key}{_did_you_mean(key, known)}")
+            values[key] = _coerce(f"{section}.{key}", value, known[key].type)
+        parts[section] = cls(**values)
+    return Config(**parts).validate()
+
+
+def parse_override(item: str) -> tuple[str, str, Any]:
+    """Split ``[section.]key=value`` into (section, key, parsed value)."""
+    if "=" not in item:
+        raise UserError(f"override {item!r} must look like key=value (for example model.n_layer=6)")
+    dotted, raw = item.split("=", 1)
+    dotted = dotted.strip()
+    if "." in dotted:
+        section, key = dotted.split(".", 1)
+        if section not in SECTIONS:
+            raise UserError(f"unknown section {section!r} in override {item!r}{_did_you_mean(section, SECTIONS)}")
+    else:
+        key = dotted
+        owners = [name for name, cls in SECTIONS.items() if key in _field_names(cls)]
+        if not owners:
+            every = [f"{name}.{f}" for name, cls in SECTIONS.items() for f in _field_names(cls)]
+            every += [f for cls in SECTIONS.values() for f in _field_names(cls)]
+            raise UserError(f"unknown config key {key!r}{_did_you_mean(key, every)}")
+        section = owners[0]
+    return section, key, _parse_value(raw.strip())
+
+
+def _parse_value(raw: str) -> Any:
+    """A TOML value if it parses as one, else the raw text (so device=cuda works unquoted)."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _read_toml(path: Path) -> dict[str, dict[str, Any]]:
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: not valid TOML: {e}") from None
+    for name, table in data.items():
+        if not isinstance(table, dict):
+            raise UserError(f"{path}: top-level key {name!r} must be a table such as [model] or [train]")
+    return {name: dict(data.get(name, {})) for name in set(SECTIONS) | set(data)}
+
+
+def _coerce(name: str, value: Any, annotation: str) -> Any:
+    """Check ``value`` against the field's annotation (a string, thanks to __future__ annotations)."""
+    if annotation == "float" and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    expected, described = _TYPES[annotation]
+    if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
+        raise UserError(f"{name} must be {described}, got {value!r}")
+    return value
+
+
+_TYPES = {"int": (int, "an integer"), "float": (float, "a number"), "bool": (bool, "true or false"),
+          "str": (str, "a string")}
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _did_you_mean(word: str, candidates) -> str:
+    close = difflib.get_close_matches(word, list(candidates), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise UserError(message)

@@ -1,0 +1,110 @@
+"""The on-disk token format, defined once: written by data/prepare.py, read by train.py.
+
+A prepared dataset is a folder holding
+
+    train.bin, val.bin   the token ids of each split, back to back, little-endian
+                         uint16 when the vocabulary fits in 16 bits, else uint32
+    meta.json            tokenizer state, vocab size, dtype, token counts, source, split
+
+The splits are read through ``numpy.memmap``, so a corpus larger than memory trains
+without ever being loaded whole; a batch copies only the rows it samples.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from model.errors import UserError
+
+META_FILE = "meta.json"
+SPLITS = ("train", "val")
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest unsigned type that holds every id: uint16 up to 65,536 tokens."""
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32).newbyteorder("<")
+
+
+def split_file(data_dir: str | Path, split: str) -> Path:
+    return Path(data_dir) / f"{split}.bin"
+
+
+class TokenWriter:
+    """Appends token ids to one split file; counts what it wrote."""
+
+    def __init__(self, path: Path, dtype: np.dtype):
+        self.path = path
+        self.dtype = dtype
+        self.count = 0
+        self._file = open(path, "wb")
+
+    def write(self, ids: Iterable[int]) -> None:
+        array = np.asarray(ids, dtype=self.dtype)
+        array.tofile(self._file)
+        self.count += array.size
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> TokenWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def write_meta(data_dir: str | Path, meta: dict[str, Any]) -> None:
+    path = Path(data_dir) / META_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def read_meta(data_dir: str | Path) -> dict[str, Any]:
+    path = Path(data_dir) / META_FILE
+    if not path.is_file():
+        raise UserError(f"no prepared dataset in {data_dir} ({META_FILE} is missing); run data/prepare.py first")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); prepare the dataset again") from None
+
+
+def open_split(data_dir: str | Path, split: str, meta: dict[str, Any]) -> np.memmap:
+    """Memory-map one split's token ids (read-only)."""
+    path = split_file(data_dir, split)
+    if not path.is_file():
+        raise UserError(f"{path} is missing; prepare the dataset again")
+    dtype = np.dtype(meta["dtype"])
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype=dtype)  # numpy cannot map an empty file
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def check_split_length(tokens: np.ndarray, block_size: int, split: str) -> None:
+    """A training example needs block_size inputs plus one more token as the last target."""
+    if len(tokens) < block_size + 1:
+        raise UserError(
+            f"the {split} split has {len(tokens)} tokens, fewer than block_size + 1 = {block_size + 1}; "
+            "use a bigger corpus or a smaller model.block_size"
+        )
+
+
+def get_batch(
+    tokens: np.ndarray, batch_size: int, block_size: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample ``batch_size`` random windows; targets are the inputs shifted by one.
+
+    Returns int64 CPU tensors x, y of shape (batch_size, block_size), with
+    y[b, t] == x[b, t + 1] for t < block_size - 1: the model predicts each next token.
+    """
+    starts = torch.randint(len(tokens) - block_size, (batch_size,), generator=generator).tolist()
+    rows = np.stack([tokens[s : s + block_size + 1] for s in starts]).astype(np.int64)
+    window = torch.from_numpy(rows)
+    return window[:, :-1], window[:, 1:]

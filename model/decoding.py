@@ -1,0 +1,622 @@
+"""Decoding strategies: how a row of next-token logits becomes the next token.
+
+Everything here is a small pure function on a logits tensor of shape (B, V) (the
+filters also accept a single row of shape (V,)), plus `DecodingSpec`, the frozen
+description of one strategy, and `parse_strategy`, the one place compact strategy
+strings such as ``top-p:p=0.9,t=0.8`` are read. Generation, the strategy comparison
+and the "explain the next token" table all go through `process_logits` and
+`choose_tokens`, so a strategy means the same thing everywhere.
+
+Conventions shared by every function:
+
+* A filtered-out token gets the logit ``-inf`` (probability exactly 0 after softmax);
+  a kept token's logit is returned unchanged by the filters.
+* No function modifies its input; each returns a new tensor.
+* Every row must have at least one finite logit; a row that is all ``-inf`` has no
+  probability distribution and sampling from it fails.
+* The filters' semantics follow Hugging Face transformers' logits warpers
+  (TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper, TypicalLogitsWarper,
+  RepetitionPenaltyLogitsProcessor); where they differ (tie order in top-p, the
+  float tolerances, p = 1 and mass = 1 allowed) the function's docstring says so.
+* Probabilities used to decide what to filter are computed in float64 from the
+  logits, so the decision does not drift with float32 rounding of cumulative sums.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from collections.abc import Sequence
+
+import torch
+
+from model.errors import UserError
+
+# A cumulative probability within this distance below a threshold (top-p's p, typical's
+# mass) counts as having reached it. Probabilities computed from float32 logits are only
+# known to a few float32 ulps (eps = 1.19e-7): with logits log([.05, .05, .25, .65]) the
+# top token's probability comes out as 0.64999999 even in float64, and p = 0.65 would
+# then keep a second token. Two ulps at 1.0 (2.4e-7) absorbs that rounding and still
+# separates p = 0.7 from p = 0.700001.
+PROBABILITY_TOLERANCE = 2 * torch.finfo(torch.float32).eps
+
+# Typical sampling keeps every token as typical as the last one it needs. Two distances to
+# the entropy that are equal in exact arithmetic (probabilities [.5, .25, .25]: all three
+# tokens are 0.5 bits from the 1.5-bit entropy) come out of float32 logits a few 1e-10
+# apart, so distances within this many nats count as tied; no sampling decision can hinge
+# on a difference that small.
+TYPICAL_TIE_TOLERANCE = 1e-6
+
+# Below this a temperature is greedy decoding in all but name (a logit gap of 1e-4
+# divided by 1e-6 is 100, a probability ratio of e^-100), so the spec asks for 0 instead;
+# the floor also keeps logits / t far from float32 overflow.
+MIN_TEMPERATURE = 1e-6
+
+# Frequency and presence penalties are limited to OpenAI's documented range, [-2, 2].
+MAX_ABS_FREQUENCY_PRESENCE = 2.0
+
+
+# ----------------------------------------------------------------------------------------
+# Parameter checks: each returns a one-line problem description, or None when the value
+# is fine. The filters raise them one at a time; DecodingSpec.validate collects them all.
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _is_whole(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _temperature_problem(t: float) -> str | None:
+    if not _is_number(t) or not math.isfinite(t) or t < 0:
+        return f"temperature={t!r} is invalid; it must be a finite number >= 0 (0 means greedy decoding)"
+    if 0 < t < MIN_TEMPERATURE:
+        return f"temperature={t!r} is below the smallest supported {MIN_TEMPERATURE:g}; use 0 for greedy decoding"
+    return None
+
+
+def _top_k_problem(k: int) -> str | None:
+    if not _is_whole(k) or k < 1:
+        return f"top_k={k!r} is invalid; it must be a whole number >= 1"
+    return None
+
+
+def _top_p_problem(p: float) -> str | None:
+    if not _is_number(p) or not 0 < p <= 1:
+        return f"top_p={p!r} is out of range; it must be in (0, 1] (1 keeps every token)"
+    return None
+
+
+def _min_p_problem(min_p: float) -> str | None:
+    if not _is_number(min_p) or not 0 <= min_p <= 1:
+        return f"min_p={min_p!r} is out of range; it must be in [0, 1] (0 keeps every token)"
+    return None
+
+
+def _typical_p_problem(mass: float) -> str | None:
+    if not _is_number(mass) or not 0 < mass <= 1:
+        return f"typical_p={mass!r} is out of range; it must be in (0, 1] (1 keeps every token)"
+    return None
+
+
+def _repetition_penalty_problem(penalty: float) -> str | None:
+    if not _is_number(penalty) or not math.isfinite(penalty) or penalty <= 0:
+        return f"repetition_penalty={penalty!r} is invalid; it must be a finite number > 0 (1 means no penalty)"
+    return None
+
+
+def _frequency_presence_problem(name: str, value: float) -> str | None:
+    limit = MAX_ABS_FREQUENCY_PRESENCE
+    if not _is_number(value) or not -limit <= value <= limit:
+        return f"{name}={value!r} is out of range; it must be in [{-limit:g}, {limit:g}] (0 means no penalty)"
+    return None
+
+
+def _raise_if(problem: str | None) -> None:
+    if problem is not None:
+        raise UserError(problem)
+
+
+def _check_same_shape(name: str, tensor: torch.Tensor, logits: torch.Tensor) -> None:
+    # A shape mismatch is a bug in the caller, not a user mistake, hence ValueError.
+    if tensor.shape != logits.shape:
+        raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected the logits' shape {tuple(logits.shape)}")
+
+
+# ----------------------------------------------------------------------------------------
+# The logits transforms.
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """The most likely token of each row: a LongTensor of shape (B,) (a 0-d tensor for (V,)).
+
+    Ties go to the lowest token id: torch.argmax is documented to return the first of
+    several maximal values (torch.argmax and torch.max reference pages), and the tests
+    check it on long tied rows.
+    """
+    return torch.argmax(logits, dim=-1)
+
+
+def apply_temperature(logits: torch.Tensor, t: float) -> torch.Tensor:
+    """Return ``logits / t``: t < 1 sharpens the distribution, t > 1 flattens it, t = 1 is neutral.
+
+    t = 0 means greedy decoding, the limit t -> 0 of sampling. It is not a division:
+    `process_logits` skips temperature and the sampling filters for greedy specs and
+    `choose_tokens` takes the argmax, so calling this with t = 0 raises UserError, as does
+    a negative, non-finite or smaller than `MIN_TEMPERATURE` value. ``-inf`` stays ``-inf``.
+    """
+    _raise_if(_temperature_problem(t))
+    if t == 0:
+        raise UserError("temperature 0 means greedy decoding: take greedy_tokens(logits) instead of dividing by 0")
+    return logits / t
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits of each row; every other token gets ``-inf``.
+
+    A token tied with the k-th largest logit is kept too (as in transformers), so more
+    than k tokens survive when there are ties at the boundary. k >= V keeps every token.
+    k must be a whole number >= 1, else UserError.
+    """
+    _raise_if(_top_k_problem(k))
+    k = min(k, logits.shape[-1])
+    kth_largest = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth_largest, -math.inf)
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filtering: keep the smallest set of most likely tokens whose probability reaches p.
+
+    Tokens are ranked by probability, ties broken by token id (the lower id counts as more
+    likely, via a stable sort, so the result does not depend on the device's sort). A token
+    is kept when the probability of the tokens ranked before it is still below p, so the
+    token whose probability crosses p is kept and the most likely token always is.
+    Examples with probabilities [.1, .2, .3, .4]: p = 0.4 keeps 1 token, p = 0.7 keeps 2,
+    p = 0.700001 keeps 3.
+
+    Cumulative probabilities are computed in float64 and a total within
+    `PROBABILITY_TOLERANCE` (2.4e-7) below p counts as reaching p; see that constant for
+    why. transformers compares a float32 cumulative sum without tolerance, so it can keep
+    one extra token when the nucleus sums to p exactly. p = 1 keeps every token (also the
+    ones of vanishing probability); p outside (0, 1] raises UserError.
+    """
+    _raise_if(_top_p_problem(p))
+    if p == 1:
+        return logits.clone()
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
+    sorted_probs = torch.softmax(sorted_logits.double(), dim=-1)
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    drop_sorted = mass_before >= p - PROBABILITY_TOLERANCE
+    drop_sorted[..., 0] = False  # the most likely token survives even a p below the tolerance
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, -math.inf)
+
+
+def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Keep the tokens whose probability is at least min_p times the most likely token's.
+
+    Exactly the set {i : p_i >= min_p * p_max} (as transformers' MinPLogitsWarper), so the
+    most likely token and everything tied with it always survive. It is evaluated as
+    exp(logit_i - logit_max) >= min_p in float64, the same ratio p_i / p_max without a
+    normalisation that could underflow. min_p = 0 keeps every token, min_p = 1 only those
+    tied with the maximum; min_p outside [0, 1] raises UserError.
+    """
+    _raise_if(_min_p_problem(min_p))
+    wide = logits.double()
+    ratio_to_max = torch.exp(wide - wide.amax(dim=-1, keepdim=True))
+    return logits.masked_fill(~(ratio_to_max >= min_p), -math.inf)
+
+
+def typical_filter(logits: torch.Tensor, mass: float) -> torch.Tensor:
+    """Locally typical sampling (Meister et al. 2022), as transformers' TypicalLogitsWarper.
+
+    A token is typical when its surprise -log p_i is close to the row's entropy
+    H = -sum_j p_j log p_j. Tokens are ranked by |-log p_i - H| (most typical first) and the
+    smallest prefix of that ranking whose probability reaches `mass` is kept, together with
+    every token whose distance to H equals that of the last token kept (ties are kept, as
+    in transformers; unlike there, distances within `TYPICAL_TIE_TOLERANCE` count as
+    equal). The most likely token can be dropped when it is far less surprising than
+    average; at least one token is always kept.
+
+    Probabilities are float64 and reaching `mass` uses `PROBABILITY_TOLERANCE`, as in
+    `top_p_filter`. mass = 1 keeps every token (transformers rejects 1); mass outside
+    (0, 1] raises UserError.
+    """
+    _raise_if(_typical_p_problem(mass))
+    if mass == 1:
+        return logits.clone()
+    log_probs = torch.log_softmax(logits.double(), dim=-1)
+    probs = log_probs.exp()
+    # 0 * log 0 is 0 in the entropy; torch would give 0 * -inf = nan.
+    entropy = -torch.where(probs > 0, probs * log_probs, 0.0).sum(dim=-1, keepdim=True)
+    distance = (-log_probs - entropy).abs()  # +inf for tokens already filtered out
+    # Equal distances either all fall inside the kept prefix or are all kept as ties, so
+    # the order a sort gives them does not change the result; no stable sort is needed.
+    sorted_distance, order = torch.sort(distance, dim=-1)
+    sorted_probs = probs.gather(-1, order)
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    n_kept = (mass_before < mass - PROBABILITY_TOLERANCE).sum(dim=-1, keepdim=True).clamp(min=1)
+    last_kept_distance = sorted_distance.gather(-1, n_kept - 1)
+    return logits.masked_fill(distance > last_kept_distance + TYPICAL_TIE_TOLERANCE, -math.inf)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty (Keskar et al. 2019) with the sign fix used by transformers.
+
+    For every token marked in `seen` (a bool tensor of the logits' shape; the prompt's
+    tokens count), a negative logit is multiplied by `penalty` and any other logit divided
+    by it, so penalty > 1 always makes a seen token less likely and 0 < penalty < 1 more
+    likely. It applies once per distinct token however often the token occurred, because
+    `seen` is a set, not a count. penalty = 1 is neutral; it must be finite and > 0, else
+    UserError. Example: logits [2, -2, 1], seen {0, 1}, penalty 2 -> [1, -4, 1].
+    """
+    _raise_if(_repetition_penalty_problem(penalty))
+    _check_same_shape("seen", seen, logits)
+    if seen.dtype != torch.bool:
+        raise ValueError(f"seen must be a bool tensor, got {seen.dtype}")
+    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def apply_frequency_presence_penalties(
+    logits: torch.Tensor, counts: torch.Tensor, frequency: float, presence: float
+) -> torch.Tensor:
+    """OpenAI-style penalties: ``logits - counts * frequency - (counts > 0) * presence``.
+
+    `counts` (the logits' shape, any numeric dtype) holds how often each token was
+    *generated* so far; the prompt does not count, and the caller maintains it. The
+    frequency penalty grows with every repetition, the presence penalty is paid once.
+    Negative values encourage repetition. Both must lie in [-2, 2] (OpenAI's range), else
+    UserError; 0 and 0 change nothing. Example: logits [1, 1, 1], counts [0, 1, 3],
+    frequency 0.5, presence 0.25 -> [1, 0.25, -0.75].
+    """
+    _raise_if(_frequency_presence_problem("frequency_penalty", frequency))
+    _raise_if(_frequency_presence_problem("presence_penalty", presence))
+    _check_same_shape("counts", counts, logits)
+    penalty = counts * frequency + (counts > 0) * presence
+    return logits - penalty.to(logits.dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# The strategy spec.
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodingSpec:
+    """One decoding strategy, validated on construction (an invalid spec cannot exist).
+
+    temperature: 1.0 samples from the model's distribution; 0 is greedy decoding.
+    top_k, top_p, min_p, typical_p: sampling filters, None = off (see the *_filter functions).
+    repetition_penalty: CTRL penalty on every token seen, prompt included; 1.0 = off.
+    frequency_penalty, presence_penalty: OpenAI penalties on generated tokens; 0.0 = off.
+    num_beams: 1 = one token at a time; > 1 = beam search, run by the generation loop.
+
+    Penalties work with every strategy. The sampling filters do nothing under greedy
+    decoding or beam search, and temperature does nothing under beam search, so those
+    combinations are rejected rather than silently ignored.
+    """
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    typical_p: float | None = None
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    num_beams: int = 1
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def is_beam(self) -> bool:
+        """Beam search (num_beams > 1); the generation loop runs it, `choose_tokens` does not."""
+        return self.num_beams > 1
+
+    @property
+    def is_greedy(self) -> bool:
+        """Greedy decoding: temperature 0 without beam search; the next token is the argmax."""
+        return self.temperature == 0 and not self.is_beam
+
+    @property
+    def needs_seen(self) -> bool:
+        """Whether `process_logits` needs the `seen` mask (repetition penalty on)."""
+        return self.repetition_penalty != 1
+
+    @property
+    def needs_counts(self) -> bool:
+        """Whether `process_logits` needs the generated-token `counts` (frequency or presence on)."""
+        return self.frequency_penalty != 0 or self.presence_penalty != 0
+
+    def _filters(self) -> dict[str, float | int]:
+        """The sampling filters that are on, by field name, in pipeline order."""
+        values = {"top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p, "typical_p": self.typical_p}
+        return {name: value for name, value in values.items() if value is not None}
+
+    def validate(self) -> None:
+        """Raise UserError listing, on one line separated by " | ", every out-of-range value and every
+        option that would silently do nothing with this strategy."""
+        range_problems = {
+            "temperature": _temperature_problem(self.temperature),
+            "top_k": None if self.top_k is None else _top_k_problem(self.top_k),
+            "top_p": None if self.top_p is None else _top_p_problem(self.top_p),
+            "min_p": None if self.min_p is None else _min_p_problem(self.min_p),
+            "typical_p": None if self.typical_p is None else _typical_p_problem(self.typical_p),
+            "repetition_penalty": _repetition_penalty_problem(self.repetition_penalty),
+            "frequency_penalty": _frequency_presence_problem("frequency_penalty", self.frequency_penalty),
+            "presence_penalty": _frequency_presence_problem("presence_penalty", self.presence_penalty),
+        }
+        problems = list(range_problems.values())
+        # A value already reported as out of range is not reported again as meaningless.
+        unused_filters = {name: value for name, value in self._filters().items() if range_problems[name] is None}
+        if not _is_whole(self.num_beams) or self.num_beams < 1:
+            problems.append(f"num_beams={self.num_beams!r} is invalid; it must be a whole number >= 1")
+        elif self.is_beam:
+            if self.temperature != 1 and range_problems["temperature"] is None:
+                problems.append(
+                    f"temperature={self.temperature!r} does nothing with beam search (num_beams={self.num_beams}); "
+                    "leave it at 1"
+                )
+            problems += [
+                f"{name}={value!r} does nothing with beam search (num_beams={self.num_beams}); "
+                "remove it or use num_beams=1 to sample"
+                for name, value in unused_filters.items()
+            ]
+        elif self.temperature == 0:
+            problems += [
+                f"{name}={value!r} does nothing with greedy decoding (temperature 0); "
+                "remove it or set a temperature > 0 to sample"
+                for name, value in unused_filters.items()
+            ]
+        problems = [problem for problem in problems if problem is not None]
+        if problems:
+            raise UserError(" | ".join(problems))
+
+    @property
+    def label(self) -> str:
+        """The canonical compact form, e.g. ``top-k:k=40,t=0.8,rep=1.2``; `parse_strategy`
+        turns it back into an equal spec.
+
+        One filter on: that strategy's name (``top-k``, ``top-p``, ``min-p``, ``typical``);
+        several: ``sample`` with one key per filter; none: ``sample`` at temperature 1,
+        ``temperature:t=...`` otherwise. Then ``greedy`` and ``beam:n=...``. Settings at
+        their neutral value are left out.
+        """
+        if self.is_beam:
+            name, settings = "beam", [("n", self.num_beams)]
+        elif self.is_greedy:
+            name, settings = "greedy", []
+        else:
+            name, settings = self._sampling_label_parts()
+        settings += [
+            (key, value)
+            for key, value, neutral in (
+                ("rep", self.repetition_penalty, 1),
+                ("freq", self.frequency_penalty, 0),
+                ("pres", self.presence_penalty, 0),
+            )
+            if value != neutral
+        ]
+        if not settings:
+            return name
+        return name + ":" + ",".join(f"{key}={_format_number(value)}" for key, value in settings)
+
+    def _sampling_label_parts(self) -> tuple[str, list[tuple[str, float | int]]]:
+        temperature = [] if self.temperature == 1 else [("t", self.temperature)]
+        filters = [(_FILTER_STRATEGY[field], value) for field, value in self._filters().items()]
+        if not filters:
+            return ("sample" if not temperature else "temperature"), temperature
+        if len(filters) == 1:
+            strategy, value = filters[0]
+            main_key = _SHORT_FORMS[strategy].main_key
+            return strategy, [(main_key, value)] + temperature
+        return "sample", temperature + filters
+
+
+def _format_number(value: float | int) -> str:
+    """Shortest text that reads back as the same number: 40, 0.9, 1e-05."""
+    if _is_whole(value):
+        return str(value)
+    as_float = float(value)
+    if as_float.is_integer() and abs(as_float) < 1e15:
+        return str(int(as_float))
+    return repr(as_float)
+
+
+# ----------------------------------------------------------------------------------------
+# Parsing compact strategy strings.
+
+
+@dataclasses.dataclass(frozen=True)
+class _StrategyForm:
+    """How one strategy name reads: its keys (-> DecodingSpec fields), which are required,
+    and fields it fixes."""
+
+    keys: dict[str, str]
+    required: tuple[str, ...] = ()
+    fixed: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def main_key(self) -> str:
+        return self.required[0]
+
+
+_PENALTY_KEYS = {"rep": "repetition_penalty", "freq": "frequency_penalty", "pres": "presence_penalty"}
+_FILTER_STRATEGY = {"top_k": "top-k", "top_p": "top-p", "min_p": "min-p", "typical_p": "typical"}
+_SHORT_FORMS: dict[str, _StrategyForm] = {
+    "greedy": _StrategyForm({}, fixed=(("temperature", 0.0),)),
+    "sample": _StrategyForm({"t": "temperature", **{name: field for field, name in _FILTER_STRATEGY.items()}}),
+    "temperature": _StrategyForm({"t": "temperature"}, required=("t",)),
+    "top-k": _StrategyForm({"k": "top_k", "t": "temperature"}, required=("k",)),
+    "top-p": _StrategyForm({"p": "top_p", "t": "temperature"}, required=("p",)),
+    "min-p": _StrategyForm({"p": "min_p", "t": "temperature"}, required=("p",)),
+    "typical": _StrategyForm({"p": "typical_p", "t": "temperature"}, required=("p",)),
+    "beam": _StrategyForm({"n": "num_beams"}, required=("n",)),
+}
+_WHOLE_NUMBER_FIELDS = {"top_k", "num_beams"}
+_ALL_KEYS = {key for form in _SHORT_FORMS.values() for key in form.keys} | set(_PENALTY_KEYS)
+
+
+def parse_strategy(spec: str) -> DecodingSpec:
+    """Read a compact strategy string: ``name`` or ``name:key=value,key=value``.
+
+    Names and their keys (required ones first):
+      greedy                      temperature 0
+      sample: t, top-k, top-p, min-p, typical
+                                  sampling, optionally with several filters at once
+      temperature: t              sampling at temperature t
+      top-k: k, t | top-p: p, t | min-p: p, t | typical: p, t
+                                  sampling with one filter, optionally at temperature t
+      beam: n                     beam search with n >= 2 beams
+    Every name also takes the penalties rep (repetition), freq (frequency) and pres
+    (presence). Examples: ``top-p:p=0.9,t=0.8``, ``greedy:rep=1.2``, ``beam:n=4``.
+
+    Raises UserError, naming the problem, for an unknown name (suggesting the closest),
+    an unknown or inapplicable key, a repeated key, a value that is not a number (or not a
+    whole one for k and n), a missing required key, or a value out of range.
+    """
+    name, _, settings_text = spec.strip().partition(":")
+    name = name.strip()
+    form = _SHORT_FORMS.get(name)
+    if form is None:
+        raise UserError(_unknown_name_message(name))
+    accepted = ", ".join([*form.keys, *_PENALTY_KEYS])
+    fields: dict[str, float | int] = dict(form.fixed)
+    given: set[str] = set()
+    for item in settings_text.split(",") if settings_text.strip() else []:
+        key, equals, text = (part.strip() for part in item.partition("="))
+        if not equals or not key:
+            raise UserError(f"'{item.strip()}' in decoding strategy '{spec}' is not of the form key=value")
+        field = form.keys.get(key) or _PENALTY_KEYS.get(key)
+        if field is None:
+            kind = "does not apply to" if key in _ALL_KEYS else "is not a known key of"
+            raise UserError(f"'{key}' {kind} decoding strategy '{name}'; it takes {accepted}")
+        if key in given:
+            raise UserError(f"'{key}' is given twice in decoding strategy '{spec}'")
+        given.add(key)
+        fields[field] = _parse_number(key, text, whole=field in _WHOLE_NUMBER_FIELDS)
+    missing = [key for key in form.required if key not in given]
+    if missing:
+        raise UserError(f"decoding strategy '{name}' needs {', '.join(missing)}=..., e.g. {_EXAMPLES[name]}")
+    if name == "beam" and fields["num_beams"] < 2:
+        raise UserError(f"beam search needs n >= 2 beams, got n={fields['num_beams']}; for one beam use 'greedy'")
+    try:
+        return DecodingSpec(**fields)
+    except UserError as error:
+        raise UserError(f"decoding strategy '{spec}': {error}") from None
+
+
+_EXAMPLES = {
+    "temperature": "temperature:t=0.7",
+    "top-k": "top-k:k=40",
+    "top-p": "top-p:p=0.9",
+    "min-p": "min-p:p=0.05",
+    "typical": "typical:p=0.95",
+    "beam": "beam:n=4",
+}
+
+
+def default_spec(name: str) -> DecodingSpec:
+    """The spec a bare strategy name stands for on the command line (``--strategy top-k``):
+    ``greedy``, ``sample``, or the settings of that strategy's example above (k=40, p=0.9,
+    min-p 0.05, typical 0.95, 4 beams, t=0.7). Anything else goes through parse_strategy,
+    which explains what is wrong with it."""
+    return parse_strategy(_EXAMPLES.get(name, name))
+
+
+def _unknown_name_message(name: str) -> str:
+    choices = ", ".join(_SHORT_FORMS)
+    close = difflib.get_close_matches(name, _SHORT_FORMS, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"unknown decoding strategy '{name}'{hint} (choose from {choices})"
+
+
+def _parse_number(key: str, text: str, *, whole: bool) -> float | int:
+    try:
+        return int(text) if whole else float(text)
+    except ValueError:
+        kind = "a whole number" if whole else "a number"
+        raise UserError(f"{key}={text!r} is not {kind}") from None
+
+
+# ----------------------------------------------------------------------------------------
+# The pipeline and the token choice.
+
+
+def process_logits(
+    logits: torch.Tensor,
+    spec: DecodingSpec,
+    *,
+    seen: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Apply `spec` to next-token logits, in this order:
+
+    1. repetition penalty (needs `seen`, see `apply_repetition_penalty`),
+    2. frequency and presence penalties (needs `counts`),
+    3. temperature, 4. top-k, 5. top-p, 6. min-p, 7. typical.
+
+    This is the order transformers uses. Each filter sees the distribution left by the
+    previous ones, so top-p after top-k measures mass among the k survivors. For greedy
+    and beam specs only the penalties apply (temperature and filters are rejected by
+    DecodingSpec for them); the argmax or the beam scores are taken from the result.
+
+    softmax(result) is the "probability after filtering" of the explain table. The result
+    is a new tensor, float32 for float16/bfloat16 input (the division by a small
+    temperature and the penalties could overflow half precision), else the input's dtype.
+    Missing `seen` / `counts` for a penalty that is on raises ValueError: silently skipping
+    the penalty would decode with a different strategy than the one asked for.
+    """
+    out = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    if spec.needs_seen:
+        if seen is None:
+            raise ValueError(f"process_logits needs `seen` for repetition_penalty={spec.repetition_penalty}")
+        out = apply_repetition_penalty(out, seen, spec.repetition_penalty)
+    if spec.needs_counts:
+        if counts is None:
+            raise ValueError("process_logits needs `counts` for the frequency/presence penalties")
+        out = apply_frequency_presence_penalties(out, counts, spec.frequency_penalty, spec.presence_penalty)
+    if not (spec.is_greedy or spec.is_beam):
+        out = apply_temperature(out, spec.temperature)
+        if spec.top_k is not None:
+            out = top_k_filter(out, spec.top_k)
+        if spec.top_p is not None:
+            out = top_p_filter(out, spec.top_p)
+        if spec.min_p is not None:
+            out = min_p_filter(out, spec.min_p)
+        if spec.typical_p is not None:
+            out = typical_filter(out, spec.typical_p)
+    return out.clone() if out is logits else out
+
+
+def choose_tokens(
+    logits: torch.Tensor,
+    spec: DecodingSpec,
+    generators: Sequence[torch.Generator] | None = None,
+) -> torch.Tensor:
+    """Pick one token per row of `process_logits` output (shape (B, V)); returns a LongTensor (B,).
+
+    Greedy specs take the argmax (ties to the lowest id). Otherwise each row is sampled
+    once from softmax(logits). With `generators` (one torch.Generator per row, on the
+    logits' device) row b draws only from generators[b], so its token depends on its own
+    logits and seed and never on the other rows of the batch; without them the global
+    RNG is used. Beam specs raise ValueError: the generation loop chooses beams.
+    """
+    if spec.is_beam:
+        raise ValueError("beam search chooses tokens in the generation loop, not in choose_tokens")
+    if logits.dim() != 2:
+        raise ValueError(f"choose_tokens expects logits of shape (B, V), got {tuple(logits.shape)}")
+    if spec.is_greedy:
+        return greedy_tokens(logits)
+    probs = torch.softmax(logits.float(), dim=-1)
+    if generators is None:
+        return torch.multinomial(probs, num_samples=1).squeeze(-1)
+    if len(generators) != probs.shape[0]:
+        raise ValueError(f"got {len(generators)} generators for {probs.shape[0]} rows; pass one per row")
+    return torch.cat(
+        [torch.multinomial(row, num_samples=1, generator=generator) for row, generator in zip(probs, generators)]
+    )

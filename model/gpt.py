@@ -1,0 +1,233 @@
+"""The network: a GPT-2 shaped decoder-only Transformer.
+
+    tokens (B, T) -> token + position embeddings -> n_layer x Block -> LayerNorm -> logits (B, T, V)
+    Block: x + Attention(LayerNorm(x)), then x + MLP(LayerNorm(x))   (pre-LayerNorm)
+
+The LM head shares its weight with the token embedding (tied embeddings), and the two
+projections that write into the residual stream start with a smaller standard
+deviation (scaled by 1/sqrt(2 * n_layer)) so the stream's variance does not grow with
+depth at initialisation, as in GPT-2.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.config import ModelConfig
+
+
+def explicit_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, dropout_p: float = 0.0
+) -> torch.Tensor:
+    """Attention written out step by step; the reference for the fused kernel.
+
+    q: (B, n_head, T, head_size) queries; k, v: (B, n_head, S, head_size) keys and values.
+    mask: bool, broadcastable to (B, n_head, T, S), True where a query may look at a key;
+    None means plain causal attention with T == S (each position sees itself and the past).
+    """
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, T, S)
+    if mask is None:
+        T = q.size(-2)
+        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask, float("-inf"))
+    weights = F.softmax(scores, dim=-1)
+    weights = F.dropout(weights, p=dropout_p)
+    return weights @ v  # (B, nh, T, head_size)
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for ``max_len`` positions.
+
+    Generation runs the prompt through the model once (prefill), then feeds one new
+    token per step (decode); each step appends that token's keys and values here
+    instead of recomputing those of the whole context.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype=torch.float32):
+        head_size = cfg.n_embd // cfg.n_head
+        shape = (cfg.n_layer, batch_size, cfg.n_head, max_len, head_size)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0  # positions filled so far; the same for every row
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, nh, T, hs) after the filled positions; return all keys and values so far."""
+        end = self.length + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
+        self.keys[layer, :, :, self.length : end] = k
+        self.values[layer, :, :, self.length : end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def advance(self, steps: int) -> None:
+        """Mark ``steps`` more positions as filled, once every layer has appended them."""
+        self.length += steps
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep, for each new row i, the cache of old row rows[i] (beam search's reshuffle)."""
+        self.keys = self.keys.index_select(1, rows)
+        self.values = self.values.index_select(1, rows)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention where each position sees only the past."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.dropout = cfg.dropout
+        self.use_sdpa = cfg.attention == "sdpa"
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # queries, keys, values in one matmul
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
+        """x: (B, T, C). mask: see explicit_attention. With a cache, x holds only the new
+        positions and attends to every cached one too."""
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        # (B, T, C) -> (B, n_head, T, head_size): each head attends independently
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            k, v = cache.append(layer, k, v)  # (B, nh, S, hs), S = cached + T
+        dropout_p = self.dropout if self.training else 0.0
+        if self.use_sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None)
+        else:
+            y = explicit_attention(q, k, v, mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
+        return self.resid_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: widen 4x, GELU, project back."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """One Transformer layer: attention then MLP, each on a normalised copy added back."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask, cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """The language model: token ids in, next-token logits (and optionally the loss) out."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        if cfg.vocab_size < 1:
+            raise ValueError("ModelConfig.vocab_size must be set (it comes from the dataset) before building GPT")
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)  # token embedding
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)  # learned absolute positions
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied: one matrix reads and writes tokens
+        self.apply(self._init_weights)
+        residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.proj.weight, mean=0.0, std=residual_std)
+            nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=residual_std)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self) -> int:
+        """Trainable parameters, counting the tied embedding/head matrix once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        pad: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Next-token logits for every position of ``idx`` (B, T).
+
+        targets: (B, T) next tokens; when given, the mean cross-entropy is returned too.
+        cache: a KVCache holding the keys and values of the positions before ``idx``;
+            ``idx`` is appended after them and the cache advances by T.
+        pad: (B,) how many positions at the start of each row (cached ones included) are
+            left padding: they are never attended to, and each row's positions count from
+            its first real token, so a padded row computes what it would alone.
+        last_only: return logits (B, 1, V) for the last position only (what generation needs).
+        Returns (logits, loss or None).
+        """
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        longest = start + T - (int(pad.min()) if pad is not None else 0)  # real positions of the longest row
+        if longest > self.config.block_size:
+            raise ValueError(f"sequence of length {longest} exceeds block_size {self.config.block_size}")
+        positions = torch.arange(start, start + T, device=idx.device)
+        mask = None  # plain causal attention over idx alone: the fused kernel's fast path
+        if pad is not None:
+            positions = (positions[None, :] - pad[:, None]).clamp(min=0)  # (B, T)
+            mask = self._attention_mask(start, T, pad)
+        elif cache is not None:
+            mask = self._attention_mask(start, T, None)
+        x = self.drop(self.wte(idx) + self.wpe(positions))  # (B, T, C)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, mask, cache, layer)
+        if cache is not None:
+            cache.advance(T)
+        if last_only:
+            x = x[:, -1:, :]
+        logits = self.lm_head(self.ln_f(x))  # (B, T or 1, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
+        return logits, loss
+
+    @staticmethod
+    def _attention_mask(start: int, T: int, pad: torch.Tensor | None) -> torch.Tensor:
+        """Bool mask (B or 1, 1, T, start + T): query i (at position start + i) sees key j
+        when j <= start + i and j is not padding. A padding query sees itself only, so no
+        row of the softmax is empty (an empty row would make NaNs that leak through 0 * NaN)."""
+        device = pad.device if pad is not None else None
+        keys = torch.arange(start + T, device=device)
+        queries = torch.arange(start, start + T, device=device)
+        causal = keys[None, :] <= queries[:, None]  # (T, S)
+        if pad is None:
+            return causal[None, None]
+        real_key = keys[None, :] >= pad[:, None]  # (B, S)
+        itself = keys[None, :] == queries[:, None]  # (T, S)
+        return ((causal[None] & real_key[:, None, :]) | itself[None])[:, None]  # (B, 1, T, S)

@@ -1,0 +1,554 @@
+"""Tokenizers: text <-> token ids.
+
+Three kinds, one interface (:class:`Tokenizer`):
+
+    char              one token per distinct character of the training corpus
+    bpe               byte-level BPE trained here (:func:`train_bpe`), run by tiktoken
+    tiktoken:<name>   a named tiktoken encoding (gpt2, cl100k_base, ...)
+
+Every tokenizer has one extra token, end-of-text (``eot_id``), that the data pipeline
+puts between documents. ``encode`` of plain text never produces it: the characters
+"<|endoftext|>" inside a text are ordinary text. ``decode(eot_id)`` gives EOT_TEXT.
+
+A tokenizer's ``state()`` is a small dict of strings that goes into checkpoints and
+meta.json; :func:`tokenizer_from_state` rebuilds the same tokenizer from it, so a
+checkpoint samples on its own.
+
+Trained BPE ranks and tiktoken
+------------------------------
+A trained BPE is stored the way tiktoken stores its own: ``ranks: dict[bytes, int]``,
+the 256 single bytes (rank = byte value), then each learned token in the order learned.
+tiktoken encodes a pre-tokenised piece by looking it up whole (a piece that is a token
+becomes that token), else by repeatedly merging the adjacent pair whose concatenated
+bytes have the lowest rank, leftmost first. So tiktoken names a merge by the bytes it
+makes, not by the pair that made them, and train_bpe counts pairs by their bytes too.
+
+train_bpe applies merges one rank at a time: merge, left to right, every adjacent pair
+that spells token 256, then 257, and so on. With learned ranks this is exactly what
+tiktoken does, on any text:
+
+1. Within a piece, merges never cross a boundary that the final tokens respect, so the
+   tokens covering a span depend only on the span's bytes. Hence a token learned from
+   neighbours P, Q is encoded, with the earlier ranks only, as exactly P, Q.
+2. So no merge can make two neighbours spell an earlier token T: before that, T's span
+   would have been encoded as P, Q and merged into T. The ranks tiktoken merges within
+   a piece only go up, which is rank-at-a-time order, and a piece that is a token as a
+   whole is built by the merges as well.
+3. So a new token's bytes are never in the vocabulary already (neighbours spelling a
+   token would have been merged): tiktoken's rule that token bytes are unique holds and
+   no merge ever has to be skipped. And tiktoken encodes the training text exactly as
+   the trainer counted it.
+
+Rank files made another way (by hand, or by a trainer that names merges by pairs) may
+lack property 1; then tiktoken and the rank-at-a-time reading can disagree
+(tests/test_tokenizer.py shows such a file).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import heapq
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import regex
+import tiktoken
+import tiktoken.load
+from tqdm import tqdm
+
+from model.errors import UserError
+
+EOT_TEXT = "<|endoftext|>"
+
+# GPT-2's pre-tokenisation: contractions, an optional space plus a run of letters, of
+# digits or of other symbols, and whitespace (a space before a word stays with the word).
+# GPT-2 published it as
+#   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+# This form splits every text identically (tests/test_tokenizer.py checks it) and is
+# faster: possessive quantifiers (++) never backtrack. It is also the form tiktoken's
+# gpt2 encoding uses.
+GPT2_SPLIT_PATTERN = (
+    r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+)
+_SPLIT = regex.compile(GPT2_SPLIT_PATTERN)
+
+# 256 single bytes + end-of-text + at least one learned merge.
+BPE_MIN_VOCAB_SIZE = 258
+
+# How many unknown characters an error message shows before "and N more".
+_MAX_CHARS_SHOWN = 10
+
+
+class Tokenizer(ABC):
+    """Maps text to token ids and back.
+
+    Attributes:
+        name: "char", "bpe" or "tiktoken:<encoding name>".
+        vocab_size: number of token ids, end-of-text included; ids are in range(vocab_size).
+        eot_id: the end-of-text token's id.
+    """
+
+    name: str
+    vocab_size: int
+    eot_id: int
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; never contains eot_id (a literal EOT_TEXT is plain text)."""
+
+    @abstractmethod
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids`` (plain ints); eot_id gives EOT_TEXT, invalid UTF-8 gives U+FFFD."""
+
+    @abstractmethod
+    def token_bytes(self, token_id: int) -> bytes:
+        """The UTF-8 bytes one token stands for (for eot_id, EOT_TEXT's bytes).
+
+        A byte-level token can hold part of a character; a streaming printer joins the
+        bytes of successive tokens and prints only complete characters.
+        """
+
+    @abstractmethod
+    def state(self) -> dict[str, Any]:
+        """Plain data (str/int/list/dict) from which tokenizer_from_state rebuilds this tokenizer."""
+
+    def unknown_characters(self, text: str) -> list[str]:
+        """The distinct characters of ``text`` this tokenizer cannot encode, in order of
+        first appearance. Byte-level tokenizers encode any text, so this default is []."""
+        return []
+
+    def check_encodable(self, text: str, what: str = "text") -> None:
+        """Raise UserError naming the characters of ``text`` that cannot be encoded.
+
+        ``what`` names the text in the message, e.g. "prompt".
+        """
+        unknown = self.unknown_characters(text)
+        if unknown:
+            raise UserError(self._unknown_characters_message(unknown, what))
+
+    def _unknown_characters_message(self, unknown: list[str], what: str) -> str:
+        shown = ", ".join(repr(c) for c in unknown[:_MAX_CHARS_SHOWN])
+        hidden = len(unknown) - _MAX_CHARS_SHOWN
+        more = f" and {hidden} more ({len(unknown)} distinct)" if hidden > 0 else ""
+        return f"{what} has characters the {self.name} tokenizer never saw: {shown}{more}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size})"
+
+
+# --------------------------------------------------------------------------- char
+
+
+class CharTokenizer(Tokenizer):
+    """One token per character: the sorted distinct characters of the corpus get ids
+    0..n-1, end-of-text gets n, so vocab_size = n + 1. Text with a character outside the
+    vocabulary cannot be encoded (encode raises UserError naming it)."""
+
+    name = "char"
+
+    def __init__(self, chars: Iterable[str]):
+        self.chars = "".join(sorted(set(chars)))
+        if not self.chars:
+            raise UserError("the char tokenizer needs at least one character: the corpus is empty")
+        self.eot_id = len(self.chars)
+        self.vocab_size = len(self.chars) + 1
+        self._id_of = {c: i for i, c in enumerate(self.chars)}
+        # A dict, not a list, so that a negative id is an error instead of wrapping around.
+        self._text_of = dict(enumerate([*self.chars, EOT_TEXT]))
+
+    @classmethod
+    def from_corpus(cls, chunks: Iterable[str]) -> CharTokenizer:
+        """Build from text chunks, read once; memory grows only with the distinct characters."""
+        seen: set[str] = set()
+        for chunk in chunks:
+            seen.update(chunk)
+        return cls(seen)
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self._id_of[c] for c in text]
+        except KeyError:
+            message = self._unknown_characters_message(self.unknown_characters(text), "text")
+            raise UserError(message) from None
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(self._text_of[i] for i in ids)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self._text_of[token_id].encode("utf-8")
+
+    def unknown_characters(self, text: str) -> list[str]:
+        return [c for c in dict.fromkeys(text) if c not in self._id_of]
+
+    def state(self) -> dict[str, Any]:
+        return {"kind": "char", "chars": self.chars}
+
+
+# ------------------------------------------------------------- tiktoken-backed
+
+
+class _TiktokenBacked(Tokenizer):
+    """Encode/decode through a tiktoken.Encoding whose special token EOT_TEXT is eot_id."""
+
+    encoding: tiktoken.Encoding
+
+    def encode(self, text: str) -> list[int]:
+        # encode_ordinary never emits special tokens: "<|endoftext|>" in text is plain text.
+        return self.encoding.encode_ordinary(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.encoding.decode(list(ids), errors="replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.encoding.decode_single_token_bytes(token_id)
+
+
+class BPETokenizer(_TiktokenBacked):
+    """Byte-level BPE with the given ranks, run by tiktoken with GPT2_SPLIT_PATTERN.
+
+    ``ranks`` maps each token's bytes to its rank (= its id): the ranks are exactly
+    0..n-1 and include all 256 single bytes, so any text can be encoded; end-of-text is
+    id n. Stored in tiktoken's rank-file format: one line "<base64 of bytes> <rank>" per
+    token, in rank order.
+    """
+
+    name = "bpe"
+
+    def __init__(self, ranks: dict[bytes, int]):
+        _check_ranks(ranks)
+        self.ranks = dict(ranks)
+        self.eot_id = len(ranks)
+        self.vocab_size = len(ranks) + 1
+        self.encoding = tiktoken.Encoding(
+            name="bpe",
+            pat_str=GPT2_SPLIT_PATTERN,
+            mergeable_ranks=self.ranks,
+            special_tokens={EOT_TEXT: self.eot_id},
+        )
+
+    def rank_file_text(self) -> str:
+        """The ranks in tiktoken's rank-file format."""
+        by_rank = sorted(self.ranks.items(), key=lambda item: item[1])
+        return "".join(f"{base64.b64encode(token).decode('ascii')} {rank}\n" for token, rank in by_rank)
+
+    @classmethod
+    def from_rank_file_text(cls, text: str, source: str = "BPE rank file") -> BPETokenizer:
+        """Parse a rank file's text; ``source`` names it in error messages."""
+        ranks: dict[bytes, int] = {}
+        for line_number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            fields = line.split()
+            try:
+                if len(fields) != 2:
+                    raise ValueError
+                ranks[base64.b64decode(fields[0], validate=True)] = int(fields[1])
+            except (ValueError, binascii.Error):
+                raise UserError(
+                    f"{source}, line {line_number}: expected '<base64 token> <rank>', got {line!r}"
+                ) from None
+        _check_ranks(ranks, source)
+        return cls(ranks)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        Path(path).write_text(self.rank_file_text(), encoding="ascii")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> BPETokenizer:
+        # Not tiktoken.load.load_tiktoken_bpe: it caches every file it reads under the
+        # sha1 of its *path*, so after retraining into the same path it would return the
+        # old ranks from its cache.
+        return cls.from_rank_file_text(Path(path).read_text(encoding="ascii"), source=str(path))
+
+    def state(self) -> dict[str, Any]:
+        return {"kind": "bpe", "ranks": self.rank_file_text()}
+
+
+def _check_ranks(ranks: dict[bytes, int], source: str = "BPE ranks") -> None:
+    """Raise UserError unless the ranks are 0..n-1 and include every single byte."""
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise UserError(f"{source}: ranks must be 0..{len(ranks) - 1}, each once (found gaps or repeats)")
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise UserError(
+            f"{source}: all 256 single bytes must be tokens; missing {len(missing)}, e.g. byte {missing[0]}"
+        )
+
+
+class TiktokenTokenizer(_TiktokenBacked):
+    """A named tiktoken encoding (tiktoken.list_encoding_names()); eot is its <|endoftext|>.
+
+    tiktoken downloads an encoding's files on first use and caches them. Offline, the
+    constructor raises a UserError naming the URL and the exact cache path to put the
+    file at.
+    """
+
+    def __init__(self, encoding_name: str):
+        known = tiktoken.list_encoding_names()
+        if encoding_name not in known:
+            raise UserError(f"unknown tiktoken encoding {encoding_name!r}; known: {', '.join(known)}")
+        try:
+            self.encoding = tiktoken.get_encoding(encoding_name)
+        except Exception as exc:  # network, HTTP, hash or import errors: all mean "file not available"
+            raise UserError(_fetch_failure_message(encoding_name, exc)) from exc
+        self.encoding_name = encoding_name
+        self.name = f"tiktoken:{encoding_name}"
+        self.eot_id = self.encoding.eot_token
+        self.vocab_size = self.encoding.n_vocab
+
+    def state(self) -> dict[str, Any]:
+        return {"kind": "tiktoken", "encoding": self.encoding_name}
+
+
+def _url_being_fetched(exc: BaseException) -> str | None:
+    """The URL tiktoken was reading when ``exc`` was raised, if it was in read_file_cached.
+
+    tiktoken's exceptions do not all name the full URL (requests' ConnectionError names
+    only the host and path), but the URL is read_file_cached's first argument.
+    """
+    code = tiktoken.load.read_file_cached.__code__
+    traceback = exc.__traceback__
+    while traceback is not None:
+        frame = traceback.tb_frame
+        if frame.f_code is code:
+            url = frame.f_locals.get(code.co_varnames[0])
+            return url if isinstance(url, str) else None
+        traceback = traceback.tb_next
+    return None
+
+
+def _tiktoken_cache_dir() -> str:
+    """Where tiktoken looks for cached files (the rule of tiktoken/load.py read_file_cached);
+    "" means caching is off."""
+    for variable in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
+        if variable in os.environ:
+            return os.environ[variable]
+    return os.path.join(tempfile.gettempdir(), "data-gym-cache")
+
+
+def _fetch_failure_message(encoding_name: str, exc: BaseException) -> str:
+    # A short message (a hash mismatch, an HTTP status) helps; a long one (a chain of
+    # connection errors) would bury the way out, so only its type is shown.
+    text = " ".join(str(exc).split())
+    reason = f"{type(exc).__name__}: {text}" if len(text) <= 100 else type(exc).__name__
+    url = _url_being_fetched(exc)
+    if url is None:
+        return f"tiktoken could not load encoding {encoding_name!r} ({reason})"
+    cache_dir = _tiktoken_cache_dir()
+    file_name = hashlib.sha1(url.encode()).hexdigest()  # how tiktoken names a cached file
+    place = (
+        f"save it as {os.path.join(cache_dir, file_name)}"
+        if cache_dir
+        else f"set TIKTOKEN_CACHE_DIR to a folder and save it there as {file_name}"
+    )
+    return (
+        f"tiktoken could not download {url} for encoding {encoding_name!r} ({reason}); "
+        f"to work offline, download that file elsewhere and {place}, then run again "
+        f"(if the encoding needs another file, the next error names it)"
+    )
+
+
+# --------------------------------------------------------------------- training
+
+
+def count_pieces(chunks: Iterable[str]) -> Counter[str]:
+    """How often each GPT2_SPLIT_PATTERN piece occurs in the concatenated chunks.
+
+    The chunks are read one at a time; memory grows with the distinct pieces. The
+    result is the same as splitting the whole text at once: the last two pieces of a
+    chunk may continue into the next one (a word cut in half, or "'l" + "l..." that is
+    the contraction "'ll"), so they are split again together with the next chunk.
+    """
+    counts: Counter[str] = Counter()
+    tail = ""
+    for chunk in chunks:
+        pieces = _SPLIT.findall(tail + chunk)
+        tail = "".join(pieces[-2:])
+        counts.update(pieces[:-2])
+    counts.update(_SPLIT.findall(tail))
+    return counts
+
+
+def train_bpe(chunks: Iterable[str], vocab_size: int, *, progress: bool = False) -> dict[bytes, int]:
+    """Learn byte-level BPE ranks from text chunks (read once).
+
+    The text is split into pieces by GPT2_SPLIT_PATTERN and each distinct piece is kept
+    once with its count. Starting from the 256 single bytes, each step adds one token:
+    the concatenation of the adjacent token pair that occurs most often, counting each
+    occurrence inside a piece as many times as the piece occurs. Ties go to the pair
+    whose concatenated bytes sort first. Every adjacent pair that spells the new token
+    is then merged (left to right within a piece), which gives each piece the tokens
+    tiktoken will give it (module docstring), and the next counts see those.
+
+    Training stops after ``vocab_size - 257`` merges (256 bytes and end-of-text take the
+    other ids), or earlier, with fewer tokens, when no pair occurs at least twice: a pair
+    seen once would only memorise the corpus. Returns ranks for BPETokenizer: the bytes
+    at ranks 0..255, then the learned tokens in the order they were learned.
+
+    Speed: pair counts are updated incrementally, only for the pieces that contain the
+    merged pair (an index maps each pair to those pieces), and the most frequent pair
+    comes from a max-heap whose outdated entries are skipped when popped.
+    """
+    if vocab_size < BPE_MIN_VOCAB_SIZE:
+        raise UserError(
+            f"BPE vocab_size must be at least {BPE_MIN_VOCAB_SIZE} "
+            f"(256 bytes + end-of-text + 1 merge), got {vocab_size}"
+        )
+    trainer = _BPETrainer(count_pieces(chunks))
+    n_merges = vocab_size - 257
+    with tqdm(total=n_merges, desc="training BPE", unit="merge", disable=not progress) as bar:
+        for _ in range(n_merges):
+            if not trainer.merge_most_frequent():
+                break
+            bar.update()
+    return {token: rank for rank, token in enumerate(trainer.token_bytes)}
+
+
+class _BPETrainer:
+    """The state of BPE training: the distinct pieces, their current tokens, pair counts.
+
+    A "pair" is keyed by the concatenated bytes of two adjacent tokens, because that is
+    what identifies a merge for tiktoken.
+    """
+
+    def __init__(self, piece_counts: Counter[str]):
+        self.token_bytes = [bytes([b]) for b in range(256)]  # index = token id = rank
+        self.vocabulary = set(self.token_bytes)
+        self.piece_weight = list(piece_counts.values())
+        # A byte's token id is its value, so a piece starts as the list of its bytes.
+        self.piece_tokens = [list(piece.encode("utf-8")) for piece in piece_counts]
+        self.pair_count: dict[bytes, int] = Counter()
+        self.pieces_with: dict[bytes, set[int]] = {}  # pair -> pieces that had it (a superset)
+        for i, tokens in enumerate(self.piece_tokens):
+            self._add_pairs(i, self._pairs(tokens))
+        self.heap = [(-count, pair) for pair, count in self.pair_count.items()]
+        heapq.heapify(self.heap)
+
+    def _pairs(self, tokens: list[int]) -> list[bytes]:
+        token_bytes = self.token_bytes
+        return [token_bytes[a] + token_bytes[b] for a, b in pairwise(tokens)]
+
+    def _add_pairs(self, piece: int, pairs: list[bytes]) -> None:
+        weight = self.piece_weight[piece]
+        for pair in pairs:
+            self.pair_count[pair] += weight
+            self.pieces_with.setdefault(pair, set()).add(piece)
+
+    def _remove_pairs(self, piece: int, pairs: list[bytes]) -> None:
+        weight = self.piece_weight[piece]
+        for pair in pairs:
+            self.pair_count[pair] -= weight
+
+    def _pop_most_frequent(self) -> tuple[bytes, int] | None:
+        """The most frequent pair and its count; None when there are no pairs left.
+
+        Heap entries are (-count, pair) so the smallest entry is the most frequent pair
+        and, among equal counts, the one with the smallest bytes. An entry is outdated
+        when the pair's count changed after it was pushed; each change pushed a fresh one.
+        """
+        while self.heap:
+            negative_count, pair = heapq.heappop(self.heap)
+            if self.pair_count.get(pair) == -negative_count:
+                return pair, -negative_count
+        return None
+
+    def merge_most_frequent(self) -> bool:
+        """Learn one token; False (and nothing learned) when no pair occurs twice."""
+        best = self._pop_most_frequent()
+        if best is None or best[1] < 2:
+            return False
+        new_bytes = best[0]
+        assert new_bytes not in self.vocabulary, "a learned token is always new (module docstring)"
+        new_id = len(self.token_bytes)
+        self.token_bytes.append(new_bytes)
+        self.vocabulary.add(new_bytes)
+
+        changed: set[bytes] = set()
+        for piece in self.pieces_with.pop(new_bytes):
+            old = self.piece_tokens[piece]
+            new = self._merge(old, new_bytes, new_id)
+            if new is old:
+                continue  # the index is a superset: this piece lost the pair earlier
+            self.piece_tokens[piece] = new
+            old_pairs, new_pairs = self._pairs(old), self._pairs(new)
+            self._remove_pairs(piece, old_pairs)
+            self._add_pairs(piece, new_pairs)
+            changed.update(old_pairs)
+            changed.update(new_pairs)
+        for pair in changed:
+            count = self.pair_count[pair]
+            if count > 0:
+                heapq.heappush(self.heap, (-count, pair))
+            else:
+                del self.pair_count[pair]
+                self.pieces_with.pop(pair, None)
+        return True
+
+    def _merge(self, tokens: list[int], new_bytes: bytes, new_id: int) -> list[int]:
+        """``tokens`` with every adjacent pair that spells ``new_bytes`` replaced by
+        ``new_id``, left to right ("aaa" with "aa" gives "aa", "a"), as tiktoken does; the
+        same list object when there is none."""
+        token_bytes = self.token_bytes
+        merged: list[int] = []
+        i = 0
+        while i < len(tokens):
+            if i + 1 < len(tokens) and token_bytes[tokens[i]] + token_bytes[tokens[i + 1]] == new_bytes:
+                merged.append(new_id)
+                i += 2
+            else:
+                merged.append(tokens[i])
+                i += 1
+        return tokens if len(merged) == len(tokens) else merged
+
+
+# --------------------------------------------------------------------- factories
+
+
+def fit_tokenizer(
+    spec: str,
+    chunks: Callable[[], Iterable[str]],
+    vocab_size: int | None,
+    progress: bool = False,
+) -> Tokenizer:
+    """Build the tokenizer ``spec`` names: "char", "bpe" or "tiktoken:<encoding name>".
+
+    ``chunks()`` returns a fresh iterable over the corpus text; char and bpe read it
+    once, tiktoken not at all. ``vocab_size`` is required for bpe (at least
+    BPE_MIN_VOCAB_SIZE; training may stop with fewer tokens, see train_bpe) and ignored
+    by char and tiktoken, whose vocabularies are fixed by the corpus or the encoding.
+    """
+    if spec == "char":
+        return CharTokenizer.from_corpus(chunks())
+    if spec == "bpe":
+        if vocab_size is None:
+            raise UserError(f"the bpe tokenizer needs a vocab_size (at least {BPE_MIN_VOCAB_SIZE})")
+        return BPETokenizer(train_bpe(chunks(), vocab_size, progress=progress))
+    if spec.startswith("tiktoken:"):
+        return TiktokenTokenizer(spec.removeprefix("tiktoken:"))
+    names = ", ".join(tiktoken.list_encoding_names())
+    raise UserError(
+        f"unknown tokenizer {spec!r}; use 'char', 'bpe' or 'tiktoken:<name>' with <name> one of {names}"
+    )
+
+
+def tokenizer_from_state(state: dict[str, Any]) -> Tokenizer:
+    """The tokenizer whose ``state()`` is ``state`` (encodes every text the same way)."""
+    kind = state.get("kind")
+    try:
+        if kind == "char":
+            return CharTokenizer(state["chars"])
+        if kind == "bpe":
+            return BPETokenizer.from_rank_file_text(state["ranks"], source="saved BPE ranks")
+        if kind == "tiktoken":
+            return TiktokenTokenizer(state["encoding"])
+    except KeyError as missing:
+        raise UserError(f"saved {kind} tokenizer state lacks {missing}") from None
+    raise UserError(f"saved tokenizer state has unknown kind {kind!r}; expected 'char', 'bpe' or 'tiktoken'")

@@ -1,0 +1,216 @@
+"""Sample text from a checkpoint.
+
+    python sample.py out/default/best.pt --prompt "The for statement" --strategy top-p --top-p 0.9
+    python sample.py out/default/best.pt --strategy greedy --explain
+    echo "Once upon" | python sample.py CKPT --prompt-file - --num-samples 3 --stop "\\n\\n"
+
+The checkpoint carries its tokenizer, so nothing else is needed. Strategies are the
+functions of model/decoding.py; ``--strategy`` takes a name (with the settings from the
+flags below) or a compact spec such as ``top-p:p=0.9,t=0.8``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from model.checkpoint import load_checkpoint, model_from_checkpoint
+from model.decoding import DecodingSpec, default_spec
+from model.device import resolve_device
+from model.errors import UserError
+from model.generate import WINDOW_MODES, Sample, generate
+from model.tokenizer import Tokenizer, tokenizer_from_state
+
+FLAG_FIELDS = {  # command-line flag -> DecodingSpec field
+    "temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+    "typical_p": "typical_p", "repetition_penalty": "repetition_penalty",
+    "frequency_penalty": "frequency_penalty", "presence_penalty": "presence_penalty", "num_beams": "num_beams",
+}
+
+
+def spec_from_args(args: argparse.Namespace) -> DecodingSpec:
+    """The strategy's defaults (or its compact spec), then every flag the user gave."""
+    base = default_spec(args.strategy)
+    given = {field: getattr(args, flag) for flag, field in FLAG_FIELDS.items() if getattr(args, flag) is not None}
+    fields = {**dataclasses.asdict(base), **given}
+    return DecodingSpec(**fields)
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    """--prompt and --prompt-file (``-`` is stdin), in the order given; none means one empty prompt."""
+    prompts = list(args.prompt or [])
+    for name in args.prompt_file or []:
+        if name == "-":
+            prompts.append(sys.stdin.read())
+            continue
+        try:
+            prompts.append(Path(name).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UserError(f"prompt file not found: {name}") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"prompt file {name} is not UTF-8 (byte offset {e.start})") from None
+    return prompts or [""]
+
+
+def load_model(path: str, device_name: str):
+    device = resolve_device(device_name)
+    payload = load_checkpoint(path, map_location=device)
+    model = model_from_checkpoint(payload, device).eval()
+    return model, tokenizer_from_state(payload["tokenizer"])
+
+
+class Printer:
+    """Streams a lone sample as it comes; prints each of several samples whole as it ends."""
+
+    def __init__(self, prompts: list[str], num_samples: int, out=None):
+        self.prompts = prompts
+        self.streaming = len(prompts) * num_samples == 1
+        self.out = out or sys.stdout
+        if self.streaming:
+            self._write(prompts[0])
+
+    def on_text(self, row: int, text: str) -> None:
+        if self.streaming:
+            self._write(text)
+
+    def on_done(self, sample: Sample) -> None:
+        if self.streaming:
+            self._write("\n")
+            return
+        header = f"--- prompt {sample.prompt_index + 1}, sample {sample.sample_index + 1} ({sample.finish}) ---\n"
+        self._write(header + self.prompts[sample.prompt_index] + sample.text + "\n")
+
+    def _write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+
+
+def print_explanation(sample: Sample, tokenizer: Tokenizer, out=None) -> None:
+    """The next-token table of every step: the top candidates with their probability
+    under the model and after the strategy's filtering, and the token chosen."""
+    out = out or sys.stdout
+    for step, detail in enumerate(sample.details, start=1):
+        out.write(f"step {step}: chose {_show(tokenizer, detail.token)}  "
+                  f"(p={math.exp(detail.logprob):.3f}, after filtering {math.exp(detail.filtered_logprob):.3f})\n")
+        out.write(f"    {'token':<16} {'p':>7} {'filtered':>9}\n")
+        for token, raw, filtered in detail.top:
+            mark = "  <- chosen" if token == detail.token else ""
+            out.write(f"    {_show(tokenizer, token):<16} {math.exp(raw):>7.3f} {math.exp(filtered):>9.3f}{mark}\n")
+
+
+def write_logprobs(samples: list[Sample], tokenizer: Tokenizer, path: Path) -> None:
+    """One JSON line per generated token: its log-probability and the top alternatives."""
+    with path.open("w", encoding="utf-8") as f:
+        for sample in samples:
+            for step, detail in enumerate(sample.details):
+                record = {
+                    "prompt": sample.prompt_index, "sample": sample.sample_index, "step": step,
+                    "token": detail.token, "text": _text(tokenizer, detail.token), "logprob": detail.logprob,
+                    "top": [{"token": t, "text": _text(tokenizer, t), "logprob": lp} for t, lp, _ in detail.top],
+                }
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def _text(tokenizer: Tokenizer, token: int) -> str:
+    return tokenizer.token_bytes(token).decode("utf-8", errors="replace")
+
+
+def _show(tokenizer: Tokenizer, token: int) -> str:
+    return repr(_text(tokenizer, token))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Generate text from a checkpoint with a decoding strategy of your choice.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("checkpoint", help="a .pt file written by train.py (e.g. out/default/best.pt)")
+    parser.add_argument("--prompt", action="append", help="prompt text (repeatable: several prompts run as one "
+                        "batch); an empty prompt starts a new document")
+    parser.add_argument("--prompt-file", action="append", help="read a prompt from a file, '-' for stdin (repeatable)")
+    parser.add_argument("--strategy", default="top-p", help="greedy | sample | temperature | top-k | top-p | "
+                        "min-p | typical | beam, or a compact spec such as top-p:p=0.9,t=0.8")
+    parser.add_argument("--temperature", type=float, help="divide logits by this; 0 means greedy "
+                        "(default: 0.7 with --strategy temperature, else 1)")
+    parser.add_argument("--top-k", type=int, help="keep the k most likely tokens (default 40 with --strategy top-k)")
+    parser.add_argument("--top-p", type=float, help="keep the smallest set of tokens whose probability reaches p, "
+                        "in (0, 1] (default 0.9 with --strategy top-p)")
+    parser.add_argument("--min-p", type=float, help="keep tokens with p >= min_p * p_max (default 0.05 with "
+                        "--strategy min-p)")
+    parser.add_argument("--typical-p", type=float, help="locally typical sampling mass (default 0.95 with "
+                        "--strategy typical)")
+    parser.add_argument("--repetition-penalty", type=float, help="CTRL penalty (> 1 discourages tokens already "
+                        "seen, prompt included; default 1, off)")
+    parser.add_argument("--frequency-penalty", type=float, help="subtract count * this from each generated "
+                        "token's logit (default 0)")
+    parser.add_argument("--presence-penalty", type=float, help="subtract this from every generated token's logit "
+                        "(default 0)")
+    parser.add_argument("--num-beams", type=int, help="beams for beam search (default 4 with --strategy beam)")
+    parser.add_argument("--num-samples", type=int, default=1, help="continuations per prompt, generated as one batch")
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="at most this many tokens per sample")
+    parser.add_argument("--seed", type=int, default=1337, help="sample i uses seed + i: same seed, same text")
+    parser.add_argument("--stop", action="append", default=[], help="end a sample at this string, which is not "
+                        "printed (repeatable)")
+    parser.add_argument("--window", choices=WINDOW_MODES, default="exact", help="past block_size tokens: exact "
+                        "recomputes the window each step, shift restarts from the last half window (fast), "
+                        "none never caches (the reference)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    parser.add_argument("--explain", action="store_true", help="after the text, print each step's top candidates "
+                        "with their probabilities before and after the strategy's filtering")
+    parser.add_argument("--top", type=int, default=5, help="candidates per step for --explain and --logprobs")
+    parser.add_argument("--logprobs", type=Path, help="write per-token log-probabilities and the top "
+                        "alternatives to this file as JSON lines")
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
+    spec = spec_from_args(args)
+    for name in ("num_samples", "top"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    wants_details = args.explain or args.logprobs is not None
+    if wants_details and spec.is_beam:
+        raise UserError("--explain and --logprobs follow one token at a time; they do not work with beam search")
+    prompts = read_prompts(args)
+    model, tokenizer = load_model(args.checkpoint, args.device)
+    for prompt in prompts:
+        tokenizer.check_encodable(prompt, "prompt")
+    if args.explain and args.num_samples * len(prompts) > 1:
+        raise UserError("--explain shows one sample: use one prompt and --num-samples 1")
+    printer = Printer(prompts, args.num_samples)
+    samples = generate(
+        model, tokenizer, prompts, spec, max_new_tokens=args.max_new_tokens, num_samples=args.num_samples,
+        seed=args.seed, stop=args.stop, window=args.window, top=args.top if wants_details else 0,
+        on_text=printer.on_text, on_done=printer.on_done,
+    )
+    if args.explain:
+        print_explanation(samples[0], tokenizer)
+    if args.logprobs is not None:
+        write_logprobs(samples, tokenizer, args.logprobs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with torch.inference_mode():
+            run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

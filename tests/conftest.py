@@ -1,0 +1,80 @@
+"""Shared fixtures: a tiny model configuration, a tiny prepared corpus, a tiny checkpoint."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.config import ModelConfig
+
+# The tensors in these tests are tiny: one thread is faster than two fighting over
+# them, and keeps the suite quick on a shared two-core machine.
+torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+TINY_TEXT = (
+    "The quick brown fox jumps over the lazy dog.\n"
+    "A small model learns the shape of the text it reads, one character at a time.\n"
+    "Sphinx of black quartz, judge my vow!\n"
+) * 40
+
+
+def run_cli(*args: str, cwd: Path = ROOT, stdin: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run one of the project's command-line tools as a user would, in a fresh process."""
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, input=stdin, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    values = dict(vocab_size=37, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+@pytest.fixture
+def tiny_model():
+    from model.gpt import GPT
+
+    torch.manual_seed(0)
+    return GPT(tiny_config()).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
+    path.write_text(TINY_TEXT, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tiny_corpus, tmp_path_factory) -> Path:
+    """A char-level dataset prepared from TINY_TEXT (in-process, no progress bars)."""
+    sys.path.insert(0, str(ROOT / "data"))
+    from prepare import prepare
+
+    out = tmp_path_factory.mktemp("data") / "tiny"
+    prepare([str(tiny_corpus)], out, "char", progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_dataset, tmp_path_factory) -> Path:
+    """A checkpoint of a tiny model trained for a few steps on the tiny dataset."""
+    from model.config import load_config
+    from train import train
+
+    out = tmp_path_factory.mktemp("run")
+    cfg = load_config(None, [
+        f"data_dir={tiny_dataset}", f"out_dir={out}", "block_size=32", "n_layer=2", "n_head=2", "n_embd=32",
+        "batch_size=8", "max_iters=60", "eval_interval=30", "eval_iters=2", "warmup_iters=5", "learning_rate=1e-2",
+        "min_lr=1e-3",
+    ])
+    train(cfg, progress=False)
+    return out / "best.pt"

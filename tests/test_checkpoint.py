@@ -1,0 +1,100 @@
+"""The checkpoint format: round trip, atomic saves, clear errors for bad files."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from model.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint, save_checkpoint
+from model.errors import UserError
+from model.gpt import GPT
+from tests.conftest import tiny_config
+
+CONFIG = {"model": vars(tiny_config()), "train": {}}
+TOKENIZER = {"kind": "char", "chars": "abc"}
+
+
+def save(path, model, **kwargs):
+    save_checkpoint(path, model=model, config=CONFIG, tokenizer=TOKENIZER, **kwargs)
+
+
+def test_round_trip_gives_identical_logits(tmp_path, tiny_model):
+    optimizer = torch.optim.AdamW(tiny_model.parameters())
+    save(tmp_path / "c.pt", tiny_model, optimizer=optimizer, step=7, best_val_loss=1.5)
+    payload = load_checkpoint(tmp_path / "c.pt")
+    loaded = model_from_checkpoint(payload).eval()
+    idx = torch.randint(37, (2, 16))
+    assert torch.equal(loaded(idx)[0], tiny_model(idx)[0])
+    assert payload["step"] == 7 and payload["best_val_loss"] == 1.5 and payload["tokenizer"] == TOKENIZER
+
+
+def test_compiled_model_checkpoint_loads_into_a_plain_one(tmp_path, tiny_model):
+    compiled = torch.compile(tiny_model)  # wrapping alone renames every parameter "_orig_mod.*"
+    assert all(k.startswith("_orig_mod.") for k in compiled.state_dict())
+    save(tmp_path / "c.pt", compiled)
+    # and a file written by other code that kept the prefix loads too
+    torch.save({"format": FORMAT, "version": 1, "model": compiled.state_dict(), "config": CONFIG}, tmp_path / "raw.pt")
+    for name in ("c.pt", "raw.pt"):
+        loaded = model_from_checkpoint(load_checkpoint(tmp_path / name)).eval()
+        idx = torch.randint(37, (1, 8))
+        assert torch.equal(loaded(idx)[0], tiny_model(idx)[0])
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, tiny_model, monkeypatch):
+    path = tmp_path / "c.pt"
+    save(path, tiny_model, step=1)
+    before = path.read_bytes()
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save(path, tiny_model, step=2)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left
+
+
+def test_missing_truncated_and_foreign_files(tmp_path, tiny_model):
+    with pytest.raises(UserError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "nope.pt")
+
+    good = tmp_path / "good.pt"
+    save(good, tiny_model)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(UserError, match="truncated or corrupt"):
+        load_checkpoint(truncated)
+
+    text = tmp_path / "notes.pt"
+    text.write_text("just some text")
+    with pytest.raises(UserError, match="not a tinygpt checkpoint|truncated or corrupt"):
+        load_checkpoint(text)
+
+    other = tmp_path / "other.pt"
+    torch.save({"state_dict": tiny_model.state_dict()}, other)
+    with pytest.raises(UserError, match="not a tinygpt checkpoint"):
+        load_checkpoint(other)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": FORMAT, "x": Evil()}, evil)
+    with pytest.raises(UserError, match="not a tinygpt checkpoint"):
+        load_checkpoint(evil)
+
+    raw_pickle = tmp_path / "pickle.pt"
+    raw_pickle.write_bytes(pickle.dumps([1, 2, 3]))
+    with pytest.raises(UserError):
+        load_checkpoint(raw_pickle)
+
+
+def test_weights_load_into_the_right_shape(tmp_path):
+    model = GPT(tiny_config(n_layer=1))
+    save_checkpoint(tmp_path / "c.pt", model=model, config={"model": vars(tiny_config(n_layer=1))}, tokenizer={})
+    assert model_from_checkpoint(load_checkpoint(tmp_path / "c.pt")).config.n_layer == 1

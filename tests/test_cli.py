@@ -1,0 +1,160 @@
+"""The command-line tools as a user runs them: the whole path, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+import sample
+import train
+from tests.conftest import ROOT, run_cli
+
+
+def one_line_error(result_or_stderr) -> str:
+    stderr = getattr(result_or_stderr, "stderr", result_or_stderr)
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_prepare_train_sample_end_to_end(tmp_path, tiny_corpus):
+    data, out = tmp_path / "data", tmp_path / "out"
+    prepared = run_cli("data/prepare.py", str(tiny_corpus), "--out", str(data))
+    assert prepared.returncode == 0, prepared.stderr
+    assert "train" in prepared.stdout and (data / "meta.json").is_file()
+
+    trained = run_cli(
+        "train.py", f"data_dir={data}", f"out_dir={out}", "max_iters=20", "eval_interval=10", "eval_iters=2",
+        "batch_size=4", "block_size=32", "n_layer=1", "n_embd=32", "n_head=2", "--device", "cpu",
+    )
+    assert trained.returncode == 0, trained.stderr
+    assert (out / "best.pt").is_file() and (out / "last.pt").is_file()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 10, 20]
+    assert records[-1]["val_loss"] < records[0]["val_loss"]
+
+    sampled = run_cli("sample.py", str(out / "best.pt"), "--prompt", "The quick", "--max-new-tokens", "30",
+                      "--seed", "5")
+    assert sampled.returncode == 0, sampled.stderr
+    assert sampled.stdout.startswith("The quick") and len(sampled.stdout) > len("The quick")
+    again = run_cli("sample.py", str(out / "best.pt"), "--prompt", "The quick", "--max-new-tokens", "30",
+                    "--seed", "5")
+    assert again.stdout == sampled.stdout  # same seed, same text
+
+    from_stdin = run_cli("sample.py", str(out / "best.pt"), "--prompt-file", "-", "--num-samples", "2",
+                         "--max-new-tokens", "10", "--strategy", "greedy", stdin="lazy")
+    assert from_stdin.returncode == 0 and from_stdin.stdout.count("--- prompt 1, sample") == 2
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["n_layers=2"], "did you mean 'n_layer'?"),
+        (["n_embd=30", "n_head=4"], "must be divisible by model.n_head"),
+        (["block_size=100000"], "fewer than block_size + 1"),
+        (["data_dir=/nonexistent"], "no prepared dataset in /nonexistent"),
+        (["--device", "cuda"], "no usable CUDA GPU"),
+        (["model.vocab_size=5"], "leave model.vocab_size at 0"),
+    ],
+)
+def test_train_bad_input(args, message, tiny_dataset, tmp_path, capsys):
+    code = train.main([f"data_dir={tiny_dataset}", f"out_dir={tmp_path}", "max_iters=1", *args])
+    assert code == 2
+    assert message in one_line_error(capsys.readouterr().err)
+
+
+def test_train_bad_input_through_the_real_cli(tmp_path):
+    result = run_cli("train.py", "--config", str(tmp_path / "missing.toml"))
+    assert result.returncode == 2 and "config file not found" in one_line_error(result)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--strategy", "top-p", "--top-p", "1.5"], "top_p"),
+        (["--strategy", "top-p", "--top-p", "0"], "top_p"),
+        (["--strategy", "top-k", "--top-k", "0"], "top_k"),
+        (["--temperature", "-1"], "temperature"),
+        (["--max-new-tokens", "-5"], "--max-new-tokens must be >= 0"),
+        (["--strategy", "greedy", "--top-k", "5"], "does nothing with greedy"),
+        (["--strategy", "beam", "--temperature", "0.5"], "does nothing with beam search"),
+        (["--stop", ""], "stop string must not be empty"),
+        (["--prompt", "ünïcödé→"], "prompt has characters the char tokenizer never saw: 'ü', 'ï'"),
+        (["--strategy", "nucleus"], "unknown decoding strategy 'nucleus'"),
+        (["--explain", "--num-samples", "2"], "--explain shows one sample"),
+        (["--prompt-file", "/nonexistent/prompt.txt"], "prompt file not found"),
+    ],
+)
+def test_sample_bad_input(args, message, tiny_checkpoint, capsys):
+    code = sample.main([str(tiny_checkpoint), "--max-new-tokens", "3", *args])
+    assert code == 2
+    assert message in one_line_error(capsys.readouterr().err)
+
+
+def test_sample_bad_checkpoints(tmp_path, tiny_checkpoint, capsys):
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(tiny_checkpoint.read_bytes()[:1000])
+    foreign = tmp_path / "foreign.pt"
+    foreign.write_text("not a checkpoint at all")
+    for path, message in [
+        (tmp_path / "missing.pt", "checkpoint not found"),
+        (truncated, "truncated or corrupt"),
+        (foreign, str(foreign)),
+    ]:
+        assert sample.main([str(path)]) == 2
+        assert message in one_line_error(capsys.readouterr().err)
+
+
+def test_sample_bad_checkpoint_through_the_real_cli(tmp_path):
+    result = run_cli("sample.py", str(tmp_path / "missing.pt"))
+    assert result.returncode == 2 and "checkpoint not found" in one_line_error(result)
+
+
+def test_empty_prompt_is_allowed(tiny_checkpoint, capsys):
+    assert sample.main([str(tiny_checkpoint), "--prompt", "", "--max-new-tokens", "5", "--seed", "1"]) == 0
+    assert len(capsys.readouterr().out) > 0
+
+
+def test_explain_and_logprobs(tiny_checkpoint, tmp_path, capsys):
+    path = tmp_path / "lp.jsonl"
+    code = sample.main([str(tiny_checkpoint), "--prompt", "The", "--max-new-tokens", "4", "--strategy",
+                        "top-k", "--top-k", "3", "--explain", "--top", "4", "--logprobs", str(path)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert out.count("step ") == 4 and "filtered" in out
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    for record in records:
+        assert len(record["top"]) == 4
+        assert record["top"][0]["logprob"] >= record["logprob"] - 1e-9 or record["token"] == record["top"][0]["token"]
+
+
+def test_tiktoken_encoding_offline_gives_a_clear_message(tmp_path, tiny_corpus):
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty-cache")}
+    result = subprocess.run(
+        [sys.executable, "data/prepare.py", str(tiny_corpus), "--tokenizer", "tiktoken:gpt2", "--out",
+         str(tmp_path / "o")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    line = one_line_error(result)
+    assert "could not download https://" in line  # names the file to fetch elsewhere...
+    assert str(tmp_path / "empty-cache") in line  # ...and exactly where to put it
+
+
+def test_ctrl_c_stops_sampling_cleanly_and_keeps_the_text(tiny_checkpoint):
+    process = subprocess.Popen(
+        [sys.executable, "sample.py", str(tiny_checkpoint), "--prompt", "The", "--max-new-tokens", "1000000",
+         "--window", "shift"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    shown = process.stdout.read(40)  # wait until text is streaming
+    process.send_signal(signal.SIGINT)
+    rest, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert (shown + rest).startswith("The") and "Traceback" not in stderr and "interrupted" in stderr

@@ -1,0 +1,215 @@
+"""The token loop: KV cache == recomputation, window modes, batches, seeds, streaming, beams."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.decoding import DecodingSpec, parse_strategy
+from model.errors import UserError
+from model.generate import Context, TextStream, beam_search, decode_steps, generate
+from model.gpt import GPT
+from model.tokenizer import BPETokenizer, CharTokenizer
+from tests.conftest import tiny_config
+
+ALPHABET = "abcdefghijklmnopqrstuvwxyz .,\n"
+CHARS = CharTokenizer(ALPHABET)  # 30 characters + end-of-text = 31 tokens
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return GPT(tiny_config(vocab_size=CHARS.vocab_size, block_size=16)).eval()
+
+
+def reference_logits(model, tokens: list[int], window_start: int) -> torch.Tensor:
+    """The definition: run the model, without a cache, on tokens[window_start:]."""
+    with torch.no_grad():
+        return model(torch.tensor([tokens[window_start:]]))[0][0, -1]
+
+
+def follow(model, prompt, window, steps, choose=lambda logits: int(logits.argmax())):
+    """Run a Context for `steps` tokens; return the tokens and each step's logits."""
+    context = Context(model, [prompt], steps, window)
+    tokens, logits_seen = list(prompt), []
+    for _ in range(steps):
+        logits = context.next_logits()[0]
+        logits_seen.append(logits)
+        token = choose(logits)
+        tokens.append(token)
+        context.append(torch.tensor([token]))
+    return tokens, logits_seen
+
+
+@pytest.mark.parametrize("prompt_length", [1, 4, 9, 15, 16])
+def test_cache_matches_recomputation_inside_the_window(model, prompt_length):
+    prompt = list(range(prompt_length))
+    steps = 16 - prompt_length + 1 if prompt_length < 16 else 1
+    cached_tokens, cached = follow(model, prompt, "exact", steps)
+    plain_tokens, plain = follow(model, prompt, "none", steps)
+    assert cached_tokens == plain_tokens  # greedy tokens identical
+    for a, b in zip(cached, plain):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("prompt_length", [1, 7, 20])
+def test_exact_mode_matches_the_cropping_reference_past_the_window(model, prompt_length):
+    prompt = [i % 30 for i in range(prompt_length)]
+    tokens, seen = follow(model, prompt, "exact", 40)
+    for step, logits in enumerate(seen):
+        length = prompt_length + step
+        expected = reference_logits(model, tokens[:length], max(0, length - 16))
+        torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("prompt_length", [1, 7, 20])
+def test_shift_mode_matches_its_definition(model, prompt_length):
+    # Definition: the window starts as the prompt's last 16 tokens; whenever one more
+    # token would make it longer than 16, it restarts from the most recent 8 tokens.
+    prompt = [i % 30 for i in range(prompt_length)]
+    tokens, seen = follow(model, prompt, "shift", 40)
+    window_start = max(0, prompt_length - 16)
+    for step, logits in enumerate(seen):
+        length = prompt_length + step
+        if length - window_start > 16:
+            window_start = length - 8
+        expected = reference_logits(model, tokens[:length], window_start)
+        torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("window", ["exact", "none"])
+def test_batched_prompts_give_what_each_prompt_gives_alone(model, window):
+    prompts = ["a", "hello there", "the quick brown fox"]
+    spec = parse_strategy("top-k:k=5,t=0.9")
+    together = generate(model, CHARS, prompts, spec, max_new_tokens=25, num_samples=2, seed=3, window=window)
+    for sample in together:
+        alone = generate(model, CHARS, [prompts[sample.prompt_index]], spec, max_new_tokens=25,
+                         num_samples=sample.sample_index + 1, seed=3, window=window)[sample.sample_index]
+        assert sample.tokens == alone.tokens
+
+
+def test_same_seed_same_text_and_samples_differ(model):
+    spec = DecodingSpec()
+    first = generate(model, CHARS, ["the "], spec, max_new_tokens=30, num_samples=3, seed=11)
+    again = generate(model, CHARS, ["the "], spec, max_new_tokens=30, num_samples=3, seed=11)
+    assert [s.tokens for s in first] == [s.tokens for s in again]
+    assert len({tuple(s.tokens) for s in first}) > 1
+
+
+def test_greedy_is_argmax_of_the_model(model):
+    samples = generate(model, CHARS, ["ab"], DecodingSpec(temperature=0), max_new_tokens=5)
+    tokens = CHARS.encode("ab")
+    for token in samples[0].tokens:
+        assert token == int(reference_logits(model, tokens, 0).argmax())
+        tokens.append(token)
+
+
+def test_logprobs_are_the_models_raw_log_probabilities(model):
+    sample = generate(model, CHARS, ["ab"], parse_strategy("top-k:k=3"), max_new_tokens=4, seed=0)[0]
+    tokens = CHARS.encode("ab")
+    for token, logprob in zip(sample.tokens, sample.logprobs):
+        expected = F.log_softmax(reference_logits(model, tokens, 0), dim=-1)[token]
+        assert logprob == pytest.approx(expected.item(), abs=1e-5)
+        tokens.append(token)
+
+
+def test_end_of_text_ends_a_sample(model):
+    # Make end-of-text overwhelmingly likely after the first step.
+    with torch.no_grad():
+        model.lm_head.weight[CHARS.eot_id] *= 0  # tied: also the eot embedding
+        model.ln_f.bias.zero_()
+        model.ln_f.bias[0] = 1.0
+        model.lm_head.weight[CHARS.eot_id, 0] = 100.0
+    sample = generate(model, CHARS, ["a"], DecodingSpec(temperature=0), max_new_tokens=10)[0]
+    assert sample.finish == "eot" and sample.tokens == [CHARS.eot_id] and sample.text == ""
+
+
+def stream_pieces(tokenizer, tokens, stop=()):
+    stream = TextStream(tokenizer, stop)
+    pieces = [stream.feed(t) for t in tokens]
+    if not stream.stopped:
+        pieces.append(stream.finish())
+    return pieces, stream
+
+
+def test_stream_holds_back_a_split_utf8_character():
+    byte_level = BPETokenizer({bytes([b]): b for b in range(256)})  # no merges: one token per byte
+    tokens = byte_level.encode("aé€b")  # é is 2 bytes, € is 3
+    assert len(tokens) == 7
+    pieces, stream = stream_pieces(byte_level, tokens)
+    assert pieces == ["a", "", "é", "", "", "€", "b", ""]
+    assert stream.text == "aé€b"
+
+
+def test_stream_never_prints_a_prefix_of_a_stop_string():
+    tokens = CHARS.encode("one, two, three")
+    pieces, stream = stream_pieces(CHARS, tokens, stop=["two,", "thr"])
+    assert "".join(pieces) == "one, " and stream.stopped
+    # "t" and "tw" were held back: they could have been (and were) the start of a stop
+    assert pieces[:8] == ["o", "n", "e", ",", " ", "", "", ""]
+
+
+def test_stream_releases_a_false_alarm():
+    pieces, stream = stream_pieces(CHARS, CHARS.encode("ab ac"), stop=["abc"])
+    assert pieces == ["", "", "ab ", "", "ac", ""]
+    assert not stream.stopped
+
+
+def test_stop_string_ends_the_sample_and_is_not_in_its_text(model):
+    tokens = generate(model, CHARS, ["a"], DecodingSpec(temperature=0), max_new_tokens=30)[0].text
+    stop = tokens[5:7]
+    sample = generate(model, CHARS, ["a"], DecodingSpec(temperature=0), max_new_tokens=30, stop=[stop])[0]
+    assert sample.finish == "stop"
+    assert sample.text == tokens[: tokens.index(stop)]
+
+
+def test_beam_search_with_enough_beams_is_exhaustive_search():
+    # With V^(T-1) beams no prefix is ever dropped, so beam search must return the
+    # sequence of T tokens with the highest log-probability: check against all V^T.
+    torch.manual_seed(5)
+    model = GPT(tiny_config(vocab_size=5, block_size=8)).eval()
+    prompt, V, T = [1, 2], 5, 3
+    best = beam_search(model, prompt, DecodingSpec(num_beams=V ** (T - 1)), T, eot_id=None)
+
+    def score(continuation):
+        tokens = prompt + list(continuation)
+        with torch.no_grad():
+            logp = F.log_softmax(model(torch.tensor([tokens]))[0][0], dim=-1)
+        return sum(logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(continuation))
+
+    exhaustive = max(itertools.product(range(V), repeat=T), key=score)
+    assert best.tokens == list(exhaustive)
+    assert best.score == pytest.approx(score(exhaustive), abs=1e-4)
+
+
+def test_beam_search_is_deterministic_and_at_least_as_likely_as_greedy(model):
+    spec = DecodingSpec(num_beams=4)
+    a = generate(model, CHARS, ["the"], spec, max_new_tokens=12)[0]
+    b = generate(model, CHARS, ["the"], spec, max_new_tokens=12)[0]
+    greedy = generate(model, CHARS, ["the"], DecodingSpec(temperature=0), max_new_tokens=12)[0]
+    assert a.tokens == b.tokens
+    if a.finish == greedy.finish == "length":
+        assert sum(a.logprobs) >= sum(greedy.logprobs) - 1e-4
+
+
+def test_decode_steps_refuses_beams_and_generate_checks_arguments(model):
+    with pytest.raises(ValueError):
+        next(decode_steps(model, [[1]], DecodingSpec(num_beams=2), 1, [0]))
+    with pytest.raises(UserError, match="stop string must not be empty"):
+        generate(model, CHARS, ["a"], DecodingSpec(), max_new_tokens=1, stop=[""])
+    with pytest.raises(UserError, match="max_new_tokens"):
+        generate(model, CHARS, ["a"], DecodingSpec(), max_new_tokens=-1)
+    with pytest.raises(UserError, match="deterministic"):
+        generate(model, CHARS, ["a"], DecodingSpec(num_beams=2), max_new_tokens=1, num_samples=2)
+
+
+def test_padding_vocabulary_ids_are_never_sampled():
+    torch.manual_seed(6)
+    padded = GPT(tiny_config(vocab_size=CHARS.vocab_size + 33)).eval()  # e.g. rounded up to 64
+    with torch.no_grad():
+        padded.lm_head.weight[CHARS.vocab_size:] += 5.0  # make the padding ids very likely
+    samples = generate(padded, CHARS, ["a"], DecodingSpec(), max_new_tokens=20, num_samples=4)
+    assert all(t < CHARS.vocab_size for s in samples for t in s.tokens)

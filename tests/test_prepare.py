@@ -1,0 +1,183 @@
+"""Corpus reading, the train/val split, the token files, and prepare's error handling."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from model import corpus
+from model.corpus import Document, find_documents, iter_pieces
+from model.data import get_batch, open_split, read_meta, token_dtype
+from model.errors import UserError
+from tests.conftest import ROOT, run_cli
+
+sys.path.insert(0, str(ROOT / "data"))
+from prepare import prepare  # noqa: E402
+
+
+def bytes_doc(name: str, data: bytes) -> Document:
+    import io
+
+    return Document(name, len(data), lambda: io.BytesIO(data))
+
+
+def split_texts(docs, val_fraction=0.1):
+    texts = {"train": "", "val": ""}
+    for piece in iter_pieces(docs, val_fraction):
+        texts[piece.split] += piece.text
+    return texts
+
+
+def test_split_is_the_text_after_the_first_line_break_past_ninety_percent():
+    # 10 lines of 10 bytes: 90% is byte 90, the start of the last line; the first line
+    # break at or after it ends that line, so val is empty... unless the text goes on.
+    lines = [f"line {i:03d}\n" for i in range(20)]  # 20 lines x 10 bytes = 200 bytes
+    text = "".join(lines)
+    texts = split_texts([bytes_doc("d", text.encode())])
+    # 90% of 200 = byte 180 = start of line 18; its line break is byte 189 -> val = line 19
+    assert texts["train"] == "".join(lines[:19])
+    assert texts["val"] == lines[19]
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    docs=st.lists(st.text(min_size=0, max_size=300), min_size=1, max_size=5),
+    chunk=st.integers(min_value=4, max_value=64),
+    fraction=st.floats(min_value=0.05, max_value=0.95),
+)
+def test_pieces_rebuild_the_corpus_whatever_the_chunk_size(docs, chunk, fraction):
+    """Chunking never loses, duplicates or reorders text, and one end per document."""
+    original = corpus.CHUNK_BYTES
+    corpus.CHUNK_BYTES = chunk
+    try:
+        documents = [bytes_doc(f"d{i}", d.encode()) for i, d in enumerate(docs)]
+        pieces = list(iter_pieces(documents, fraction))
+    finally:
+        corpus.CHUNK_BYTES = original
+    assert "".join(p.text for p in pieces) == "".join(docs)
+    assert sum(p.ends_document for p in pieces) == sum(1 for d in docs if d)
+    splits = [p.split for p in pieces]
+    assert splits == sorted(splits, key=lambda s: s == "val")  # all train, then all val
+
+
+def test_non_utf8_names_file_and_offset(tmp_path, monkeypatch):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(b"hello\n" * 30 + b"abc\xffdef\n")  # the bad byte is at 6*30 + 3 = 183
+    monkeypatch.setattr(corpus, "CHUNK_BYTES", 16)  # the offset must survive chunking
+    with pytest.raises(UserError) as info:
+        list(iter_pieces(find_documents([str(path)]), 0.5))
+    message = str(info.value)
+    assert str(path) in message and "byte offset 183" in message and "--encoding-errors replace" in message
+
+
+def test_encoding_errors_replace_goes_on(tmp_path):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(b"ab\xffcd\n" * 20)
+    text = "".join(p.text for p in iter_pieces(find_documents([str(path)]), 0.1, errors="replace"))
+    assert text == "ab\ufffdcd\n" * 20
+
+
+def test_directory_is_read_recursively_in_order_skipping_hidden(tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "2.txt").write_text("two")
+    (tmp_path / "1.txt").write_text("one")
+    (tmp_path / ".hidden").write_text("secret")
+    names = [d.name for d in find_documents([str(tmp_path)])]
+    assert names == [str(tmp_path / "1.txt"), str(tmp_path / "b" / "2.txt")]
+    assert [d.name for d in find_documents([str(tmp_path / "**" / "*.txt")])] == names
+
+
+def test_missing_inputs_are_errors(tmp_path):
+    with pytest.raises(UserError, match="corpus not found"):
+        find_documents([str(tmp_path / "nope.txt")])
+    with pytest.raises(UserError, match="no files match"):
+        find_documents([str(tmp_path / "*.md")])
+    with pytest.raises(UserError, match="has no files"):
+        find_documents([str(tmp_path)])
+
+
+def test_token_dtype_is_the_narrowest_that_fits():
+    assert token_dtype(65536) == np.dtype("<u2")  # ids 0..65535
+    assert token_dtype(65537) == np.dtype("<u4")
+
+
+def test_prepare_writes_splits_meta_and_end_of_text(tmp_path, tiny_corpus):
+    out = tmp_path / "ds"
+    meta = prepare([str(tiny_corpus)], out, "char", progress=False)
+    assert read_meta(out) == meta
+    text = tiny_corpus.read_text()
+    assert meta["vocab_size"] == len(set(text)) + 1  # characters + end-of-text
+    train, val = open_split(out, "train", meta), open_split(out, "val", meta)
+    assert train.dtype == np.uint16
+    assert len(train) + len(val) == len(text) + 1  # one token per character, one end-of-text
+    assert val[-1] == meta["eot_id"] and meta["eot_id"] not in train
+    assert meta["tokens"] == {"train": len(train), "val": len(val)}
+
+
+def test_prepare_bpe_saves_a_tiktoken_rank_file(tmp_path, tiny_corpus):
+    from tiktoken.load import load_tiktoken_bpe
+
+    out = tmp_path / "ds"
+    meta = prepare([str(tiny_corpus)], out, "bpe", vocab_size=300, progress=False)
+    ranks = load_tiktoken_bpe(str(out / "tokenizer.tiktoken"))
+    assert len(ranks) + 1 == meta["vocab_size"] <= 300
+
+
+def test_failed_prepare_keeps_the_previous_dataset(tmp_path, tiny_corpus):
+    out = tmp_path / "ds"
+    prepare([str(tiny_corpus)], out, "char", progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"ok\n" * 100 + b"\xfe")
+    with pytest.raises(UserError):
+        prepare([str(bad)], out, "char", progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.txt", "ds"]  # no staging left behind
+
+
+def test_prepare_refuses_to_overwrite_a_foreign_folder(tmp_path, tiny_corpus):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not a prepared dataset"):
+        prepare([str(tiny_corpus)], tmp_path, "char", progress=False)
+
+
+def test_get_batch_targets_are_inputs_shifted_by_one():
+    import torch
+
+    tokens = np.arange(100, dtype=np.uint16)
+    x, y = get_batch(tokens, 4, 8, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (4, 8) and x.dtype == torch.int64
+    assert torch.equal(y, x + 1)  # consecutive ids: each target is the next token
+    assert int(y.max()) <= 99
+
+
+@pytest.mark.parametrize(
+    "make_input, message",
+    [
+        (lambda d: str(d / "missing.txt"), "corpus not found"),
+        (lambda d: (d / "empty.txt").write_text("") and str(d / "empty.txt") or str(d / "empty.txt"),
+         "the corpus is empty"),
+        (lambda d: (d / "latin1.txt").write_bytes("café\n".encode("latin-1")) and str(d / "latin1.txt"),
+         "not UTF-8 at byte offset 3"),
+    ],
+)
+def test_prepare_cli_bad_input(tmp_path, make_input, message):
+    result = run_cli("data/prepare.py", make_input(tmp_path), "--out", str(tmp_path / "out"), "--no-progress")
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_prepare_cli_unknown_tokenizer(tmp_path, tiny_corpus):
+    result = run_cli("data/prepare.py", str(tiny_corpus), "--tokenizer", "wordpiece", "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "char" in result.stderr and "bpe" in result.stderr
+
+
+def test_meta_json_is_plain_json(tiny_dataset):
+    json.loads((tiny_dataset / "meta.json").read_text())
