@@ -8,7 +8,8 @@ One file holds everything needed to sample from a model or to go on training it:
     config              the run's Config as plain dicts ({"model": ..., "train": ...})
     tokenizer           the tokenizer's state, so a checkpoint samples on its own
     step, best_val_loss where training stood
-    extra               anything else the trainer keeps (random-generator states, ...)
+    extra               anything else the trainer keeps (train.py: the gradient scaler,
+                        the training seconds spent, where the LR schedule stands)
 
 Saving writes a temporary file in the same folder, flushes it to disk, then renames it
 over the old one: an interrupted save leaves the previous checkpoint whole. Loading
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -76,6 +78,35 @@ def save_checkpoint(
         Path(tmp_name).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def copy_checkpoint(source: str | Path, target: str | Path) -> None:
+    """Make ``target`` a copy of the checkpoint ``source``, atomically: a hard link where the
+    file system has them (no second write of a large file), else a byte copy; either way
+    under a temporary name first, then renamed over ``target``."""
+    source, target = Path(source), Path(target)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(target.parent)
+
+
+def remove_stale_temporaries(directory: str | Path) -> list[Path]:
+    """Delete the temporary files of saves that never finished (a process killed mid-save
+    leaves one; the checkpoint it was replacing is intact). Call it only while no save
+    runs in ``directory``. Returns what was removed."""
+    stale = sorted(Path(directory).glob(".*.pt.*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -26,7 +26,8 @@ from model.errors import UserError
 class ModelConfig:
     """The shape of the GPT (see model/gpt.py)."""
 
-    vocab_size: int = 0  # 0: take it from the prepared dataset's meta.json
+    vocab_size: int = 0  # 0: take it from the prepared dataset's meta.json (rounded up to vocab_multiple)
+    vocab_multiple: int = 1  # pad the data's vocabulary up to a multiple of this (64 suits GPU matmuls)
     block_size: int = 128  # the longest context the model sees
     n_layer: int = 4
     n_head: int = 4
@@ -34,9 +35,11 @@ class ModelConfig:
     dropout: float = 0.0
     bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2
     attention: str = "sdpa"  # "sdpa" (fused kernel) or "explicit" (scores, mask, softmax, sum)
+    position: str = "learned"  # "learned" absolute embeddings (GPT-2) or "rope" (rotary, in attention)
+    norm: str = "layernorm"  # "layernorm" (GPT-2) or "rmsnorm" (scale only, no centring, no bias)
 
     def validate(self) -> None:
-        for name in ("block_size", "n_layer", "n_head", "n_embd"):
+        for name in ("block_size", "n_layer", "n_head", "n_embd", "vocab_multiple"):
             _require(getattr(self, name) >= 1, f"model.{name} must be >= 1, got {getattr(self, name)}")
         _require(self.vocab_size >= 0, f"model.vocab_size must be >= 0, got {self.vocab_size}")
         _require(
@@ -48,6 +51,16 @@ class ModelConfig:
             self.attention in ("sdpa", "explicit"),
             f"model.attention must be 'sdpa' or 'explicit', got {self.attention!r}",
         )
+        _require(
+            self.position in ("learned", "rope"),
+            f"model.position must be 'learned' or 'rope', got {self.position!r}",
+        )
+        _require(self.norm in ("layernorm", "rmsnorm"), f"model.norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
+        _require(
+            self.position != "rope" or (self.n_embd // self.n_head) % 2 == 0,
+            f"model.position 'rope' rotates pairs of features: the head size n_embd / n_head "
+            f"= {self.n_embd // self.n_head} must be even",
+        )
 
 
 @dataclass
@@ -58,8 +71,10 @@ class TrainConfig:
     out_dir: str = "out/default"  # checkpoints and metrics.jsonl go here
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    batch_size: int = 16
+    batch_size: int = 16  # sequences per optimiser step, summed over micro-steps and torchrun processes
+    micro_batch_size: int = 0  # sequences per forward pass in one process; 0: the whole share (no accumulation)
     max_iters: int = 1000
+    max_seconds: float = 0.0  # > 0: stop after this much training time; the LR schedule then runs on time
     learning_rate: float = 1e-3  # peak, reached after warmup
     min_lr: float = 1e-4  # floor of the cosine decay
     warmup_iters: int = 50
@@ -69,12 +84,14 @@ class TrainConfig:
     beta2: float = 0.99
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     eval_interval: int = 100  # iterations between evaluations (and checkpoints)
-    eval_iters: int = 20  # batches per split in one evaluation
+    eval_iters: int = 20  # batches (of batch_size sequences) per split in one evaluation
+    compile: bool = False  # torch.compile the model (falls back to plain PyTorch if it cannot)
+    peak_tflops: float = 0.0  # one device's peak, for MFU; 0: a built-in estimate (see model/perf.py)
 
     def validate(self) -> None:
         for name in ("batch_size", "max_iters", "eval_interval", "eval_iters"):
             _require(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_iters", "lr_decay_iters"):
+        for name in ("seed", "warmup_iters", "lr_decay_iters", "micro_batch_size"):
             _require(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
         _require(self.learning_rate > 0, f"train.learning_rate must be > 0, got {self.learning_rate}")
         _require(
@@ -83,6 +100,12 @@ class TrainConfig:
         )
         _require(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
         _require(self.grad_clip >= 0, f"train.grad_clip must be >= 0, got {self.grad_clip}")
+        _require(self.max_seconds >= 0, f"train.max_seconds must be >= 0 (0: no time limit), got {self.max_seconds}")
+        _require(self.peak_tflops >= 0, f"train.peak_tflops must be >= 0 (0: estimate it), got {self.peak_tflops}")
+        _require(
+            self.micro_batch_size <= self.batch_size,
+            f"train.micro_batch_size ({self.micro_batch_size}) must not exceed train.batch_size ({self.batch_size})",
+        )
         for name in ("beta1", "beta2"):
             _require(0 <= getattr(self, name) < 1, f"train.{name} must be in [0, 1), got {getattr(self, name)}")
         _require(
@@ -110,9 +133,14 @@ class Config:
 SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig}
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a TOML config (or the defaults when ``path`` is None), apply overrides, validate."""
-    tables: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    base: dict[str, dict[str, Any]] | None = None,
+) -> Config:
+    """Read a TOML config, apply overrides, validate. Without ``path`` the starting point
+    is ``base`` (a config as plain dicts, e.g. a checkpoint's) or else the defaults."""
+    tables: dict[str, dict[str, Any]] = {name: dict((base or {}).get(name, {})) for name in SECTIONS}
     if path is not None:
         tables = _read_toml(Path(path))
     for item in overrides:
@@ -137,6 +165,15 @@ def config_from_dict(tables: dict[str, dict[str, Any]], source: str = "config") 
             values[key] = _coerce(f"{section}.{key}", value, known[key].type)
         parts[section] = cls(**values)
     return Config(**parts).validate()
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``"key: old -> new"`` for every key whose value differs (a missing key reads as None)."""
+    return [
+        f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key)
+    ]
 
 
 def parse_override(item: str) -> tuple[str, str, Any]:

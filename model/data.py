@@ -96,15 +96,40 @@ def check_split_length(tokens: np.ndarray, block_size: int, split: str) -> None:
         )
 
 
+def check_batch_fits(tokens: np.ndarray, batch_size: int, block_size: int, split: str) -> None:
+    """A batch of distinct windows needs batch_size * block_size tokens plus the last target."""
+    needed = batch_size * block_size + 1
+    if len(tokens) < needed:
+        raise UserError(
+            f"the {split} split has {len(tokens)} tokens, fewer than one batch: batch_size x block_size + 1 "
+            f"= {batch_size} x {block_size} + 1 = {needed}; use a bigger corpus or a smaller batch_size or block_size"
+        )
+
+
+def sample_starts(num_tokens: int, block_size: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` random window starts, uniform over 0 .. num_tokens - block_size - 1 (int64, CPU)."""
+    return torch.randint(num_tokens - block_size, (count,), generator=generator)
+
+
+def read_windows(tokens: np.ndarray, starts: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The windows at ``starts`` as inputs x and targets y, int64 CPU tensors (len(starts), block_size),
+    with y[b, t] == x[b, t + 1] for t < block_size - 1: the model predicts each next token.
+    Only these rows are read from the (memory-mapped) token array."""
+    rows = np.stack([tokens[s : s + block_size + 1] for s in starts.tolist()]).astype(np.int64)
+    window = torch.from_numpy(rows)
+    return window[:, :-1], window[:, 1:]
+
+
 def get_batch(
     tokens: np.ndarray, batch_size: int, block_size: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample ``batch_size`` random windows; targets are the inputs shifted by one.
+    """Sample ``batch_size`` random windows; see read_windows for the result."""
+    return read_windows(tokens, sample_starts(len(tokens), block_size, batch_size, generator), block_size)
 
-    Returns int64 CPU tensors x, y of shape (batch_size, block_size), with
-    y[b, t] == x[b, t + 1] for t < block_size - 1: the model predicts each next token.
-    """
-    starts = torch.randint(len(tokens) - block_size, (batch_size,), generator=generator).tolist()
-    rows = np.stack([tokens[s : s + block_size + 1] for s in starts]).astype(np.int64)
-    window = torch.from_numpy(rows)
-    return window[:, :-1], window[:, 1:]
+
+def to_device(batch: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Move a batch to the device. On CUDA the rows are first copied to pinned (page-locked)
+    memory, from which the copy to the GPU runs asynchronously while the CPU goes on."""
+    if device.type != "cuda":
+        return tuple(t.to(device) for t in batch)
+    return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)

@@ -43,6 +43,15 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def use_tensor_cores(device: torch.device) -> None:
+    """Let float32 matmuls and convolutions on CUDA run as TF32 on tensor cores (Ampere and
+    newer): a 10-bit mantissa for the products, float32 for the sums, several times faster.
+    A process-wide PyTorch setting; nothing changes on other devices."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 @dataclass(frozen=True)
 class Precision:
     """The number format of the forward pass on a device."""

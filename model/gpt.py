@@ -7,6 +7,12 @@ The LM head shares its weight with the token embedding (tied embeddings), and th
 projections that write into the residual stream start with a smaller standard
 deviation (scaled by 1/sqrt(2 * n_layer)) so the stream's variance does not grow with
 depth at initialisation, as in GPT-2.
+
+Two options depart from GPT-2 (config.position and config.norm): rotary position
+embeddings ("rope", Su et al. 2021), which turn each query and key by angles that grow
+with its position, so attention scores depend on relative distance and there is no
+position table; and RMSNorm (Zhang & Sennrich 2019), a LayerNorm without centring or
+bias.
 """
 
 from __future__ import annotations
@@ -37,6 +43,45 @@ def explicit_attention(
     weights = F.softmax(scores, dim=-1)
     weights = F.dropout(weights, p=dropout_p)
     return weights @ v  # (B, nh, T, head_size)
+
+
+ROPE_BASE = 10000.0  # wavelengths of the rotary pairs run from 2*pi to about 2*pi*ROPE_BASE positions
+
+
+class Rotary(nn.Module):
+    """Cosines and sines of rotary position embeddings for positions 0 .. block_size - 1.
+
+    Feature pair i of a head (features i and i + head_size/2) at position p is rotated
+    by the angle p * ROPE_BASE^(-2i / head_size). The dot product of a query rotated at
+    p and a key rotated at p' then depends on p - p' only.
+    """
+
+    def __init__(self, head_size: int, block_size: int):
+        super().__init__()
+        frequencies = ROPE_BASE ** (-torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)
+        angles = torch.arange(block_size, dtype=torch.float64)[:, None] * frequencies[None, :]  # (block, hs/2)
+        # Not saved in checkpoints: a function of the config, rebuilt on load.
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (T,) or (B, T) -> cos, sin shaped to broadcast over (B, n_head, T, hs/2)."""
+        cos, sin = self.cos[positions], self.sin[positions]
+        if positions.dim() == 1:
+            return cos[None, None], sin[None, None]
+        return cos[:, None], sin[:, None]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x[..., i], x[..., i + hs/2]) of x (B, nh, T, hs) by its angle."""
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((first * cos - second * sin, first * sin + second * cos), dim=-1).type_as(x)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.n_embd, eps=1e-5)
+    return nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
 
 
 class KVCache:
@@ -90,14 +135,22 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: KVCache | None = None, layer: int = 0
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """x: (B, T, C). mask: see explicit_attention. With a cache, x holds only the new
-        positions and attends to every cached one too."""
+        positions and attends to every cached one too. rotation: (cos, sin) from Rotary for
+        x's positions; keys are cached already rotated, as each depends on its own position only."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_size): each head attends independently
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if rotation is not None:
+            q, k = apply_rotary(q, *rotation), apply_rotary(k, *rotation)
         if cache is not None:
             k, v = cache.append(layer, k, v)  # (B, nh, S, hs), S = cached + T
         dropout_p = self.dropout if self.training else 0.0
@@ -127,15 +180,20 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_1 = make_norm(cfg)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: KVCache | None = None, layer: int = 0
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), mask, cache, layer)
+        x = x + self.attn(self.ln_1(x), mask, cache, layer, rotation)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -149,10 +207,13 @@ class GPT(nn.Module):
             raise ValueError("ModelConfig.vocab_size must be set (it comes from the dataset) before building GPT")
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)  # token embedding
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)  # learned absolute positions
+        if cfg.position == "learned":
+            self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)  # learned absolute positions
+        else:
+            self.rotary = Rotary(cfg.n_embd // cfg.n_head, cfg.block_size)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied: one matrix reads and writes tokens
         self.apply(self._init_weights)
@@ -204,9 +265,15 @@ class GPT(nn.Module):
             mask = self._attention_mask(start, T, pad)
         elif cache is not None:
             mask = self._attention_mask(start, T, None)
-        x = self.drop(self.wte(idx) + self.wpe(positions))  # (B, T, C)
+        x = self.wte(idx)  # (B, T, C)
+        rotation = None
+        if self.config.position == "learned":
+            x = x + self.wpe(positions)
+        else:
+            rotation = self.rotary(positions)
+        x = self.drop(x)
         for layer, block in enumerate(self.blocks):
-            x = block(x, mask, cache, layer)
+            x = block(x, mask, cache, layer, rotation)
         if cache is not None:
             cache.advance(T)
         if last_only:

@@ -97,3 +97,60 @@ def test_longer_than_block_size_is_refused(tiny_model):
 
 def test_tied_embeddings(tiny_model):
     assert tiny_model.lm_head.weight is tiny_model.wte.weight
+
+
+# --- architecture options: rotary positions, RMSNorm ---------------------------------------
+
+def test_rotary_by_hand():
+    # head_size 2: one pair, frequency ROPE_BASE^0 = 1, so position p turns (x0, x1) by p radians.
+    from model.gpt import Rotary, apply_rotary
+
+    rotary = Rotary(head_size=2, block_size=4)
+    x = torch.tensor([1.0, 0.0]).view(1, 1, 1, 2).expand(1, 1, 4, 2)
+    turned = apply_rotary(x, *rotary(torch.arange(4)))[0, 0]
+    expected = torch.tensor([[math.cos(p), math.sin(p)] for p in range(4)])
+    torch.testing.assert_close(turned, expected)
+
+
+def test_rotary_scores_depend_on_relative_position_only():
+    from model.gpt import Rotary, apply_rotary
+
+    torch.manual_seed(7)
+    rotary = Rotary(head_size=8, block_size=32)
+    q, k = torch.randn(2, 8)
+
+    def score(p: int, p_key: int) -> float:
+        cos, sin = rotary(torch.tensor([p, p_key]))
+        turned_q = apply_rotary(q.view(1, 1, 1, 8).expand(1, 1, 2, 8), cos, sin)[0, 0, 0]
+        turned_k = apply_rotary(k.view(1, 1, 1, 8).expand(1, 1, 2, 8), cos, sin)[0, 0, 1]
+        return float(turned_q @ turned_k)
+
+    for p, p_key, shift in [(5, 2, 10), (9, 9, 7), (3, 0, 28)]:
+        assert score(p, p_key) == pytest.approx(score(p + shift, p_key + shift), abs=1e-5)
+    assert score(0, 0) == pytest.approx(float(q @ k), abs=1e-6)  # position 0: no rotation
+
+
+def test_rmsnorm_by_hand():
+    # x = [3, 4]: root mean square sqrt((9 + 16) / 2) = sqrt(12.5); unit weights at init.
+    model = GPT(tiny_config(n_embd=2, n_head=1, norm="rmsnorm"))
+    out = model.ln_f(torch.tensor([[3.0, 4.0]]))
+    torch.testing.assert_close(out, torch.tensor([[3.0, 4.0]]) / math.sqrt(12.5), atol=1e-5, rtol=0)
+
+
+def test_parameter_count_with_rope_and_rmsnorm():
+    V, T, L, C = 37, 16, 2, 16  # no position table; each norm keeps only its weight (C)
+    expected = V * C + C + L * (12 * C * C + 9 * C + 2 * C)  # linears keep biases: 3C + C + 4C + C = 9C
+    assert GPT(tiny_config(position="rope", norm="rmsnorm")).num_params() == expected
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "explicit"])
+def test_rope_model_is_causal_and_both_attention_paths_agree(attention):
+    torch.manual_seed(8)
+    model = GPT(tiny_config(position="rope", attention=attention)).eval()
+    idx = torch.randint(37, (2, 12))
+    changed = idx.clone()
+    changed[:, 7:] = (changed[:, 7:] + 5) % 37
+    torch.testing.assert_close(model(idx)[0][:, :7], model(changed)[0][:, :7], atol=0, rtol=0)
+    other = GPT(tiny_config(position="rope", attention="explicit" if attention == "sdpa" else "sdpa")).eval()
+    other.load_state_dict(model.state_dict())
+    torch.testing.assert_close(other(idx)[0], model(idx)[0], atol=1e-5, rtol=0)
