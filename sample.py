@@ -3,6 +3,7 @@
     python sample.py out/default/best.pt --prompt "The for statement" --strategy top-p --top-p 0.9
     python sample.py out/default/best.pt --strategy greedy --explain
     echo "Once upon" | python sample.py CKPT --prompt-file - --num-samples 3 --stop "\\n\\n"
+    python sample.py compare out/default/best.pt --out out/compare   # strategies side by side
 
 The checkpoint carries its tokenizer, so nothing else is needed. Strategies are the
 functions of model/decoding.py; ``--strategy`` takes a name (with the settings from the
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from model.checkpoint import load_checkpoint, model_from_checkpoint
+from model.compare import main as compare_main
 from model.decoding import DecodingSpec, default_spec
 from model.device import resolve_device
 from model.errors import UserError
@@ -127,7 +129,8 @@ def _show(tokenizer: Tokenizer, token: int) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Generate text from a checkpoint with a decoding strategy of your choice.",
+        description="Generate text from a checkpoint with a decoding strategy of your choice. To compare "
+        "strategies side by side instead: python sample.py compare CKPT (see python sample.py compare --help).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("checkpoint", help="a .pt file written by train.py (e.g. out/default/best.pt)")
@@ -198,6 +201,9 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["compare"]:  # a checkpoint file named "compare" still works as ./compare
+        return compare_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         with torch.inference_mode():

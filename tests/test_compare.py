@@ -1,0 +1,320 @@
+"""The strategy comparison (model/compare.py and `python sample.py compare`)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sample
+from model import metrics
+from model.compare import (
+    DEFAULT_GRID,
+    ROW_FIELDS,
+    draw_prompt_starts,
+    end_continuation,
+    format_table,
+    parse_grid,
+    plot_chart,
+    row_metrics,
+    run_comparison,
+    score_continuations,
+    text_units,
+    val_prompts,
+)
+from model.data import open_split, read_meta
+from model.decoding import parse_strategy
+from model.errors import UserError
+from model.generate import Sample
+from model.gpt import GPT
+from model.tokenizer import CharTokenizer
+from tests.conftest import run_cli, tiny_config
+from tests.test_cli import one_line_error
+
+CHARS = CharTokenizer("abc \n")  # ids: "\n"=0, " "=1, a=2, b=3, c=4, end-of-text=5
+
+
+# ----------------------------------------------------------------------------- the grid
+
+
+def test_default_grid_parses_to_distinct_strategies():
+    grid = parse_grid(DEFAULT_GRID)
+    assert [spec.label for spec in grid] == list(DEFAULT_GRID)
+
+
+@pytest.mark.parametrize(
+    "specs, message",
+    [
+        ([], "the strategy grid is empty"),
+        (["greedy", "top-p:p=0.9", "top-p:t=1,p=0.9"], "'top-p:t=1,p=0.9' is in the grid twice (as 'top-p:p=0.9')"),
+        (["nucleus"], "unknown decoding strategy 'nucleus'"),
+        (["top-p:p=1.5"], "top_p=1.5 is out of range"),
+        (["beam:n=1"], "beam search needs n >= 2"),
+    ],
+)
+def test_grid_errors(specs, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        parse_grid(specs)
+
+
+# ----------------------------------------------------------------------------- prompts and the human row
+
+
+def eligible_line_starts(tokens, prompt_tokens, span, eot):
+    """Plainly: starts whose window fits, whose prompt has no end-of-text, at a line or document start."""
+    return {
+        p for p in range(len(tokens) - span + 1)
+        if eot not in tokens[p : p + prompt_tokens] and (p == 0 or tokens[p - 1] in (0, eot))
+    }
+
+
+def test_prompt_starts_are_line_starts_with_room_and_no_end_of_text():
+    text = "ab c\nba\ncab\nc a\nbb\naa c\n"
+    tokens = CHARS.encode(text)
+    tokens[13] = CHARS.eot_id  # the space of "c a" becomes a document boundary
+    expected = eligible_line_starts(tokens, 3, 7, CHARS.eot_id)
+    # 24 tokens. Line starts: 0, 5, 8, 12 (after "\n"), 14 (after the end-of-text), 16, 19.
+    # 19 leaves no room for 3 + 4 tokens; 12's prompt "c", end-of-text, "a" holds end-of-text.
+    assert expected == {0, 5, 8, 14, 16}
+    starts = draw_prompt_starts(np.array(tokens), CHARS, 5, 3, 4, seed=0)
+    assert set(starts) == expected and starts == sorted(starts)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.sampled_from(range(6)), min_size=10, max_size=60), st.integers(0, 3), st.integers(0, 10**6))
+def test_prompt_starts_property(tokens, want, seed):
+    prompt_tokens, continuation = 2, 3
+    line_starts = eligible_line_starts(tokens, prompt_tokens, prompt_tokens + continuation, CHARS.eot_id)
+    any_start = {
+        p for p in range(len(tokens) - prompt_tokens - continuation + 1) if CHARS.eot_id not in tokens[p : p + 2]
+    }
+    if len(any_start) < want:
+        with pytest.raises(UserError, match="fewer than the"):
+            draw_prompt_starts(np.array(tokens), CHARS, want, prompt_tokens, continuation, seed)
+        return
+    starts = draw_prompt_starts(np.array(tokens), CHARS, want, prompt_tokens, continuation, seed)
+    assert len(set(starts)) == want
+    assert set(starts) <= (line_starts if len(line_starts) >= want else any_start)
+    assert starts == draw_prompt_starts(np.array(tokens), CHARS, want, prompt_tokens, continuation, seed)
+
+
+def test_human_rows_are_the_validation_text_after_each_prompt(tiny_dataset):
+    meta = read_meta(tiny_dataset)
+    tokenizer = CharTokenizer(meta["tokenizer"]["chars"])
+    val = [int(t) for t in open_split(tiny_dataset, "val", meta)]
+    prompts, human, starts = val_prompts(str(tiny_dataset), meta["tokenizer"], tokenizer, 5, 12, 30, seed=3)
+    assert len(prompts) == len(human) == len(starts) == 5
+    for prompt, continuation, start in zip(prompts, human, starts):
+        assert start == 0 or tokenizer.decode([val[start - 1]]) == "\n"
+        assert tokenizer.encode(prompt) == val[start : start + 12]
+        assert continuation == val[start + 12 : start + 42]
+    assert val_prompts(str(tiny_dataset), meta["tokenizer"], tokenizer, 5, 12, 30, seed=3)[2] == starts
+    with pytest.raises(UserError, match="another tokenizer than the checkpoint"):
+        val_prompts(str(tiny_dataset), CHARS.state(), CHARS, 5, 12, 30, seed=3)
+
+
+def test_a_continuation_ends_like_a_generated_sample():
+    ids = CHARS.encode("ab c\nba")
+    at_eot = end_continuation(ids[:3] + [CHARS.eot_id] + ids[3:], CHARS, (), 0)
+    assert (at_eot.tokens, at_eot.text, at_eot.finish) == (ids[:3] + [CHARS.eot_id], "ab ", "eot")
+    at_stop = end_continuation(ids, CHARS, ["c\n"], 2)
+    # The token that completes the stop string is kept, its text is not (as in generate).
+    assert (at_stop.tokens, at_stop.text, at_stop.finish, at_stop.prompt_index) == (ids[:5], "ab ", "stop", 2)
+    whole = end_continuation(ids, CHARS, ["x"], 0)
+    assert (whole.tokens, whole.text, whole.finish) == (ids, "ab c\nba", "length")
+
+
+def test_scores_equal_a_plain_forward_pass():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(vocab_size=CHARS.vocab_size, block_size=16)).eval()
+    prompts = [[2, 3, 1], [4]]
+    continuations = [[4, 0, 2, 2], [3, 5]]  # different lengths; the second ends on end-of-text
+    scores = score_continuations(model, prompts, continuations)
+    for prompt, continuation, got in zip(prompts, continuations, scores):
+        full = torch.tensor([prompt + continuation])
+        with torch.no_grad():
+            logprobs = F.log_softmax(model(full)[0][0], dim=-1)
+        # Token t of the continuation is predicted at position len(prompt) - 1 + t.
+        expected = [logprobs[len(prompt) - 1 + t, token].item() for t, token in enumerate(continuation)]
+        assert got == pytest.approx(expected, abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- units and metrics
+
+
+def test_words_and_tokens():
+    text = "Hark, the king's men!\nGo on"
+    cut = Sample(0, 0, tokens=[1, 2, 5], text=text, finish="length")
+    # "on" may have been cut mid-word by the length limit: dropped.
+    assert text_units(cut, "words", eot_id=5) == ["Hark", ",", "the", "king", "'", "s", "men", "!", "Go"]
+    ended = Sample(0, 0, tokens=[1, 2, 5], text=text, finish="eot")
+    assert text_units(ended, "words", eot_id=5)[-1] == "on"
+    assert text_units(Sample(0, 0, text="Go on.", finish="length"), "words", 5) == ["Go", "on", "."]
+    assert text_units(ended, "tokens", eot_id=5) == [1, 2]  # the final end-of-text is not text
+    assert text_units(cut, "tokens", eot_id=9) == [1, 2, 5]
+
+
+def test_row_metrics_by_hand():
+    units = [[["a", "b"], ["a", "b"]], [["c", "d"], ["a", "b"]]]  # 2 prompts x 2 samples
+    samples = [
+        Sample(0, 0, tokens=[1, 2], logprobs=[math.log(0.5), math.log(0.5)], finish="length"),
+        Sample(0, 1, tokens=[1, 9], logprobs=[math.log(0.25), math.log(1.0)], finish="eot"),
+    ]
+    row = row_metrics(units, samples)
+    # distinct-1 per draw: s=0 pools "a b" + "c d" -> 4/4; s=1 pools "a b" + "a b" -> 2/4; mean 0.75.
+    assert row["distinct_1"] == pytest.approx(0.75)
+    # bigrams: s=0 ab, cd -> 2/2; s=1 ab, ab -> 1/2; mean 0.75. No sample has a trigram: nan.
+    assert row["distinct_2"] == pytest.approx(0.75) and math.isnan(row["distinct_3"])
+    # mean log p = (ln .5 + ln .5 + ln .25 + 0) / 4 = -ln 2, so perplexity 2.
+    assert row["perplexity"] == pytest.approx(2.0)
+    assert row["end_rate"] == 0.5 and row["mean_tokens"] == 2 and row["mean_units"] == 2
+    # Zipf per draw: s=0 counts 1,1,1,1 (flat: 0); s=1 counts 2,2 (flat: 0).
+    assert row["zipf"] == pytest.approx(0.0)
+
+
+# ----------------------------------------------------------------------------- the whole comparison
+
+
+def plain_words(text: str, finish: str) -> list[str]:
+    words = re.findall(r"\w+|[^\w\s]", text)
+    if finish == "length" and text and (text[-1].isalnum() or text[-1] == "_"):
+        words = words[:-1]
+    return words
+
+
+@pytest.fixture(scope="module")
+def compared(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    argv = ["compare", str(tiny_checkpoint), "-s", "greedy", "-s", "beam:n=2", "-s", "top-p:p=0.9,t=1.5",
+            "--num-prompts", "3", "--prompt-tokens", "8", "--num-samples", "3", "--max-new-tokens", "25",
+            "--seed", "7", "--out", str(out), "--no-progress"]
+    assert sample.main(argv) == 0
+    return out
+
+
+def test_numbers_equal_the_metrics_of_the_samples_written(compared):
+    results = json.loads((compared / "results.json").read_text())
+    records = [json.loads(line) for line in (compared / "samples.jsonl").read_text().splitlines()]
+    assert [row["strategy"] for row in results["rows"]] == ["human", "greedy", "beam:n=2", "top-p:p=0.9,t=1.5"]
+    for row in results["rows"]:
+        mine = [r for r in records if r["strategy"] == row["strategy"]]
+        deterministic = row["strategy"] in ("greedy", "beam:n=2")
+        per_prompt = 1 if row["strategy"] == "human" else 3
+        assert len(mine) == 3 * (1 if deterministic else per_prompt)
+        assert all(r["same_for_every_seed"] == deterministic for r in mine)
+        groups = [[plain_words(r["text"], r["finish"]) for r in mine if r["prompt_index"] == p] for p in range(3)]
+        if deterministic:
+            groups = [group * 3 for group in groups]  # the one text stands for every seed's sample
+        draws = [[group[s] for group in groups] for s in range(per_prompt)]
+        logprobs = [lp for r in mine for lp in r["logprobs"]]
+        expected = {
+            "perplexity": metrics.perplexity(logprobs),
+            "distinct_2": np.mean([metrics.distinct_n(draw, 2) for draw in draws]),
+            "repetition": metrics.repetition_rate([units for group in groups for units in group]),
+            "self_bleu": (
+                None if per_prompt == 1 else np.mean([metrics.self_bleu(group) for group in groups])
+            ),
+            "mean_tokens": np.mean([len(r["tokens"]) for r in mine]),
+            "end_rate": np.mean([r["finish"] != "length" for r in mine]),
+        }
+        for key, value in expected.items():
+            assert row[key] == (None if value is None else pytest.approx(value)), (row["strategy"], key)
+        for r in mine:
+            assert len(r["tokens"]) == len(r["logprobs"]) <= 25
+    human = [r for r in records if r["strategy"] == "human"]
+    assert [r["seed"] for r in human] == [None] * 3
+    sampled = [r for r in records if r["strategy"] == "top-p:p=0.9,t=1.5"]
+    # seed + prompt * num_samples + sample: 7, 8, 9 | 10, 11, 12 | 13, 14, 15, never shared between prompts
+    assert [r["seed"] for r in sampled] == list(range(7, 16))
+    greedy = [r for r in results["rows"] if r["strategy"] == "greedy"][0]
+    assert greedy["self_bleu"] == pytest.approx(1.0) or greedy["mean_units"] < 4  # identical samples
+
+
+def test_output_files(compared):
+    with (compared / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == ROW_FIELDS and len(rows) == 4
+    markdown = (compared / "results.md").read_text().splitlines()
+    assert markdown[0].startswith("| strategy | ppl |") and len(markdown) == 2 + 4
+    assert (compared / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    settings_written = json.loads((compared / "results.json").read_text())["settings"]
+    assert settings_written["num_samples"] == 3 and settings_written["human_row"] is True
+
+
+def test_given_prompts_have_no_human_row(tiny_checkpoint, tmp_path, capsys):
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("The quick\n\nA small\n")
+    argv = ["compare", str(tiny_checkpoint), "-s", "greedy", "-s", "sample", "--prompt", "Sphinx",
+            "--prompts-file", str(prompts_file), "--num-samples", "2", "--max-new-tokens", "5", "--no-progress"]
+    assert sample.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "3 prompts x 2 samples (greedy and beam: 1" in out and "no human row" in out
+    assert re.search(r"^greedy ", out, re.M) and not re.search(r"^human ", out, re.M)
+
+
+def test_table_shows_missing_values_as_a_dash():
+    row = dict.fromkeys(ROW_FIELDS, math.nan) | {"strategy": "human", "perplexity": 12.345, "repetition": 0.25}
+    header, line = format_table([row]).splitlines()
+    assert header.split()[:3] == ["strategy", "ppl", "dist-1"]
+    assert line.split()[:4] == ["human", "12.35", "-", "-"] and "25.0" in line.split()
+
+
+def test_chart_without_matplotlib_is_skipped(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    assert plot_chart([], tmp_path / "chart.png") is False
+    assert not (tmp_path / "chart.png").exists()
+
+
+def test_run_comparison_seeds_match_plain_generation(tiny_checkpoint):
+    from model.checkpoint import load_checkpoint, model_from_checkpoint
+    from model.generate import generate
+    from model.tokenizer import tokenizer_from_state
+
+    payload = load_checkpoint(tiny_checkpoint)
+    model, tokenizer = model_from_checkpoint(payload).eval(), tokenizer_from_state(payload["tokenizer"])
+    spec = parse_strategy("top-k:k=5")
+    comparison = run_comparison(model, tokenizer, ["The", "A"], [spec], num_samples=2, max_new_tokens=6,
+                                seed=11, progress=False)
+    # Prompt 1's samples have seeds 11 + 1 * 2 + s, as a plain generate call with base seed 13 gives them.
+    alone = generate(model, tokenizer, ["A"], spec, max_new_tokens=6, num_samples=2, seed=13)
+    assert [s.tokens for s in comparison.runs[0].samples[2:]] == [s.tokens for s in alone]
+    assert [(s.prompt_index, s.sample_index) for s in comparison.runs[0].samples] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+# ----------------------------------------------------------------------------- command-line errors
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-s", "nucleus"], "unknown decoding strategy 'nucleus'"),
+        (["-s", "greedy", "-s", "greedy"], "is in the grid twice"),
+        (["-s", "top-k:k=0"], "top_k=0 is invalid"),
+        (["--num-samples", "0"], "--num-samples must be >= 1, got 0"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+        (["--stop", ""], "stop string must not be empty"),
+        (["--data-dir", "/nonexistent/data"], "the checkpoint's dataset /nonexistent/data is not here"),
+        (["--num-prompts", "100000"], "fewer than the 100000 prompts asked for"),
+        (["--prompts-file", "/nonexistent/prompts.txt"], "prompts file not found"),
+        (["--prompt", "ünïcödé"], "prompt has characters the char tokenizer never saw"),
+        (["--prompt", "The", "--prompt-tokens", "8"], "--prompt-tokens is for prompts drawn from the validation"),
+    ],
+)
+def test_compare_bad_input(args, message, tiny_checkpoint, capsys):
+    code = sample.main(["compare", str(tiny_checkpoint), "--max-new-tokens", "3", "--no-progress", *args])
+    assert code == 2
+    assert message in one_line_error(capsys.readouterr().err)
+
+
+def test_compare_bad_input_through_the_real_cli(tmp_path):
+    result = run_cli("sample.py", "compare", str(tmp_path / "missing.pt"))
+    assert result.returncode == 2 and "checkpoint not found" in one_line_error(result)
