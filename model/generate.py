@@ -19,7 +19,7 @@ the reference behaviour (``window="none"``, no cache) crops the context to its l
 Several prompts of different lengths run as one batch: rows are left-padded, padding
 is masked out of attention and each row's positions count from its own first token,
 so a row computes what it would alone. Every row samples with its own generator seeded
-with ``seed + sample index``, so a sample never depends on what else is in the batch.
+with ``seed + row index``, so a sample never depends on what else is in the batch.
 """
 
 from __future__ import annotations
@@ -40,11 +40,31 @@ from model.tokenizer import Tokenizer
 WINDOW_MODES = ("exact", "shift", "none")
 
 
+def use_decoding_layout(model: GPT) -> None:
+    """Store each CPU Linear weight in the memory order that makes one-token steps fast.
+
+    A decode step multiplies one vector by every weight matrix, so its speed is the
+    speed of streaming the weights from memory. On the CPU, that matrix-vector product
+    runs about twice as fast when the matrix is contiguous along its longer side
+    (measured here, e.g. 137 vs 261 us for the 384 -> 1536 MLP weight). nn.Linear
+    keeps (out, in) row-major; for the layers that widen (out > in) this keeps the same
+    values and shape, as a transposed view of an (in, out) contiguous tensor. Values,
+    state_dict and results are unchanged; only the memory order is.
+    """
+    for module in model.modules():
+        if (isinstance(module, torch.nn.Linear) and module is not model.lm_head  # tied to the embedding
+                and module.weight.device.type == "cpu" and module.out_features > module.in_features
+                and module.weight.is_contiguous()):
+            module.weight.data = module.weight.data.t().contiguous().t()
+
+
 class Context:
     """The tokens of a batch so far, and the model state (KV cache) that goes with them.
 
     Rows are left-padded to a common length; ``pad[b]`` counts row b's padding.
     ``window_start`` is the index in ``tokens`` of the first token the model sees.
+    On the CPU the model's weights are put in their decoding layout first (see
+    use_decoding_layout: the memory order changes, nothing else).
     """
 
     def __init__(self, model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, window: str,
@@ -53,6 +73,7 @@ class Context:
             raise UserError(f"window must be one of {', '.join(WINDOW_MODES)}, got {window!r}")
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token (use the end-of-text token for 'nothing')")
+        use_decoding_layout(model)
         self.model = model
         self.window = window
         self.block_size = model.config.block_size
@@ -254,8 +275,11 @@ def generate(
 ) -> list[Sample]:
     """Generate ``num_samples`` continuations of every prompt, all in one batch.
 
-    Row order is prompt-major: row = prompt_index * num_samples + sample_index, and the
-    row samples with seed ``seed + sample_index``. An empty prompt starts from the
+    Row order is prompt-major: row = prompt_index * num_samples + sample_index, and each
+    row samples with its own generator seeded ``seed + row``: every sample of the call
+    has its own random stream (samples of different prompts that shared one would drift
+    into the same text once their prompts left the window), and a row draws exactly
+    what it would draw alone with that seed. An empty prompt starts from the
     end-of-text token, i.e. from the beginning of a document. A sample ends at the
     end-of-text token (kept as its last token, never in its text), at a stop string,
     or after ``max_new_tokens``. ``top`` > 0 records the ``top`` most likely tokens of
@@ -283,7 +307,7 @@ def generate(
     streams = [TextStream(tokenizer, stop) for _ in rows]
     live = set(range(len(rows)))
     steps = decode_steps(model, [encoded[p] for p, _ in rows], spec, max_new_tokens,
-                         [seed + s for _, s in rows], window=window, valid_vocab=tokenizer.vocab_size)
+                         [seed + row for row in range(len(rows))], window=window, valid_vocab=tokenizer.vocab_size)
     for step in steps:
         raw = F.log_softmax(step.logits, dim=-1)
         chosen = raw.gather(1, step.tokens[:, None]).squeeze(1).tolist()

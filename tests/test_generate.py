@@ -19,10 +19,12 @@ ALPHABET = "abcdefghijklmnopqrstuvwxyz .,\n"
 CHARS = CharTokenizer(ALPHABET)  # 30 characters + end-of-text = 31 tokens
 
 
-@pytest.fixture
-def model():
+@pytest.fixture(params=["learned", "rope"])
+def model(request):
+    """The tiny model with GPT-2's learned positions, and with rotary ones: every cache,
+    window and batch test below must hold for both."""
     torch.manual_seed(0)
-    return GPT(tiny_config(vocab_size=CHARS.vocab_size, block_size=16)).eval()
+    return GPT(tiny_config(vocab_size=CHARS.vocab_size, block_size=16, position=request.param)).eval()
 
 
 def reference_logits(model, tokens: list[int], window_start: int) -> torch.Tensor:
@@ -85,9 +87,9 @@ def test_batched_prompts_give_what_each_prompt_gives_alone(model, window):
     prompts = ["a", "hello there", "the quick brown fox"]
     spec = parse_strategy("top-k:k=5,t=0.9")
     together = generate(model, CHARS, prompts, spec, max_new_tokens=25, num_samples=2, seed=3, window=window)
-    for sample in together:
+    for row, sample in enumerate(together):  # row = prompt * 2 + sample, seeded 3 + row
         alone = generate(model, CHARS, [prompts[sample.prompt_index]], spec, max_new_tokens=25,
-                         num_samples=sample.sample_index + 1, seed=3, window=window)[sample.sample_index]
+                         seed=3 + row, window=window)[0]
         assert sample.tokens == alone.tokens
 
 
@@ -213,3 +215,17 @@ def test_padding_vocabulary_ids_are_never_sampled():
         padded.lm_head.weight[CHARS.vocab_size:] += 5.0  # make the padding ids very likely
     samples = generate(padded, CHARS, ["a"], DecodingSpec(), max_new_tokens=20, num_samples=4)
     assert all(t < CHARS.vocab_size for s in samples for t in s.tokens)
+
+
+def test_decoding_layout_changes_memory_order_only(model):
+    idx = torch.tensor([CHARS.encode("the quick brown")])
+    before = model(idx)[0]
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    from model.generate import use_decoding_layout
+
+    use_decoding_layout(model)
+    fc = model.blocks[0].mlp.fc.weight  # widening (16 -> 64): now contiguous as (in, out)
+    assert not fc.is_contiguous() and fc.t().is_contiguous()
+    assert model.blocks[0].mlp.proj.weight.is_contiguous()  # narrowing layers keep (out, in)
+    assert {k: v.shape for k, v in model.state_dict().items()} == shapes
+    torch.testing.assert_close(model(idx)[0], before, atol=1e-5, rtol=0)
