@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat constraints.txt pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup demo test test-slow test-all bench clean
+.PHONY: setup demo shakespeare test test-slow test-all bench clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,14 @@ demo: setup
 	$(PY) train.py --config configs/default.toml
 	$(PY) sample.py out/default/best.pt --num-samples 3 --max-new-tokens 300 --seed 1
 
+# The CPU recipe: char-level tinyshakespeare, 90 s of training (needs ../shared/data or SHAKESPEARE=path).
+SHAKESPEARE ?= ../shared/data/tinyshakespeare.txt
+shakespeare: setup
+	$(PY) data/prepare.py $(SHAKESPEARE) --tokenizer char --out data/shakespeare_char
+	$(PY) train.py --config configs/shakespeare_char.toml
+	$(PY) train.py --plot out/shakespeare_char
+	$(PY) sample.py out/shakespeare_char/best.pt --prompt "ROMEO:" --max-new-tokens 300
+
 test: setup
 	$(PY) -m pytest
 
@@ -34,6 +42,8 @@ test-all: setup
 bench: setup
 	$(PY) bench/train_speed.py
 	$(PY) bench/sample_speed.py
+	$(PY) bench/compare_speed.py
+	$(PY) bench/prepare_memory.py
 
 clean:
 	rm -rf out data/pydoc .pytest_cache

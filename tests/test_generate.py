@@ -229,3 +229,20 @@ def test_decoding_layout_changes_memory_order_only(model):
     assert model.blocks[0].mlp.proj.weight.is_contiguous()  # narrowing layers keep (out, in)
     assert {k: v.shape for k, v in model.state_dict().items()} == shapes
     torch.testing.assert_close(model(idx)[0], before, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "explicit"])
+def test_cache_accepts_chunks_of_any_length(attention):
+    # prefill 5 tokens, then a chunk of 4 (4 queries over 9 keys), then 1: the same
+    # logits as one pass over all 10 tokens.
+    from model.gpt import KVCache
+
+    torch.manual_seed(8)
+    cfg = tiny_config(vocab_size=31, block_size=16, attention=attention)
+    model = GPT(cfg).eval()
+    idx = torch.randint(31, (2, 10))
+    with torch.no_grad():
+        full = model(idx)[0]
+        cache = KVCache(cfg, 2, 16, "cpu")
+        parts = [model(idx[:, a:b], cache=cache)[0] for a, b in ((0, 5), (5, 9), (9, 10))]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=0)

@@ -181,3 +181,19 @@ def test_prepare_cli_unknown_tokenizer(tmp_path, tiny_corpus):
 
 def test_meta_json_is_plain_json(tiny_dataset):
     json.loads((tiny_dataset / "meta.json").read_text())
+
+
+@pytest.mark.slow
+def test_prepare_streams_a_big_corpus_in_bounded_memory(tmp_path):
+    """A 100 MB corpus adds well under 100 MB to the peak of a process that only imports
+    the project: prepare holds a chunk, not the corpus (bench/prepare_memory.py prints more)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from prepare_memory import peak_rss_mb, write_corpus
+
+    corpus = tmp_path / "big.txt"
+    size_mb = write_corpus(corpus, 100) / 1e6
+    floor, _ = peak_rss_mb([sys.executable, "-c", "import torch, numpy, tiktoken, model.tokenizer"])
+    for tokenizer in ("char", "bpe"):
+        peak, _ = peak_rss_mb([sys.executable, "data/prepare.py", str(corpus), "--tokenizer", tokenizer,
+                               "--out", str(tmp_path / tokenizer), "--no-progress"])
+        assert peak - floor < size_mb / 2, (tokenizer, peak, floor)
