@@ -25,7 +25,7 @@ from model.checkpoint import load_checkpoint, model_from_checkpoint
 from model.compare import main as compare_main
 from model.decoding import DecodingSpec, default_spec
 from model.device import resolve_device
-from model.errors import UserError
+from model.errors import UserError, run_cli
 from model.generate import WINDOW_MODES, Sample, generate
 from model.tokenizer import Tokenizer, tokenizer_from_state
 
@@ -205,17 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["compare"]:  # a checkpoint file named "compare" still works as ./compare
         return compare_main(argv[1:])
     args = build_parser().parse_args(argv)
-    try:
+
+    def action() -> None:
         with torch.inference_mode():
             run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        sys.stdout.write("\n")
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+
+    return run_cli(action, end_output_line=True)  # Ctrl-C keeps what was printed
 
 
 if __name__ == "__main__":

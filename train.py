@@ -47,7 +47,7 @@ from model.data import (
 )
 from model.device import Precision, use_tensor_cores
 from model.distributed import Distributed, gradient_sync
-from model.errors import UserError
+from model.errors import UserError, run_cli
 from model.gpt import GPT
 from model.perf import flops_per_token, peak_flops
 
@@ -495,31 +495,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return run_cli(lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> None:
     overrides = list(args.overrides) + ([f"train.device={args.device}"] if args.device else [])
     overrides += ["train.compile=true"] if args.compile else []
-    try:
-        if args.plot is not None:
-            from model.plot import plot_run
+    if args.plot is not None:
+        from model.plot import plot_run
 
-            print(f"wrote {plot_run(args.plot)}")
-            return 0
-        cfg = load_config(args.config, overrides)
-        checkpoint = None
-        if args.resume:
-            path = Path(cfg.train.out_dir) / "last.pt"
-            if not path.is_file():
-                raise UserError(f"--resume: there is no {path} to resume from; train once without --resume")
-            checkpoint = load_checkpoint(path)
-            if args.config is None:
-                cfg = load_config(None, overrides, base=checkpoint["config"])
-        train(cfg, progress=not args.no_progress, checkpoint=checkpoint)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+        print(f"wrote {plot_run(args.plot)}")
+        return
+    cfg = load_config(args.config, overrides)
+    checkpoint = None
+    if args.resume:
+        path = Path(cfg.train.out_dir) / "last.pt"
+        if not path.is_file():
+            raise UserError(f"--resume: there is no {path} to resume from; train once without --resume")
+        checkpoint = load_checkpoint(path)
+        if args.config is None:
+            cfg = load_config(None, overrides, base=checkpoint["config"])
+    train(cfg, progress=not args.no_progress, checkpoint=checkpoint)
 
 
 if __name__ == "__main__":

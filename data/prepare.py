@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from model.corpus import check_not_empty, corpus_name, default_corpus, find_documents, iter_pieces, iter_texts
 from model.data import META_FILE, SPLITS, TokenWriter, split_file, token_dtype, write_meta
-from model.errors import UserError
+from model.errors import UserError, run_cli
 from model.tokenizer import BPETokenizer, fit_tokenizer
 
 DATA_ROOT = Path(__file__).resolve().parent
@@ -150,23 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out_dir = args.out or DATA_ROOT / corpus_name(args.inputs)
-    try:
+
+    def action() -> None:
         meta = prepare(args.inputs, out_dir, args.tokenizer, args.vocab_size, args.val_fraction,
                        args.encoding_errors, progress=not args.no_progress)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
-        return 130
-    tokens = meta["tokens"]
-    print(
-        f"{meta['source']['documents']} documents, {meta['source']['bytes']:,} bytes -> "
-        f"{tokens['train']:,} train + {tokens['val']:,} val tokens ({meta['tokenizer_name']}, "
-        f"vocab {meta['vocab_size']}, {meta['dtype']}) in {out_dir}"
-    )
-    return 0
+        tokens = meta["tokens"]
+        print(
+            f"{meta['source']['documents']} documents, {meta['source']['bytes']:,} bytes -> "
+            f"{tokens['train']:,} train + {tokens['val']:,} val tokens ({meta['tokenizer_name']}, "
+            f"vocab {meta['vocab_size']}, {meta['dtype']}) in {out_dir}"
+        )
 
+    return run_cli(action, interrupted="interrupted; nothing was written")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -66,7 +66,7 @@ from model.checkpoint import load_checkpoint, model_from_checkpoint
 from model.data import open_split, read_meta
 from model.decoding import DecodingSpec, parse_strategy
 from model.device import resolve_device
-from model.errors import UserError
+from model.errors import UserError, run_cli
 from model.generate import WINDOW_MODES, Context, Sample, TextStream, generate
 from model.gpt import GPT
 from model.tokenizer import Tokenizer, tokenizer_from_state
@@ -646,13 +646,9 @@ def run(args: argparse.Namespace, out=None) -> Comparison:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def action() -> None:
         with torch.inference_mode():
             run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+
+    return run_cli(action)

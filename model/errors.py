@@ -1,4 +1,10 @@
-"""The one exception type the command-line tools turn into a one-line message."""
+"""The one exception type the command-line tools turn into a one-line message, and the
+wrapper that does it."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
 
 
 class UserError(ValueError):
@@ -8,3 +14,22 @@ class UserError(ValueError):
     showing a traceback, so the message must name the problem and, where it can,
     the way out.
     """
+
+
+def run_cli(action: Callable[[], object], interrupted: str = "interrupted", end_output_line: bool = False) -> int:
+    """Run a command-line tool's work and return its exit status: 0 when it finishes,
+    2 with ``error: ...`` on stderr for a UserError, 130 with ``interrupted`` on stderr
+    for Ctrl-C; never a traceback for either. ``end_output_line`` ends a line that
+    streamed text left open on stdout before the interruption is reported."""
+    try:
+        action()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if end_output_line:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        print(interrupted, file=sys.stderr)
+        return 130
+    return 0

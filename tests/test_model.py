@@ -138,7 +138,7 @@ def test_rmsnorm_by_hand():
 
 
 def test_parameter_count_with_rope_and_rmsnorm():
-    V, T, L, C = 37, 16, 2, 16  # no position table; each norm keeps only its weight (C)
+    V, L, C = 37, 2, 16  # no position table; each norm keeps only its weight (C)
     expected = V * C + C + L * (12 * C * C + 9 * C + 2 * C)  # linears keep biases: 3C + C + 4C + C = 9C
     assert GPT(tiny_config(position="rope", norm="rmsnorm")).num_params() == expected
 
