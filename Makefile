@@ -19,14 +19,14 @@ $(STAMP): constraints.txt pyproject.toml
 # The main job: prepare the default corpus, train the default model on the CPU, sample.
 demo: setup
 	$(PY) data/prepare.py
-	$(PY) train.py --config configs/default.toml
+	$(PY) train.py --config configs/default.toml --overwrite
 	$(PY) sample.py out/default/best.pt --num-samples 3 --max-new-tokens 300 --seed 1
 
 # The CPU recipe: char-level tinyshakespeare, 90 s of training (needs ../shared/data or SHAKESPEARE=path).
 SHAKESPEARE ?= ../shared/data/tinyshakespeare.txt
 shakespeare: setup
 	$(PY) data/prepare.py $(SHAKESPEARE) --tokenizer char --out data/shakespeare_char
-	$(PY) train.py --config configs/shakespeare_char.toml
+	$(PY) train.py --config configs/shakespeare_char.toml --overwrite
 	$(PY) train.py --plot out/shakespeare_char
 	$(PY) sample.py out/shakespeare_char/best.pt --prompt "ROMEO:" --max-new-tokens 300
 

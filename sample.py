@@ -2,7 +2,7 @@
 
     python sample.py out/default/best.pt --prompt "The for statement" --strategy top-p --top-p 0.9
     python sample.py out/default/best.pt --strategy greedy --explain
-    echo "Once upon" | python sample.py CKPT --prompt-file - --num-samples 3 --stop "\\n\\n"
+    echo "Once upon" | python sample.py CKPT --prompt-file - --num-samples 3 --stop $'\\n\\n'  # (bash)
     python sample.py compare out/default/best.pt --out out/compare   # strategies side by side
 
 The checkpoint carries its tokenizer, so nothing else is needed. Strategies are the
@@ -13,11 +13,13 @@ flags below) or a compact spec such as ``top-p:p=0.9,t=0.8``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import sys
 from pathlib import Path
+from typing import TextIO
 
 import torch
 
@@ -29,19 +31,40 @@ from model.errors import UserError, run_cli
 from model.generate import WINDOW_MODES, Sample, generate
 from model.tokenizer import Tokenizer, tokenizer_from_state
 
-FLAG_FIELDS = {  # command-line flag -> DecodingSpec field
-    "temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
-    "typical_p": "typical_p", "repetition_penalty": "repetition_penalty",
-    "frequency_penalty": "frequency_penalty", "presence_penalty": "presence_penalty", "num_beams": "num_beams",
-}
+DECODING_FLAGS = (  # the command-line flags that set a DecodingSpec field of the same name
+    "temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty", "frequency_penalty",
+    "presence_penalty", "num_beams",
+)
 
 
 def spec_from_args(args: argparse.Namespace) -> DecodingSpec:
-    """The strategy's defaults (or its compact spec), then every flag the user gave."""
-    base = default_spec(args.strategy)
-    given = {field: getattr(args, flag) for flag, field in FLAG_FIELDS.items() if getattr(args, flag) is not None}
-    fields = {**dataclasses.asdict(base), **given}
+    """The strategy's defaults (or its compact spec), then every flag the user gave.
+
+    A flag may tune the named strategy, not turn it into another kind (``--strategy
+    greedy --temperature 0.7`` would sample, ``--strategy top-p --temperature 0`` would
+    be greedy, ``--strategy beam --num-beams 1`` would not search), nor set again what
+    the compact spec already sets."""
+    base = dataclasses.asdict(default_spec(args.strategy))
+    given = {name: getattr(args, name) for name in DECODING_FLAGS if getattr(args, name) is not None}
+    if ":" in args.strategy:
+        unset = dataclasses.asdict(DecodingSpec())
+        for name in given:
+            if base[name] != unset[name]:
+                raise UserError(f"--{name.replace('_', '-')} sets what --strategy {args.strategy} already sets; "
+                                "give it in one place")
+    fields = {**base, **given}
+    if _kind(fields) != _kind(base):
+        flags = " ".join(f"--{name.replace('_', '-')} {given[name]}" for name in ("temperature", "num_beams")
+                         if name in given)
+        raise UserError(f"{flags} would turn --strategy {args.strategy} ({_kind(base)}) into {_kind(fields)}; "
+                        "name the strategy you want with --strategy")
     return DecodingSpec(**fields)
+
+
+def _kind(fields: dict) -> str:
+    if fields["num_beams"] > 1:
+        return "beam search"
+    return "greedy decoding" if fields["temperature"] == 0 else "sampling"
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -68,25 +91,32 @@ def load_model(path: str, device_name: str):
 
 
 class Printer:
-    """Streams a lone sample as it comes; prints each of several samples whole as it ends."""
+    """Streams a lone sample as it comes; prints each of several samples whole as it ends.
+    A streamed prompt is printed with the first text that follows it (or when the sample
+    ends), so an error before generation begins prints nothing."""
 
     def __init__(self, prompts: list[str], num_samples: int, out=None):
         self.prompts = prompts
         self.streaming = len(prompts) * num_samples == 1
         self.out = out or sys.stdout
-        if self.streaming:
-            self._write(prompts[0])
+        self.prompt_printed = False
 
     def on_text(self, row: int, text: str) -> None:
         if self.streaming:
-            self._write(text)
+            self._stream(text)
 
     def on_done(self, sample: Sample) -> None:
         if self.streaming:
-            self._write("\n")
+            self._stream("\n")
             return
         header = f"--- prompt {sample.prompt_index + 1}, sample {sample.sample_index + 1} ({sample.finish}) ---\n"
         self._write(header + self.prompts[sample.prompt_index] + sample.text + "\n")
+
+    def _stream(self, text: str) -> None:
+        if not self.prompt_printed:
+            self.prompt_printed = True
+            text = self.prompts[0] + text
+        self._write(text)
 
     def _write(self, text: str) -> None:
         self.out.write(text)
@@ -106,17 +136,16 @@ def print_explanation(sample: Sample, tokenizer: Tokenizer, out=None) -> None:
             out.write(f"    {_show(tokenizer, token):<16} {math.exp(raw):>7.3f} {math.exp(filtered):>9.3f}{mark}\n")
 
 
-def write_logprobs(samples: list[Sample], tokenizer: Tokenizer, path: Path) -> None:
+def write_logprobs(samples: list[Sample], tokenizer: Tokenizer, out: TextIO) -> None:
     """One JSON line per generated token: its log-probability and the top alternatives."""
-    with path.open("w", encoding="utf-8") as f:
-        for sample in samples:
-            for step, detail in enumerate(sample.details):
-                record = {
-                    "prompt": sample.prompt_index, "sample": sample.sample_index, "step": step,
-                    "token": detail.token, "text": _text(tokenizer, detail.token), "logprob": detail.logprob,
-                    "top": [{"token": t, "text": _text(tokenizer, t), "logprob": lp} for t, lp, _ in detail.top],
-                }
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    for sample in samples:
+        for step, detail in enumerate(sample.details):
+            record = {
+                "prompt": sample.prompt_index, "sample": sample.sample_index, "step": step,
+                "token": detail.token, "text": _text(tokenizer, detail.token), "logprob": detail.logprob,
+                "top": [{"token": t, "text": _text(tokenizer, t), "logprob": lp} for t, lp, _ in detail.top],
+            }
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def _text(tokenizer: Tokenizer, token: int) -> str:
@@ -159,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=200, help="at most this many tokens per sample")
     parser.add_argument("--seed", type=int, default=1337, help="sample i uses seed + i: same seed, same text")
     parser.add_argument("--stop", action="append", default=[], help="end a sample at this string, which is not "
-                        "printed (repeatable)")
+                        "printed (repeatable; taken literally: in bash, $'\\n\\n' is a blank line)")
     parser.add_argument("--window", choices=WINDOW_MODES, default="exact", help="past block_size tokens: exact "
                         "recomputes the window each step, shift restarts from the last half window (fast), "
                         "none never caches (the reference)")
@@ -179,6 +208,9 @@ def run(args: argparse.Namespace) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.num_samples > 1 and (spec.is_greedy or spec.is_beam):
+        raise UserError(f"{'beam search' if spec.is_beam else 'greedy decoding'} ignores the seed: "
+                        f"--num-samples {args.num_samples} would print one text {args.num_samples} times")
     wants_details = args.explain or args.logprobs is not None
     if wants_details and spec.is_beam:
         raise UserError("--explain and --logprobs follow one token at a time; they do not work with beam search")
@@ -188,16 +220,19 @@ def run(args: argparse.Namespace) -> None:
         tokenizer.check_encodable(prompt, "prompt")
     if args.explain and args.num_samples * len(prompts) > 1:
         raise UserError("--explain shows one sample: use one prompt and --num-samples 1")
-    printer = Printer(prompts, args.num_samples)
-    samples = generate(
-        model, tokenizer, prompts, spec, max_new_tokens=args.max_new_tokens, num_samples=args.num_samples,
-        seed=args.seed, stop=args.stop, window=args.window, top=args.top if wants_details else 0,
-        on_text=printer.on_text, on_done=printer.on_done,
-    )
-    if args.explain:
-        print_explanation(samples[0], tokenizer)
-    if args.logprobs is not None:
-        write_logprobs(samples, tokenizer, args.logprobs)
+    with contextlib.ExitStack() as files:
+        # opened before generating, so a bad path is found before the work, not after it
+        logprobs = files.enter_context(args.logprobs.open("w", encoding="utf-8")) if args.logprobs else None
+        printer = Printer(prompts, args.num_samples)
+        samples = generate(
+            model, tokenizer, prompts, spec, max_new_tokens=args.max_new_tokens, num_samples=args.num_samples,
+            seed=args.seed, stop=args.stop, window=args.window, top=args.top if wants_details else 0,
+            on_text=printer.on_text, on_done=printer.on_done,
+        )
+        if args.explain:
+            print_explanation(samples[0], tokenizer)
+        if logprobs is not None:
+            write_logprobs(samples, tokenizer, logprobs)
 
 
 def main(argv: list[str] | None = None) -> int:

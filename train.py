@@ -323,7 +323,7 @@ def _train(cfg: Config, ddp: Distributed, device: torch.device, progress: bool, 
         raw_model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         extra = checkpoint["extra"]  # empty in checkpoints of the first train.py: start those afresh
-        if "scaler" in extra:
+        if extra.get("scaler"):  # empty when saved without fp16 scaling (CPU, bf16)
             scaler.load_state_dict(extra["scaler"])
         state = Progress(checkpoint["step"], checkpoint["best_val_loss"], extra.get("train_seconds", 0.0),
                          extra.get("evaluated", True))
@@ -464,13 +464,32 @@ def result(cfg: Config, state: Progress, losses: dict, model: GPT, interrupted: 
 def start_metrics(path: Path, resumed_step: int | None) -> None:
     """A new run starts an empty metrics.jsonl. A resumed one keeps the lines up to the step
     it resumes from and drops later ones, written after that checkpoint by the run that
-    was stopped: they are about to be written again."""
+    was stopped: they are about to be written again. So is a line that does not parse
+    (one cut short when that run was killed mid-write)."""
     kept = []
     if resumed_step is not None and path.is_file():
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resumed_step]
+        kept = [line for line in path.read_text().splitlines() if _step_of(line) <= resumed_step]
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
+
+
+def _step_of(metrics_line: str) -> float:
+    """The step a metrics line records; infinity for a line that is not a whole record."""
+    try:
+        return json.loads(metrics_line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
+def check_fresh_out_dir(out_dir: Path) -> None:
+    """A new run must not silently replace an earlier run's checkpoints and metrics."""
+    earlier = [name for name in ("last.pt", "best.pt") if (out_dir / name).is_file()]
+    if earlier:
+        raise UserError(
+            f"{out_dir} holds an earlier run ({', '.join(earlier)}); continue it with --resume, start afresh "
+            "with --overwrite, or set another out_dir"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -486,6 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (train.compile=true)")
     parser.add_argument("--resume", action="store_true",
                         help="go on from <out_dir>/last.pt: weights, optimiser, step, schedule, best val loss")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh even if out_dir holds an earlier run (its checkpoints and "
+                        "metrics are replaced as the new run writes its own)")
     parser.add_argument("--plot", type=Path, metavar="RUN_DIR", default=None,
                         help="only draw RUN_DIR/metrics.jsonl as RUN_DIR/loss.png (needs matplotlib) and exit")
     parser.add_argument("--no-progress", action="store_true", help="print plain lines instead of a progress bar")
@@ -494,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # KEY=VALUE on both sides of a flag
     return run_cli(lambda: run(args))
 
 
@@ -506,8 +528,12 @@ def run(args: argparse.Namespace) -> None:
 
         print(f"wrote {plot_run(args.plot)}")
         return
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues the run in out_dir and --overwrite replaces it; choose one")
     cfg = load_config(args.config, overrides)
     checkpoint = None
+    if not args.resume and not args.overwrite:
+        check_fresh_out_dir(Path(cfg.train.out_dir))
     if args.resume:
         path = Path(cfg.train.out_dir) / "last.pt"
         if not path.is_file():

@@ -22,12 +22,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from model.corpus import check_not_empty, corpus_name, default_corpus, find_documents, iter_pieces, iter_texts
-from model.data import META_FILE, SPLITS, TokenWriter, split_file, token_dtype, write_meta
+from model.data import META_FILE, META_FORMAT, SPLITS, TokenWriter, split_file, token_dtype, write_meta
 from model.errors import UserError, run_cli
 from model.tokenizer import BPETokenizer, fit_tokenizer
 
 DATA_ROOT = Path(__file__).resolve().parent
 DEFAULT_VOCAB_SIZE = 2048
+TOKENIZER_FILE = "tokenizer.tiktoken"  # a BPE's ranks, for tiktoken and for the curious
 
 
 def prepare(
@@ -69,9 +70,9 @@ def prepare(
         for writer in writers.values():
             writer.close()
         if isinstance(tokenizer, BPETokenizer):
-            tokenizer.save(staging / "tokenizer.tiktoken")
+            tokenizer.save(staging / TOKENIZER_FILE)
         meta = {
-            "format": "tinygpt-tokens",
+            "format": META_FORMAT,
             "version": 1,
             "tokenizer": tokenizer.state(),
             "tokenizer_name": tokenizer.name,
@@ -83,7 +84,7 @@ def prepare(
             "split": {
                 "val_fraction": val_fraction,
                 "rule": "val is the text after the first line break at or after "
-                f"{1 - val_fraction:.0%} of the corpus bytes",
+                f"{1 - val_fraction:.0%} of the corpus bytes (from that byte when no text follows such a break)",
             },
             "encoding_errors": encoding_errors,
             "tokenizer_fit_seconds": round(fit_seconds, 3),
@@ -107,9 +108,21 @@ def _with_progress(items, desc: str, enabled: bool, total_bytes: int, text_of=la
 
 
 def _check_replaceable(out_dir: Path) -> None:
-    """Only an earlier prepared dataset (or nothing) may be replaced."""
-    if out_dir.exists() and not (out_dir / META_FILE).is_file() and any(out_dir.iterdir()):
+    """Only an earlier prepared dataset (or nothing) may be replaced, and only when the
+    folder holds nothing else: the whole folder is swapped for the new one."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file, not a folder; choose another --out")
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return
+    if not (out_dir / META_FILE).is_file():
         raise UserError(f"{out_dir} exists and is not a prepared dataset; choose another --out")
+    dataset_files = {META_FILE, TOKENIZER_FILE, *(split_file(out_dir, split).name for split in SPLITS)}
+    others = sorted(path.name for path in out_dir.iterdir() if path.name not in dataset_files)
+    if others:
+        raise UserError(
+            f"{out_dir} holds files that are not part of its dataset ({', '.join(others[:3])}"
+            f"{', ...' if len(others) > 3 else ''}); move them or choose another --out"
+        )
 
 
 def _swap_into_place(staging: Path, out_dir: Path) -> None:
@@ -148,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # inputs on both sides of a flag
     out_dir = args.out or DATA_ROOT / corpus_name(args.inputs)
 
     def action() -> None:

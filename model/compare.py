@@ -64,7 +64,7 @@ from tqdm import tqdm
 from model import metrics
 from model.checkpoint import load_checkpoint, model_from_checkpoint
 from model.data import open_split, read_meta
-from model.decoding import DecodingSpec, parse_strategy
+from model.decoding import DecodingSpec, default_spec
 from model.device import resolve_device
 from model.errors import UserError, run_cli
 from model.generate import WINDOW_MODES, Context, Sample, TextStream, generate
@@ -91,9 +91,10 @@ ROW_FIELDS = (
 
 
 def parse_grid(specs: Sequence[str]) -> list[DecodingSpec]:
-    """The strategies to compare, parsed by `parse_strategy`, in the order given.
+    """The strategies to compare, in the order given: compact specs, or bare names with
+    sample.py's defaults (`default_spec`: ``top-k`` is ``top-k:k=40``).
 
-    Raises UserError for an empty grid, an invalid spec (parse_strategy's message), or
+    Raises UserError for an empty grid, an invalid spec (say what is wrong with it), or
     the same strategy twice (compared by its canonical label, so ``top-p:p=0.9`` and
     ``top-p:t=1,p=0.9`` are the same).
     """
@@ -101,7 +102,7 @@ def parse_grid(specs: Sequence[str]) -> list[DecodingSpec]:
         raise UserError("the strategy grid is empty; give at least one --strategy")
     grid: list[DecodingSpec] = []
     for text in specs:
-        spec = parse_strategy(text)
+        spec = default_spec(text)
         if spec in grid:
             raise UserError(f"strategy '{text}' is in the grid twice (as '{spec.label}'); list each once")
         grid.append(spec)
@@ -551,7 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("checkpoint", help="a .pt file written by train.py (e.g. out/default/best.pt)")
     parser.add_argument("-s", "--strategy", action="append", help="a strategy spec (repeatable), e.g. greedy, "
-                        "beam:n=4, temperature:t=0.7, top-k:k=40, top-p:p=0.9,t=0.8, min-p:p=0.05, typical:p=0.95 "
+                        "beam:n=4, temperature:t=0.7, top-k:k=40, top-p:p=0.9,t=0.8, min-p:p=0.05, typical:p=0.95, "
+                        "or a bare name with sample.py's defaults (top-k is top-k:k=40) "
                         f"(default grid: {' '.join(DEFAULT_GRID)})")
     parser.add_argument("--prompt", action="append", help="a prompt (repeatable); given prompts have no known "
                         "continuation, so there is no human row")
@@ -604,6 +606,8 @@ def run(args: argparse.Namespace, out=None) -> Comparison:
     out = out or sys.stdout
     _check_args(args, prompts_given=bool(args.prompt or args.prompts_file))
     grid = parse_grid(args.strategy or DEFAULT_GRID)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)  # a bad --out fails now, not after the whole grid
     given = list(args.prompt or []) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
     device = resolve_device(args.device)
     payload = load_checkpoint(args.checkpoint, map_location=device)
@@ -617,8 +621,9 @@ def run(args: argparse.Namespace, out=None) -> Comparison:
     else:
         data_dir = args.data_dir or payload["config"]["train"]["data_dir"]
         if not Path(data_dir).is_dir():
-            raise UserError(f"the checkpoint's dataset {data_dir} is not here; pass --data-dir DIR, or give "
-                            "prompts with --prompt (then there is no human row)")
+            whose = "--data-dir" if args.data_dir else "the checkpoint's dataset"
+            raise UserError(f"{whose} {data_dir} is not a folder; pass --data-dir with the dataset the model was "
+                            "trained on, or give prompts with --prompt (then there is no human row)")
         prompts, human, _ = val_prompts(data_dir, payload["tokenizer"], tokenizer, args.num_prompts,
                                         args.prompt_tokens, args.max_new_tokens, args.seed)
     started = time.perf_counter()

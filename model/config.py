@@ -4,7 +4,7 @@ A config file has two tables, ``[model]`` (the network's shape) and ``[train]`` 
 optimisation and the run). Anything left out keeps the default written here.
 Overrides on the command line are ``KEY=VALUE`` pairs, where KEY is ``section.field``
 or just ``field`` when only one section has it, and VALUE is read as a TOML value
-(``lr=3e-4``, ``compile=true``, ``device="cuda"`` or simply ``device=cuda``).
+(``learning_rate=3e-4``, ``compile=true``, ``device="cuda"`` or simply ``device=cuda``).
 
 Validation happens here, once: an unknown key names the closest known one, a value of
 the wrong type or out of range is a one-line :class:`UserError`.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,7 +162,7 @@ def config_from_dict(tables: dict[str, dict[str, Any]], source: str = "config") 
         known = {f.name: f for f in dataclasses.fields(cls)}
         for key, value in values.items():
             if key not in known:
-                raise UserError(f"{source}: unknown key {section}.{key}{_did_you_mean(key, known)}")
+                raise UserError(f"{source}: {_unknown_key(section, key)}")
             values[key] = _coerce(f"{section}.{key}", value, known[key].type)
         parts[section] = cls(**values)
     return Config(**parts).validate()
@@ -186,6 +187,8 @@ def parse_override(item: str) -> tuple[str, str, Any]:
         section, key = dotted.split(".", 1)
         if section not in SECTIONS:
             raise UserError(f"unknown section {section!r} in override {item!r}{_did_you_mean(section, SECTIONS)}")
+        if key not in _field_names(SECTIONS[section]):
+            raise UserError(f"override {item!r}: {_unknown_key(section, key)}")
     else:
         key = dotted
         owners = [name for name, cls in SECTIONS.items() if key in _field_names(cls)]
@@ -211,7 +214,7 @@ def _read_toml(path: Path) -> dict[str, dict[str, Any]]:
             data = tomllib.load(f)
     except FileNotFoundError:
         raise UserError(f"config file not found: {path}") from None
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid TOML: {e}") from None
     for name, table in data.items():
         if not isinstance(table, dict):
@@ -222,10 +225,13 @@ def _read_toml(path: Path) -> dict[str, dict[str, Any]]:
 def _coerce(name: str, value: Any, annotation: str) -> Any:
     """Check ``value`` against the field's annotation (a string, thanks to __future__ annotations)."""
     if annotation == "float" and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     expected, described = _TYPES[annotation]
     if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
         raise UserError(f"{name} must be {described}, got {value!r}")
+    # TOML reads inf and nan as floats; no knob here means anything with them.
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{name} must be a finite number, got {value!r}")
     return value
 
 
@@ -235,6 +241,16 @@ _TYPES = {"int": (int, "an integer"), "float": (float, "a number"), "bool": (boo
 
 def _field_names(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
+
+
+def _unknown_key(section: str, key: str) -> str:
+    """Name an unknown ``section.key``: the closest key of that section, or the other
+    section when the key belongs there."""
+    message = f"unknown key {section}.{key}"
+    owners = [name for name, cls in SECTIONS.items() if key in _field_names(cls)]
+    if owners:
+        return f"{message}; {key} belongs in [{owners[0]}]"
+    return message + _did_you_mean(key, _field_names(SECTIONS[section]))
 
 
 def _did_you_mean(word: str, candidates) -> str:

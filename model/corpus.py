@@ -6,7 +6,8 @@ corpus of any size passes through in bounded memory, and a tokenizer never sees 
 word cut in two by a chunk boundary.
 
 The validation split is the end of the corpus: the text after the first line break at
-or after ``1 - val_fraction`` of its bytes. Splitting by text rather than by tokens
+or after ``1 - val_fraction`` of its bytes (from that byte itself when no text follows
+such a line break, as in a one-line file). Splitting by text rather than by tokens
 gives the same split to every tokenizer.
 """
 
@@ -103,10 +104,11 @@ def iter_pieces(docs: list[Document], val_fraction: float, errors: str = "strict
     """
     split_at = int(sum(doc.size for doc in docs) * (1.0 - val_fraction))
     position = 0  # corpus bytes before the current chunk
-    for doc in docs:
+    for doc_index, doc in enumerate(docs):
         offset = 0  # document bytes before the current part
         for raw, last_chunk in _mark_last(_line_chunks(doc)):
-            parts = _split_parts(raw, split_at - position)
+            ends_corpus = last_chunk and doc_index == len(docs) - 1
+            parts = _split_parts(raw, split_at - position, ends_corpus)
             for index, (data, split) in enumerate(parts):
                 text = _decode(data, doc.name, offset, errors)
                 yield Piece(split, text, ends_document=last_chunk and index == len(parts) - 1)
@@ -114,7 +116,7 @@ def iter_pieces(docs: list[Document], val_fraction: float, errors: str = "strict
             position += len(raw)
 
 
-def _split_parts(raw: bytes, split_offset: int) -> list[tuple[bytes, str]]:
+def _split_parts(raw: bytes, split_offset: int, ends_corpus: bool) -> list[tuple[bytes, str]]:
     """The non-empty parts of a chunk with their split; ``split_offset`` is where the
     split point falls relative to the chunk's start."""
     if split_offset >= len(raw):
@@ -122,6 +124,8 @@ def _split_parts(raw: bytes, split_offset: int) -> list[tuple[bytes, str]]:
     if split_offset < 0:
         return [(raw, "val")]
     cut = _cut_point(raw, split_offset)
+    if cut == len(raw) and ends_corpus:  # only the corpus's final line break follows the split point
+        cut = _char_boundary(raw, split_offset)
     return [(data, split) for data, split in ((raw[:cut], "train"), (raw[cut:], "val")) if data]
 
 

@@ -23,6 +23,8 @@ import torch
 from model.errors import UserError
 
 META_FILE = "meta.json"
+META_FORMAT = "tinygpt-tokens"
+META_REQUIRED = ("tokenizer", "vocab_size", "eot_id", "dtype", "tokens")  # what readers of a dataset use
 SPLITS = ("train", "val")
 
 
@@ -71,9 +73,15 @@ def read_meta(data_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"no prepared dataset in {data_dir} ({META_FILE} is missing); run data/prepare.py first")
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid JSON ({e}); prepare the dataset again") from None
+    if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
+        raise UserError(f"{path} was not written by data/prepare.py; prepare the dataset again")
+    missing = [key for key in META_REQUIRED if key not in meta]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}; prepare the dataset again")
+    return meta
 
 
 def open_split(data_dir: str | Path, split: str, meta: dict[str, Any]) -> np.memmap:
@@ -82,7 +90,11 @@ def open_split(data_dir: str | Path, split: str, meta: dict[str, Any]) -> np.mem
     if not path.is_file():
         raise UserError(f"{path} is missing; prepare the dataset again")
     dtype = np.dtype(meta["dtype"])
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size % dtype.itemsize:
+        raise UserError(f"{path} is damaged: {size} bytes is not a whole number of {dtype.itemsize}-byte "
+                        "tokens; prepare the dataset again")
+    if size == 0:
         return np.zeros(0, dtype=dtype)  # numpy cannot map an empty file
     return np.memmap(path, dtype=dtype, mode="r")
 
@@ -118,13 +130,6 @@ def read_windows(tokens: np.ndarray, starts: torch.Tensor, block_size: int) -> t
     rows = np.stack([tokens[s : s + block_size + 1] for s in starts.tolist()]).astype(np.int64)
     window = torch.from_numpy(rows)
     return window[:, :-1], window[:, 1:]
-
-
-def get_batch(
-    tokens: np.ndarray, batch_size: int, block_size: int, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample ``batch_size`` random windows; see read_windows for the result."""
-    return read_windows(tokens, sample_starts(len(tokens), block_size, batch_size, generator), block_size)
 
 
 def to_device(batch: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:

@@ -33,12 +33,12 @@ import torch
 
 from model.errors import UserError
 
-# A cumulative probability within this distance below a threshold (top-p's p, typical's
-# mass) counts as having reached it. Probabilities computed from float32 logits are only
-# known to a few float32 ulps (eps = 1.19e-7): with logits log([.05, .05, .25, .65]) the
-# top token's probability comes out as 0.64999999 even in float64, and p = 0.65 would
-# then keep a second token. Two ulps at 1.0 (2.4e-7) absorbs that rounding and still
-# separates p = 0.7 from p = 0.700001.
+# A probability within this distance below a threshold (top-p's p, typical's mass,
+# min-p's ratio to the most likely token) counts as having reached it. Probabilities
+# computed from float32 logits are only known to a few float32 ulps (eps = 1.19e-7): with
+# logits log([.05, .05, .25, .65]) the top token's probability comes out as 0.64999999
+# even in float64, and p = 0.65 would then keep a second token. Two ulps at 1.0 (2.4e-7)
+# absorbs that rounding and still separates p = 0.7 from p = 0.700001.
 PROBABILITY_TOLERANCE = 2 * torch.finfo(torch.float32).eps
 
 # Typical sampling keeps every token as typical as the last one it needs. Two distances to
@@ -201,13 +201,16 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     Exactly the set {i : p_i >= min_p * p_max} (as transformers' MinPLogitsWarper), so the
     most likely token and everything tied with it always survive. It is evaluated as
     exp(logit_i - logit_max) >= min_p in float64, the same ratio p_i / p_max without a
-    normalisation that could underflow. min_p = 0 keeps every token, min_p = 1 only those
-    tied with the maximum; min_p outside [0, 1] raises UserError.
+    normalisation that could underflow. A ratio within `PROBABILITY_TOLERANCE` below
+    min_p counts as reaching it (with logits log([.5, .25]) the ratio comes out as
+    0.4999999991, and min_p = 0.5 must keep the second token). min_p = 0 keeps every
+    token, min_p = 1 only those tied with the maximum; min_p outside [0, 1] raises
+    UserError.
     """
     _raise_if(_min_p_problem(min_p))
     wide = logits.double()
     ratio_to_max = torch.exp(wide - wide.amax(dim=-1, keepdim=True))
-    return logits.masked_fill(~(ratio_to_max >= min_p), -math.inf)
+    return logits.masked_fill(ratio_to_max < min_p - PROBABILITY_TOLERANCE, -math.inf)
 
 
 def typical_filter(logits: torch.Tensor, mass: float) -> torch.Tensor:

@@ -18,12 +18,14 @@ class UserError(ValueError):
 
 def run_cli(action: Callable[[], object], interrupted: str = "interrupted", end_output_line: bool = False) -> int:
     """Run a command-line tool's work and return its exit status: 0 when it finishes,
-    2 with ``error: ...`` on stderr for a UserError, 130 with ``interrupted`` on stderr
-    for Ctrl-C; never a traceback for either. ``end_output_line`` ends a line that
-    streamed text left open on stdout before the interruption is reported."""
+    2 with ``error: ...`` on stderr for a UserError or a failed file operation (a path
+    that is a file where a folder is needed, a full disk, no permission), 130 with
+    ``interrupted`` on stderr for Ctrl-C; never a traceback for any of them.
+    ``end_output_line`` ends a line that streamed text left open on stdout before the
+    interruption is reported."""
     try:
         action()
-    except UserError as e:
+    except (UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

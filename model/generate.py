@@ -18,13 +18,15 @@ the reference behaviour (``window="none"``, no cache) crops the context to its l
 
 Several prompts of different lengths run as one batch: rows are left-padded, padding
 is masked out of attention and each row's positions count from its own first token,
-so a row computes what it would alone. Every row samples with its own generator seeded
+so a row computes what it would alone (in ``"shift"`` mode, where a batch restarts
+its window as one, each prompt length runs as its own batch). Every row samples with its own generator seeded
 with ``seed + row index``, so a sample never depends on what else is in the batch.
 """
 
 from __future__ import annotations
 
 import codecs
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -38,6 +40,7 @@ from model.gpt import GPT, KVCache
 from model.tokenizer import Tokenizer
 
 WINDOW_MODES = ("exact", "shift", "none")
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
 
 
 def use_decoding_layout(model: GPT) -> None:
@@ -80,7 +83,9 @@ class Context:
         self.valid_vocab = valid_vocab
         device = next(model.parameters()).device
         longest = max(len(p) for p in prompts)
-        self.tokens = torch.zeros(len(prompts), longest + max_new_tokens, dtype=torch.long, device=device)
+        # room for the prompt and the first steps; append doubles it as needed (a huge
+        # max_new_tokens costs nothing until the tokens come)
+        self.tokens = torch.zeros(len(prompts), longest + min(max_new_tokens, 1024), dtype=torch.long, device=device)
         for row, prompt in enumerate(prompts):
             self.tokens[row, longest - len(prompt) : longest] = torch.tensor(prompt, device=device)
         self.pad = torch.tensor([longest - len(p) for p in prompts], device=device)
@@ -115,6 +120,8 @@ class Context:
             self.cache.reset()
 
     def append(self, tokens: torch.Tensor) -> None:
+        if self.length == self.tokens.size(1):
+            self.tokens = torch.cat([self.tokens, torch.zeros_like(self.tokens)], dim=1)
         self.tokens[:, self.length] = tokens
         self.length += 1
 
@@ -149,6 +156,9 @@ def decode_steps(
     generator seeded ``seeds[b]``. Beam search is not a step-wise strategy: see beam_search."""
     if spec.is_beam:
         raise ValueError("decode_steps samples token by token; use beam_search for num_beams > 1")
+    if window == "shift" and len({len(p) for p in prompts}) > 1:
+        yield from _decode_by_length(model, prompts, spec, max_new_tokens, seeds, valid_vocab)
+        return
     context = Context(model, prompts, max_new_tokens, window, valid_vocab)
     device = context.tokens.device
     generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
@@ -160,6 +170,27 @@ def decode_steps(
         yield Step(tokens, logits, processed)
         context.append(tokens)
         _update_penalty_state(seen, counts, tokens)
+
+
+def _decode_by_length(model: GPT, prompts: Sequence[Sequence[int]], spec: DecodingSpec, max_new_tokens: int,
+                      seeds: Sequence[int], valid_vocab: int | None) -> Iterator[Step]:
+    """decode_steps in "shift" mode for prompts of different lengths. A batch shares one
+    window, which restarts when its longest row fills it, so a shorter row would restart
+    at other steps than alone. Rows of each prompt length therefore run as their own
+    batch; the batches advance together and each step is put back in row order."""
+    by_length: dict[int, list[int]] = {}
+    for row, prompt in enumerate(prompts):
+        by_length.setdefault(len(prompt), []).append(row)
+    groups = list(by_length.values())
+    batches = [
+        decode_steps(model, [prompts[r] for r in rows], spec, max_new_tokens, [seeds[r] for r in rows],
+                     window="shift", valid_vocab=valid_vocab)
+        for rows in groups
+    ]
+    row_order = torch.tensor([row for rows in groups for row in rows]).argsort()
+    for parts in zip(*batches):
+        yield Step(*(torch.cat(tensors)[row_order.to(tensors[0].device)]
+                     for tensors in zip(*((p.tokens, p.logits, p.processed) for p in parts))))
 
 
 def _penalty_state(spec: DecodingSpec, prompts, context: Context):
@@ -293,6 +324,10 @@ def generate(
         raise UserError(f"num_samples must be >= 1, got {num_samples}")
     if any(s == "" for s in stop):
         raise UserError("a stop string must not be empty")
+    rows = len(prompts) * num_samples
+    if not 0 <= seed <= MAX_SEED - rows + 1:
+        raise UserError(f"the seed must be in [0, {MAX_SEED - rows + 1}] (row r uses seed + r, at most {MAX_SEED}), "
+                        f"got {seed}")
     encoded = [tokenizer.encode(p) or [tokenizer.eot_id] for p in prompts]
     if spec.is_beam:
         if num_samples != 1:
@@ -302,32 +337,23 @@ def generate(
                          index, tokenizer, stop, on_text, on_done)
             for index, ids in enumerate(encoded)
         ]
-    rows = [(p, s) for p in range(len(prompts)) for s in range(num_samples)]
-    samples = [Sample(p, s) for p, s in rows]
-    streams = [TextStream(tokenizer, stop) for _ in rows]
-    live = set(range(len(rows)))
-    steps = decode_steps(model, [encoded[p] for p, _ in rows], spec, max_new_tokens,
-                         [seed + row for row in range(len(rows))], window=window, valid_vocab=tokenizer.vocab_size)
+    indices = [(p, s) for p in range(len(prompts)) for s in range(num_samples)]
+    samples = [Sample(p, s) for p, s in indices]
+    streams = [TextStream(tokenizer, stop) for _ in indices]
+    live = set(range(rows))
+    steps = decode_steps(model, [encoded[p] for p, _ in indices], spec, max_new_tokens,
+                         [seed + row for row in range(rows)], window=window, valid_vocab=tokenizer.vocab_size)
     for step in steps:
         raw = F.log_softmax(step.logits, dim=-1)
         chosen = raw.gather(1, step.tokens[:, None]).squeeze(1).tolist()
-        details = _token_details(step, raw, top) if top > 0 else None
+        details = _token_details(step, raw, top, spec.is_greedy) if top > 0 else None
         for row, token in enumerate(step.tokens.tolist()):
             if row not in live:
                 continue
             sample, stream = samples[row], streams[row]
-            sample.tokens.append(token)
-            sample.logprobs.append(chosen[row])
             if details:
                 sample.details.append(details[row])
-            if token == tokenizer.eot_id:
-                sample.finish = "eot"
-            else:
-                fragment = stream.feed(token)
-                if fragment and on_text:
-                    on_text(row, fragment)
-                if stream.stopped:
-                    sample.finish = "stop"
+            _take(sample, stream, token, chosen[row], tokenizer.eot_id, on_text, row)
             if sample.finish != "length":
                 live.discard(row)
                 _close(sample, stream, on_text, on_done, row)
@@ -338,11 +364,14 @@ def generate(
     return samples
 
 
-def _token_details(step: Step, raw: torch.Tensor, top: int) -> list[TokenDetail]:
-    filtered = F.log_softmax(step.processed.float(), dim=-1)
+def _token_details(step: Step, raw: torch.Tensor, top: int, greedy: bool) -> list[TokenDetail]:
+    tokens = step.tokens[:, None]
+    if greedy:  # the argmax is chosen with probability 1: log 1 = 0 for it, log 0 for the rest
+        filtered = torch.full_like(raw, -math.inf).scatter_(1, tokens, 0.0)
+    else:
+        filtered = F.log_softmax(step.processed.float(), dim=-1)
     top_raw, top_ids = raw.topk(min(top, raw.size(-1)), dim=-1)
     top_filtered = filtered.gather(1, top_ids)
-    tokens = step.tokens[:, None]
     return [
         TokenDetail(token, logprob, filtered_logprob, list(zip(ids, raws, filts)))
         for token, logprob, filtered_logprob, ids, raws, filts in zip(
@@ -350,6 +379,21 @@ def _token_details(step: Step, raw: torch.Tensor, top: int) -> list[TokenDetail]
             filtered.gather(1, tokens).squeeze(1).tolist(), top_ids.tolist(), top_raw.tolist(), top_filtered.tolist(),
         )
     ]
+
+
+def _take(sample: Sample, stream: TextStream, token: int, logprob: float, eot_id: int, on_text, row: int) -> None:
+    """Add one token to a sample and pass its printable text on; the end-of-text token or
+    a stop string sets how the sample finished."""
+    sample.tokens.append(token)
+    sample.logprobs.append(logprob)
+    if token == eot_id:
+        sample.finish = "eot"
+        return
+    fragment = stream.feed(token)
+    if fragment and on_text:
+        on_text(row, fragment)
+    if stream.stopped:
+        sample.finish = "stop"
 
 
 def _close(sample: Sample, stream: TextStream, on_text, on_done, row: int) -> None:
@@ -383,12 +427,13 @@ def beam_search(
 
     Each step extends every live beam by every token and keeps the ``num_beams`` best by
     total log-probability (ties to the lower beam, then the lower token id). A beam that
-    picks the end-of-text token is set aside as finished. The search stops after
-    ``max_new_tokens`` steps, or once ``num_beams`` beams have finished and no live beam
-    can still beat the worst of them. The result is the beam with the best score divided
-    by its length (length penalty 1.0, as transformers' default), counting generated
-    tokens only; the end-of-text token is not part of it. Penalties in ``spec`` apply to
-    the logits before the log-softmax.
+    picks the end-of-text token is set aside as finished. The result is the beam with
+    the best score divided by its length (length penalty 1.0, as transformers' default):
+    the end-of-text token's log-probability counts in the score, but the token does not
+    count in the length. The search stops after ``max_new_tokens`` steps, or once
+    ``num_beams`` beams have finished and no live beam can still beat the worst of them
+    (a bound, not a guess: see _search_is_over). Penalties in ``spec`` apply to the
+    logits before the log-softmax.
     """
     n = spec.num_beams
     context = Context(model, [list(prompt)] * n, max_new_tokens, window, valid_vocab)
@@ -418,7 +463,7 @@ def beam_search(
             if len(next_beams) == n:
                 break
         finished = sorted(finished, key=_normalised, reverse=True)[:n]
-        if not next_beams or _search_is_over(finished, next_beams, n, step + 1):
+        if not next_beams or _search_is_over(finished, next_beams, n, max_new_tokens):
             break
         rows = torch.tensor(chosen_rows, device=logits.device)
         context.reorder(rows)
@@ -433,31 +478,28 @@ def beam_search(
 
 
 def _normalised(beam: Beam) -> float:
-    return beam.score / max(len(beam.tokens), 1)
+    """Score per generated token, the end-of-text token not counted."""
+    return beam.score / max(len(beam.tokens) - beam.ended, 1)
 
 
-def _search_is_over(finished: list[Beam], live: list[Beam], n: int, length: int) -> bool:
-    """Done when n beams have finished and the best live beam, scored at its current
-    length, cannot beat the worst finished one (its score only falls as it grows)."""
+def _search_is_over(finished: list[Beam], live: list[Beam], n: int, max_new_tokens: int) -> bool:
+    """Done when n beams have finished and no live beam can end above the worst of them.
+    A live beam's score (a sum of log-probabilities, <= 0) only falls as it grows, and
+    its length is at most max_new_tokens, so it can end at best at score / max_new_tokens.
+    (Dividing by the current length instead, a common shortcut, is not a bound: -10
+    over 5 tokens is -2, and one more token of log-probability -0.1 makes it -1.68.)"""
     if len(finished) < n:
         return False
-    best_live = max(b.score for b in live) / length
+    best_live = max(b.score for b in live) / max_new_tokens
     return best_live <= _normalised(finished[-1])
 
 
 def _finish_beam(beam: Beam, prompt_index: int, tokenizer: Tokenizer, stop, on_text, on_done) -> Sample:
     stream = TextStream(tokenizer, stop)
-    sample = Sample(prompt_index, 0, finish="eot" if beam.ended else "length")
+    sample = Sample(prompt_index, 0)
     for token, logprob in zip(beam.tokens, beam.logprobs):
-        sample.tokens.append(token)
-        sample.logprobs.append(logprob)
-        if token == tokenizer.eot_id:
-            break
-        fragment = stream.feed(token)
-        if fragment and on_text:
-            on_text(prompt_index, fragment)
-        if stream.stopped:
-            sample.finish = "stop"
+        _take(sample, stream, token, logprob, tokenizer.eot_id, on_text, prompt_index)
+        if sample.finish != "length":
             break
     _close(sample, stream, on_text, on_done, prompt_index)
     return sample

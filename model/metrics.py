@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Hashable, Iterable, Sequence
-from itertools import chain
 from typing import TypeVar
 
 from model.errors import UserError
@@ -180,7 +179,7 @@ def self_bleu(samples: Sequence[Sequence[T]], max_n: int = 4) -> float:
     lower = more diverse; identical samples of at least `max_n` units score 1.
     Returns nan for fewer than 2 samples. Cost is quadratic in the number of
     samples, so compute it per prompt (samples of one prompt against each other),
-    as `summarize` does. Unlike Holtzman et al., who scored a random subset of 1000
+    as model/compare.py does. Unlike Holtzman et al., who scored a random subset of 1000
     hypotheses, every sample is scored.
     """
     _check_positive("self-BLEU max n-gram order max_n", max_n)
@@ -195,21 +194,16 @@ def self_bleu(samples: Sequence[Sequence[T]], max_n: int = 4) -> float:
     )
 
 
-def zipf_coefficient_from_counts(counts: Iterable[float], max_rank: int | None = None) -> float:
+def zipf_coefficient_from_counts(counts: Iterable[float]) -> float:
     """The Zipf exponent s fitted to a list of frequencies (any order; each > 0).
 
     The counts are sorted in decreasing order and given ranks 1, 2, ...; s is minus
     the slope of the ordinary least-squares line of log(count) against log(rank), so
     counts exactly proportional to 1/rank^s give s back. Ties keep their positions in
-    the sorted list, so the result does not depend on the input order. With
-    `max_rank`, only the `max_rank` largest counts are fitted (Holtzman et al. fit
-    the top 5000 ranks). Returns nan for fewer than 2 counts to fit.
+    the sorted list, so the result does not depend on the input order. Returns nan
+    for fewer than 2 counts to fit.
     """
     ranked = sorted(counts, reverse=True)
-    if max_rank is not None:
-        if max_rank < 2:
-            raise UserError(f"Zipf max_rank must be at least 2 (a line needs two points), got {max_rank}")
-        ranked = ranked[:max_rank]
     if len(ranked) < 2:
         return math.nan
     if ranked[-1] <= 0:
@@ -222,18 +216,18 @@ def zipf_coefficient_from_counts(counts: Iterable[float], max_rank: int | None =
     return -covariance / variance
 
 
-def zipf_coefficient(units: Iterable[Hashable], max_rank: int | None = None) -> float:
+def zipf_coefficient(units: Iterable[Hashable]) -> float:
     """The Zipf exponent s of the unit frequencies in `units` (all samples concatenated).
 
     Counts how often each distinct unit occurs and fits log(count) = c - s*log(rank)
     by least squares over all distinct units, rank 1 the most frequent; see
-    `zipf_coefficient_from_counts`. By default every distinct unit is fitted;
-    pass max_rank=5000 to fit only the top ranks as Holtzman et al.'s script did
-    (the same thing whenever there are at most 5000 distinct units). Natural English
+    `zipf_coefficient_from_counts`. Every distinct unit is fitted (Holtzman et al.'s
+    script fitted the top 5000 ranks: the same whenever there are at most 5000
+    distinct units). Natural English
     words give s near 1; a larger s means frequency concentrated on fewer units.
     Returns nan for fewer than 2 distinct units.
     """
-    return zipf_coefficient_from_counts(Counter(units).values(), max_rank)
+    return zipf_coefficient_from_counts(Counter(units).values())
 
 
 # ----------------------------------------------------------------------------- repetition
@@ -281,47 +275,3 @@ def repetition_rate(
 ) -> float:
     """The share of samples for which `ends_in_repetition` holds, in [0, 1]; nan for no samples."""
     return _mean(float(ends_in_repetition(sample, min_phrase_len, min_repeats)) for sample in samples)
-
-
-# ----------------------------------------------------------------------------- one table row
-
-
-def summarize(
-    samples_by_prompt: Sequence[Sequence[Sequence[T]]],
-    token_logprobs: Sequence[Sequence[float]] | None = None,
-    stopped: Sequence[bool] | None = None,
-) -> dict[str, float]:
-    """All metrics for one decoding strategy, as one row of a comparison table.
-
-    `samples_by_prompt[p]` holds the samples generated for prompt p (in units of the
-    caller's choice). `token_logprobs`, if given, holds the model's log-probability
-    of every generated token, one sequence per sample in any order (they are
-    pooled). `stopped`, if given, says for each sample whether generation ended on a
-    stop condition rather than on the length limit. Metrics whose input is not given
-    are nan. Keys, in display order:
-
-    - mean_length: mean number of units per sample.
-    - stop_rate: share of samples that stopped by themselves.
-    - perplexity: `perplexity` of all the given log-probabilities pooled.
-    - distinct_1, distinct_2, distinct_3: `distinct_n` pooled over all samples.
-    - repetition: `repetition_rate` over all samples (default rule).
-    - self_bleu: `self_bleu` (BLEU-4) within each prompt's samples, then the
-      unweighted mean over prompts with at least 2 samples (nan if none): samples
-      of different prompts are not expected to resemble each other.
-    - zipf: `zipf_coefficient` of all units of all samples.
-    """
-    samples = [sample for group in samples_by_prompt for sample in group]
-    group_bleus = [self_bleu(group) for group in samples_by_prompt if len(group) >= 2]
-    return {
-        "mean_length": _mean(len(sample) for sample in samples),
-        "stop_rate": math.nan if stopped is None else _mean(float(flag) for flag in stopped),
-        "perplexity": (
-            math.nan if token_logprobs is None else perplexity(list(chain.from_iterable(token_logprobs)))
-        ),
-        "distinct_1": distinct_n(samples, 1),
-        "distinct_2": distinct_n(samples, 2),
-        "distinct_3": distinct_n(samples, 3),
-        "repetition": repetition_rate(samples),
-        "self_bleu": _mean(group_bleus),
-        "zipf": zipf_coefficient(chain.from_iterable(samples)),
-    }

@@ -49,7 +49,7 @@ def test_prepare_train_sample_end_to_end(tmp_path, tiny_corpus):
     assert again.stdout == sampled.stdout  # same seed, same text
 
     from_stdin = run_cli("sample.py", str(out / "best.pt"), "--prompt-file", "-", "--num-samples", "2",
-                         "--max-new-tokens", "10", "--strategy", "greedy", stdin="lazy")
+                         "--max-new-tokens", "10", "--strategy", "top-k", stdin="lazy")
     assert from_stdin.returncode == 0 and from_stdin.stdout.count("--- prompt 1, sample") == 2
 
 
@@ -62,12 +62,40 @@ def test_prepare_train_sample_end_to_end(tmp_path, tiny_corpus):
         (["data_dir=/nonexistent"], "no prepared dataset in /nonexistent"),
         (["--device", "cuda"], "no usable CUDA GPU"),
         (["model.vocab_size=5"], "leave model.vocab_size at 0"),
+        (["train.lerning_rate=2"], "unknown key train.lerning_rate; did you mean 'learning_rate'?"),
+        (["model.learning_rate=2"], "learning_rate belongs in [train]"),
+        (["learning_rate=inf"], "train.learning_rate must be a finite number"),
+        (["--resume", "--overwrite"], "choose one"),
     ],
 )
 def test_train_bad_input(args, message, tiny_dataset, tmp_path, capsys):
     code = train.main([f"data_dir={tiny_dataset}", f"out_dir={tmp_path}", "max_iters=1", *args])
     assert code == 2
     assert message in one_line_error(capsys.readouterr().err)
+
+
+def test_a_new_run_never_replaces_an_earlier_one(tiny_dataset, tmp_path, capsys):
+    run = [f"data_dir={tiny_dataset}", f"out_dir={tmp_path}", "block_size=16", "n_layer=1", "n_head=1",
+           "n_embd=8", "batch_size=2", "eval_iters=1", "eval_interval=2", "max_iters=2", "--no-progress"]
+    assert train.main(run) == 0
+    saved = {name: (tmp_path / name).read_bytes() for name in ("best.pt", "last.pt", "metrics.jsonl")}
+    capsys.readouterr()
+    assert train.main(run) == 2
+    assert "holds an earlier run (last.pt, best.pt); continue it with --resume" in one_line_error(capsys.readouterr().err)
+    assert {name: (tmp_path / name).read_bytes() for name in saved} == saved
+    assert train.main([*run, "--overwrite", "seed=2"]) == 0
+    assert (tmp_path / "last.pt").read_bytes() != saved["last.pt"]
+
+
+def test_file_system_errors_are_one_line(tiny_dataset, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert train.main([f"data_dir={tiny_dataset}", f"out_dir={tmp_path / 'afile' / 'run'}", "max_iters=1"]) == 2
+    assert "Not a directory" in one_line_error(capsys.readouterr().err)
+    assert train.main(["--config", str(tmp_path)]) == 2  # a folder, not a TOML file
+    assert "Is a directory" in one_line_error(capsys.readouterr().err)
+    (tmp_path / "latin1.toml").write_bytes("[train]\nout_dir = 'caf\xe9'\n".encode("latin-1"))
+    assert train.main(["--config", str(tmp_path / "latin1.toml")]) == 2
+    assert "latin1.toml: not valid TOML" in one_line_error(capsys.readouterr().err)
 
 
 def test_train_bad_input_through_the_real_cli(tmp_path):
@@ -86,6 +114,19 @@ def test_train_bad_input_through_the_real_cli(tmp_path):
         (["--strategy", "greedy", "--top-k", "5"], "does nothing with greedy"),
         (["--strategy", "beam", "--temperature", "0.5"], "does nothing with beam search"),
         (["--stop", ""], "stop string must not be empty"),
+        (["--strategy", "greedy", "--temperature", "0.7"],
+         "--temperature 0.7 would turn --strategy greedy (greedy decoding) into sampling"),
+        (["--strategy", "top-p", "--temperature", "0"],
+         "--temperature 0.0 would turn --strategy top-p (sampling) into greedy decoding"),
+        (["--strategy", "beam", "--num-beams", "1"], "--num-beams 1 would turn --strategy beam (beam search) into"),
+        (["--strategy", "greedy", "--num-beams", "3"], "--num-beams 3 would turn --strategy greedy"),
+        (["--strategy", "greedy", "--num-samples", "2"], "greedy decoding ignores the seed: --num-samples 2"),
+        (["--strategy", "beam", "--num-samples", "3"], "beam search ignores the seed"),
+        (["--seed", "-1"], "the seed must be in [0, 9223372036854775807]"),
+        (["--seed", str(2**63 - 2), "--prompt", "a", "--prompt", "b", "--num-samples", "2"],
+         "the seed must be in [0, 9223372036854775804]"),
+        (["--logprobs", "/nonexistent/dir/x.jsonl"], "No such file or directory"),
+        (["--strategy", "top-p:p=0.9", "--top-p", "0.5"], "--top-p sets what --strategy top-p:p=0.9 already sets"),
         (["--prompt", "ünïcödé→"], "prompt has characters the char tokenizer never saw: 'ü', 'ï'"),
         (["--strategy", "nucleus"], "unknown decoding strategy 'nucleus'"),
         (["--explain", "--num-samples", "2"], "--explain shows one sample"),
@@ -95,7 +136,21 @@ def test_train_bad_input_through_the_real_cli(tmp_path):
 def test_sample_bad_input(args, message, tiny_checkpoint, capsys):
     code = sample.main([str(tiny_checkpoint), "--max-new-tokens", "3", *args])
     assert code == 2
-    assert message in one_line_error(capsys.readouterr().err)
+    captured = capsys.readouterr()
+    assert message in one_line_error(captured.err)
+    assert captured.out == ""  # refused before anything was printed
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--strategy", "top-k", "--top-k", "20", "--temperature", "0.8"], {"top_k": 20, "temperature": 0.8}),
+    (["--strategy", "top-p:p=0.95", "--temperature", "0.7"], {"top_p": 0.95, "temperature": 0.7}),
+    (["--strategy", "greedy", "--repetition-penalty", "1.3"], {"temperature": 0.0, "repetition_penalty": 1.3}),
+    (["--strategy", "beam", "--num-beams", "8"], {"num_beams": 8, "temperature": 1.0}),
+    (["--strategy", "top-p", "--top-k", "40"], {"top_p": 0.9, "top_k": 40}),
+])
+def test_flags_tune_the_strategy_named(args, expected):
+    spec = sample.spec_from_args(sample.build_parser().parse_args(["ckpt.pt", *args]))
+    assert {name: getattr(spec, name) for name in expected} == expected
 
 
 def test_sample_bad_checkpoints(tmp_path, tiny_checkpoint, capsys):

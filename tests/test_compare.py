@@ -51,6 +51,11 @@ def test_default_grid_parses_to_distinct_strategies():
     assert [spec.label for spec in grid] == list(DEFAULT_GRID)
 
 
+def test_bare_names_take_the_sampling_defaults():
+    labels = [spec.label for spec in parse_grid(["top-k", "top-p", "beam", "temperature"])]
+    assert labels == ["top-k:k=40", "top-p:p=0.9", "beam:n=4", "temperature:t=0.7"]
+
+
 @pytest.mark.parametrize(
     "specs, message",
     [
@@ -59,6 +64,7 @@ def test_default_grid_parses_to_distinct_strategies():
         (["nucleus"], "unknown decoding strategy 'nucleus'"),
         (["top-p:p=1.5"], "top_p=1.5 is out of range"),
         (["beam:n=1"], "beam search needs n >= 2"),
+        (["top-k", "top-k:k=40"], "'top-k:k=40' is in the grid twice (as 'top-k:k=40')"),
     ],
 )
 def test_grid_errors(specs, message):
@@ -302,7 +308,7 @@ def test_run_comparison_seeds_match_plain_generation(tiny_checkpoint):
         (["--num-samples", "0"], "--num-samples must be >= 1, got 0"),
         (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
         (["--stop", ""], "stop string must not be empty"),
-        (["--data-dir", "/nonexistent/data"], "the checkpoint's dataset /nonexistent/data is not here"),
+        (["--data-dir", "/nonexistent/data"], "--data-dir /nonexistent/data is not a folder"),
         (["--num-prompts", "100000"], "fewer than the 100000 prompts asked for"),
         (["--prompts-file", "/nonexistent/prompts.txt"], "prompts file not found"),
         (["--prompt", "ünïcödé"], "prompt has characters the char tokenizer never saw"),
@@ -313,6 +319,15 @@ def test_compare_bad_input(args, message, tiny_checkpoint, capsys):
     code = sample.main(["compare", str(tiny_checkpoint), "--max-new-tokens", "3", "--no-progress", *args])
     assert code == 2
     assert message in one_line_error(capsys.readouterr().err)
+
+
+def test_compare_bad_out_fails_before_the_grid_runs(tiny_checkpoint, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    code = sample.main(["compare", str(tiny_checkpoint), "--max-new-tokens", "3", "--no-progress",
+                        "--out", str(tmp_path / "afile")])
+    captured = capsys.readouterr()
+    assert code == 2 and "File exists" in one_line_error(captured.err)
+    assert captured.out == ""  # no table: nothing was generated
 
 
 def test_compare_bad_input_through_the_real_cli(tmp_path):

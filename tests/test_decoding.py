@@ -299,6 +299,9 @@ def test_min_p_worked_examples():
     assert kept(min_p_filter(logits, 0.5)) == {0, 1}  # threshold .25: drops .15 and .05
     assert kept(min_p_filter(logits, 1.0)) == {0}  # only the maximum
     assert kept(min_p_filter(torch.tensor([0.4, 0.4, 0.2]).log(), 1.0)) == {0, 1}  # ties with the max
+    # exactly on the threshold is kept: .25 >= .5 * .5, .1 >= .25 * .4
+    assert kept(min_p_filter(torch.tensor([0.5, 0.25, 0.1, 0.15]).log(), 0.5)) == {0, 1}
+    assert kept(min_p_filter(torch.tensor([0.4, 0.1, 0.3, 0.2]).log(), 0.25)) == {0, 1, 2, 3}
     with pytest.raises(UserError, match="min_p"):
         min_p_filter(logits, 1.1)
     with pytest.raises(UserError, match="min_p"):
@@ -313,7 +316,7 @@ def test_min_p_keeps_exactly_the_tokens_above_the_scaled_threshold(logits, min_p
         probs = probabilities(row)
         threshold = min_p * max(probs)
         # Skip draws that sit on the boundary, where rounding decides either way.
-        assume(all(abs(q - threshold) > 1e-9 * max(probs) or q == threshold for q in probs))
+        assume(all(abs(q - threshold) > PROBABILITY_TOLERANCE * max(probs) for q in probs))
         expected = [x if q >= threshold else -INF for x, q in zip(row, probs)]
         assert row_out.tolist() == expected
 

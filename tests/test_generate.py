@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -82,7 +83,7 @@ def test_shift_mode_matches_its_definition(model, prompt_length):
         torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("window", ["exact", "none"])
+@pytest.mark.parametrize("window", ["exact", "shift", "none"])
 def test_batched_prompts_give_what_each_prompt_gives_alone(model, window):
     prompts = ["a", "hello there", "the quick brown fox"]
     spec = parse_strategy("top-k:k=5,t=0.9")
@@ -187,6 +188,50 @@ def test_beam_search_with_enough_beams_is_exhaustive_search():
     assert best.score == pytest.approx(score(exhaustive), abs=1e-4)
 
 
+def test_beam_search_with_end_of_text_finds_the_best_score_per_token():
+    # With an end-of-text token, a sequence ends at it or after T tokens; its score is its
+    # total log-probability (end-of-text included) over its length (end-of-text excluded).
+    # With more beams than candidates at any step, beam search must return the sequence
+    # with the best such score among all of them.
+    torch.manual_seed(7)
+    model = GPT(tiny_config(vocab_size=4, block_size=8)).eval()
+    prompt, V, T, eot = [1, 2], 4, 3, 0
+    best = beam_search(model, prompt, DecodingSpec(num_beams=V ** T), T, eot_id=eot)
+
+    def logprobs(continuation):
+        tokens = prompt + list(continuation)
+        with torch.no_grad():
+            logp = F.log_softmax(model(torch.tensor([tokens]))[0][0], dim=-1)
+        return [logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(continuation)]
+
+    candidates = [
+        seq for length in range(1, T + 1) for seq in itertools.product(range(V), repeat=length)
+        if eot not in seq[:-1] and (seq[-1] == eot or length == T)
+    ]
+
+    def per_token(seq):
+        return sum(logprobs(seq)) / max(len(seq) - (seq[-1] == eot), 1)
+
+    expected = max(candidates, key=per_token)
+    assert best.tokens == list(expected)
+    assert best.score / max(len(best.tokens) - best.ended, 1) == pytest.approx(per_token(expected), abs=1e-5)
+
+
+def test_beam_scores_by_hand():
+    from model.generate import Beam, _normalised, _search_is_over
+
+    # end-of-text counts in the score but not in the length: -2.0 over 1 token
+    assert _normalised(Beam([5, 0], -2.0, [-1.5, -0.5], ended=True)) == -2.0
+    assert _normalised(Beam([5, 6], -2.0, [-1.5, -0.5])) == -1.0
+    # The worst finished beam scores -1.9 per token. A live beam at -10 after 5 tokens is
+    # at -2.0 now, but one more token of log-probability -0.1 would give -10.1 / 6 = -1.68,
+    # so with up to 6 tokens the search is not over; with at most 5 it is (-10 / 5 <= -1.9).
+    finished = [Beam([1] * 10, -19.0, [])]
+    live = [Beam([2] * 5, -10.0, [])]
+    assert not _search_is_over(finished, live, 1, max_new_tokens=6)
+    assert _search_is_over(finished, live, 1, max_new_tokens=5)
+
+
 def test_beam_search_is_deterministic_and_at_least_as_likely_as_greedy(model):
     spec = DecodingSpec(num_beams=4)
     a = generate(model, CHARS, ["the"], spec, max_new_tokens=12)[0]
@@ -246,3 +291,32 @@ def test_cache_accepts_chunks_of_any_length(attention):
         cache = KVCache(cfg, 2, 16, "cpu")
         parts = [model(idx[:, a:b], cache=cache)[0] for a, b in ((0, 5), (5, 9), (9, 10))]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_details_show_what_the_strategy_sampled_from(model):
+    # top-k with k=2: after filtering, only 2 tokens have probability, and they sum to 1;
+    # greedy: the chosen token has probability 1 after "filtering", every other 0.
+    for spec, kept in ((DecodingSpec(top_k=2), 2), (DecodingSpec(temperature=0), 1)):
+        sample = generate(model, CHARS, ["the"], spec, max_new_tokens=5, top=4)[0]
+        for detail in sample.details:
+            filtered = [math.exp(f) for _, _, f in detail.top]
+            assert sum(p > 0 for p in filtered) == kept
+            assert sum(filtered) == pytest.approx(1.0, abs=1e-6)
+            assert detail.logprob == pytest.approx(detail.top[[t for t, _, _ in detail.top].index(detail.token)][1])
+        if kept == 1:
+            assert all(d.filtered_logprob == 0.0 for d in sample.details)
+
+
+def test_seeds_must_fit_the_generator(model):
+    with pytest.raises(UserError, match="seed must be in"):
+        generate(model, CHARS, ["a"], DecodingSpec(), max_new_tokens=1, seed=2**63 - 1, num_samples=2)
+    generate(model, CHARS, ["a"], DecodingSpec(), max_new_tokens=1, seed=2**63 - 2, num_samples=2)  # the last fit
+
+
+def test_the_token_buffer_grows_past_its_first_size(model):
+    # The buffer starts at prompt + 1024 tokens and doubles when full; what was appended stays.
+    context = Context(model, [[1, 2], [3, 4]], max_new_tokens=10**12, window="exact")
+    appended = torch.randint(0, CHARS.vocab_size, (2, 3000), generator=torch.Generator().manual_seed(0))
+    for column in appended.T:
+        context.append(column)
+    assert torch.equal(context.tokens[:, : context.length], torch.cat([torch.tensor([[1, 2], [3, 4]]), appended], 1))

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from model import corpus
 from model.corpus import Document, find_documents, iter_pieces
-from model.data import get_batch, open_split, read_meta, token_dtype
+from model.data import open_split, read_meta, read_windows, sample_starts, token_dtype
 from model.errors import UserError
 from tests.conftest import ROOT, run_cli
 
@@ -34,14 +34,24 @@ def split_texts(docs, val_fraction=0.1):
 
 
 def test_split_is_the_text_after_the_first_line_break_past_ninety_percent():
-    # 10 lines of 10 bytes: 90% is byte 90, the start of the last line; the first line
-    # break at or after it ends that line, so val is empty... unless the text goes on.
     lines = [f"line {i:03d}\n" for i in range(20)]  # 20 lines x 10 bytes = 200 bytes
     text = "".join(lines)
     texts = split_texts([bytes_doc("d", text.encode())])
     # 90% of 200 = byte 180 = start of line 18; its line break is byte 189 -> val = line 19
     assert texts["train"] == "".join(lines[:19])
     assert texts["val"] == lines[19]
+
+
+def test_one_line_file_splits_at_the_byte_itself():
+    # "é" is 2 bytes: 50 of them and a line break = 101 bytes; 90% = byte int(90.9) = 90,
+    # the start of the 46th "é". The only line break after it ends the file, so val
+    # starts at byte 90 itself: 5 characters and the line break.
+    texts = split_texts([bytes_doc("d", ("é" * 50 + "\n").encode())])
+    assert texts == {"train": "é" * 45, "val": "é" * 5 + "\n"}
+    # a split point inside a character moves back to its first byte: 92 bytes, 90% = byte 82,
+    # the second byte of the 41st "é" (bytes 81-82), so val starts at byte 81
+    texts = split_texts([bytes_doc("d", ("a" + "é" * 45 + "\n").encode())])
+    assert texts == {"train": "a" + "é" * 40, "val": "é" * 5 + "\n"}
 
 
 @settings(max_examples=50, deadline=None)
@@ -146,11 +156,46 @@ def test_prepare_refuses_to_overwrite_a_foreign_folder(tmp_path, tiny_corpus):
         prepare([str(tiny_corpus)], tmp_path, "char", progress=False)
 
 
-def test_get_batch_targets_are_inputs_shifted_by_one():
+def test_prepare_keeps_files_it_did_not_write(tmp_path, tiny_corpus):
+    out = tmp_path / "ds"
+    prepare([str(tiny_corpus)], out, "char", progress=False)
+    (out / "NOTES.md").write_text("mine")
+    with pytest.raises(UserError, match=r"not part of its dataset \(NOTES.md\)"):
+        prepare([str(tiny_corpus)], out, "char", progress=False)
+    assert (out / "NOTES.md").read_text() == "mine"
+
+
+def test_prepare_out_that_is_a_file_is_an_error(tmp_path, tiny_corpus):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        prepare([str(tiny_corpus)], tmp_path / "afile", "char", progress=False)
+
+
+def test_damaged_dataset_files_are_named(tiny_dataset, tmp_path):
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_dataset, damaged)
+    meta = read_meta(damaged)
+    with (damaged / "train.bin").open("ab") as f:
+        f.write(b"\0")  # half a uint16 token
+    with pytest.raises(UserError, match="train.bin is damaged"):
+        open_split(damaged, "train", meta)
+    del meta["dtype"]
+    (damaged / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="meta.json lacks dtype"):
+        read_meta(damaged)
+    (damaged / "meta.json").write_text("{}")
+    with pytest.raises(UserError, match="not written by data/prepare.py"):
+        read_meta(damaged)
+
+
+def test_windows_targets_are_inputs_shifted_by_one():
     import torch
 
     tokens = np.arange(100, dtype=np.uint16)
-    x, y = get_batch(tokens, 4, 8, torch.Generator().manual_seed(0))
+    starts = sample_starts(len(tokens), 8, 4, torch.Generator().manual_seed(0))
+    x, y = read_windows(tokens, starts, 8)
     assert x.shape == y.shape == (4, 8) and x.dtype == torch.int64
     assert torch.equal(y, x + 1)  # consecutive ids: each target is the next token
     assert int(y.max()) <= 99

@@ -125,6 +125,13 @@ def test_a_fresh_run_starts_a_fresh_metrics_file(tiny_dataset, tmp_path):
     assert [r["step"] for r in records(tmp_path)] == [0, 3]
 
 
+def test_resume_drops_later_and_torn_metrics_lines(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0}\n{"step": 3}\n{"step": 6}\n{"step": 9, "tra')  # killed mid-write
+    train.start_metrics(path, resumed_step=3)
+    assert path.read_text() == '{"step": 0}\n{"step": 3}\n'
+
+
 def test_flops_per_token_by_hand():
     # tiny_config: V=37, T=16, L=2, C=16: 7440 parameters (see test_model), of which the
     # position table T*C = 256 is a lookup: 6 * 7184 = 43104; attention 12 * 2 * 16 * 16 = 6144.
