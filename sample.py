@@ -23,13 +23,13 @@ from typing import TextIO
 
 import torch
 
-from model.checkpoint import load_checkpoint, model_from_checkpoint
+from model.checkpoint import load_for_generation
 from model.compare import main as compare_main
 from model.decoding import DecodingSpec, default_spec
 from model.device import resolve_device
-from model.errors import UserError, run_cli
+from model.errors import UserError, read_user_text, run_cli
 from model.generate import WINDOW_MODES, Sample, generate
-from model.tokenizer import Tokenizer, tokenizer_from_state
+from model.tokenizer import Tokenizer
 
 DECODING_FLAGS = (  # the command-line flags that set a DecodingSpec field of the same name
     "temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty", "frequency_penalty",
@@ -69,25 +69,8 @@ def _kind(fields: dict) -> str:
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
     """--prompt and --prompt-file (``-`` is stdin), in the order given; none means one empty prompt."""
-    prompts = list(args.prompt or [])
-    for name in args.prompt_file or []:
-        if name == "-":
-            prompts.append(sys.stdin.read())
-            continue
-        try:
-            prompts.append(Path(name).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UserError(f"prompt file not found: {name}") from None
-        except UnicodeDecodeError as e:
-            raise UserError(f"prompt file {name} is not UTF-8 (byte offset {e.start})") from None
+    prompts = list(args.prompt or []) + [read_user_text(name, "prompt file") for name in args.prompt_file or []]
     return prompts or [""]
-
-
-def load_model(path: str, device_name: str):
-    device = resolve_device(device_name)
-    payload = load_checkpoint(path, map_location=device)
-    model = model_from_checkpoint(payload, device).eval()
-    return model, tokenizer_from_state(payload["tokenizer"])
 
 
 class Printer:
@@ -215,7 +198,7 @@ def run(args: argparse.Namespace) -> None:
     if wants_details and spec.is_beam:
         raise UserError("--explain and --logprobs follow one token at a time; they do not work with beam search")
     prompts = read_prompts(args)
-    model, tokenizer = load_model(args.checkpoint, args.device)
+    model, tokenizer, _ = load_for_generation(args.checkpoint, resolve_device(args.device))
     for prompt in prompts:
         tokenizer.check_encodable(prompt, "prompt")
     if args.explain and args.num_samples * len(prompts) > 1:

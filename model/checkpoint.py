@@ -31,6 +31,7 @@ import torch
 from model.config import ModelConfig
 from model.errors import UserError
 from model.gpt import GPT
+from model.tokenizer import Tokenizer, tokenizer_from_state
 
 FORMAT = "tinygpt-checkpoint"
 VERSION = 1
@@ -149,6 +150,12 @@ def model_from_checkpoint(payload: dict[str, Any], device: str | torch.device = 
     model = GPT(ModelConfig(**payload["config"]["model"]))
     model.load_state_dict(payload["model"])
     return model.to(device)
+
+
+def load_for_generation(path: str | Path, device: torch.device) -> tuple[GPT, Tokenizer, dict[str, Any]]:
+    """The model in eval mode on ``device``, its tokenizer, and the whole payload."""
+    payload = load_checkpoint(path, map_location=device)
+    return model_from_checkpoint(payload, device).eval(), tokenizer_from_state(payload["tokenizer"]), payload
 
 
 def _first_line(error: BaseException) -> str:

@@ -62,14 +62,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from model import metrics
-from model.checkpoint import load_checkpoint, model_from_checkpoint
+from model.checkpoint import load_for_generation
 from model.data import open_split, read_meta
 from model.decoding import DecodingSpec, default_spec
 from model.device import resolve_device
-from model.errors import UserError, run_cli
+from model.errors import UserError, read_user_text, run_cli
 from model.generate import WINDOW_MODES, Context, Sample, TextStream, generate
 from model.gpt import GPT
-from model.tokenizer import Tokenizer, tokenizer_from_state
+from model.tokenizer import Tokenizer
 
 DEFAULT_GRID = (
     "greedy", "beam:n=4", "sample", "temperature:t=0.7", "top-k:k=40", "top-p:p=0.9", "typical:p=0.95",
@@ -505,12 +505,7 @@ def plot_chart(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> b
 
 def read_prompts_file(name: str) -> list[str]:
     """One prompt per line ('-' is stdin); blank lines are skipped. Line breaks are not part of a prompt."""
-    try:
-        text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"prompts file not found: {name}") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"prompts file {name} is not UTF-8 (byte offset {e.start})") from None
+    text = read_user_text(name, "prompts file")
     prompts = [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise UserError(f"prompts file {name} has no prompt (one per line; blank lines are skipped)")
@@ -609,10 +604,7 @@ def run(args: argparse.Namespace, out=None) -> Comparison:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)  # a bad --out fails now, not after the whole grid
     given = list(args.prompt or []) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
-    device = resolve_device(args.device)
-    payload = load_checkpoint(args.checkpoint, map_location=device)
-    model = model_from_checkpoint(payload, device).eval()
-    tokenizer = tokenizer_from_state(payload["tokenizer"])
+    model, tokenizer, payload = load_for_generation(args.checkpoint, resolve_device(args.device))
     human = None
     if given:
         for prompt in given:

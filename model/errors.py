@@ -1,9 +1,10 @@
-"""The one exception type the command-line tools turn into a one-line message, and the
-wrapper that does it."""
+"""The one exception type the command-line tools turn into a one-line message, the
+wrapper that does it, and the reading of a text file a user names."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Callable
 
 
@@ -35,3 +36,16 @@ def run_cli(action: Callable[[], object], interrupted: str = "interrupted", end_
         print(interrupted, file=sys.stderr)
         return 130
     return 0
+
+
+def read_user_text(name: str, what: str) -> str:
+    """The text of the file ``name`` (``-``: standard input), UTF-8. A missing file or one
+    that is not UTF-8 is a UserError naming it as ``what`` (e.g. "prompt file")."""
+    if name == "-":
+        return sys.stdin.read()
+    try:
+        return Path(name).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{what} not found: {name}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {name} is not UTF-8 (byte offset {e.start})") from None
