@@ -3,6 +3,8 @@ wrapper that does it, and the reading of a text file a user names."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Callable
@@ -21,11 +23,18 @@ def run_cli(action: Callable[[], object], interrupted: str = "interrupted", end_
     """Run a command-line tool's work and return its exit status: 0 when it finishes,
     2 with ``error: ...`` on stderr for a UserError or a failed file operation (a path
     that is a file where a folder is needed, a full disk, no permission), 130 with
-    ``interrupted`` on stderr for Ctrl-C; never a traceback for any of them.
+    ``interrupted`` on stderr for Ctrl-C, 141 and no message when stdout's reader closed
+    the pipe; never a traceback for any of them.
     ``end_output_line`` ends a line that streamed text left open on stdout before the
     interruption is reported."""
     try:
         action()
+    except BrokenPipeError:
+        # The reader of our output went away (``| head``): stop quietly with the status a
+        # process killed by SIGPIPE has, and point stdout at /dev/null so the final flush
+        # at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except (UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

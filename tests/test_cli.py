@@ -213,3 +213,13 @@ def test_ctrl_c_stops_sampling_cleanly_and_keeps_the_text(tiny_checkpoint):
     rest, stderr = process.communicate(timeout=60)
     assert process.returncode == 130
     assert (shown + rest).startswith("The") and "Traceback" not in stderr and "interrupted" in stderr
+
+
+def test_a_reader_that_stops_reading_ends_the_output_quietly(tiny_checkpoint):
+    # `sample.py ... | head -c 5`: once head exits, the next write fails with a broken pipe
+    # (2000 steps of --explain tables are far more than a pipe buffer holds)
+    command = (f"{sys.executable} sample.py {tiny_checkpoint} --max-new-tokens 2000 --explain --strategy top-k "
+               "| head -c 5; echo \" ${PIPESTATUS[0]}\"")
+    result = subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.stderr == ""  # no "error: [Errno 32] Broken pipe", no traceback
+    assert result.stdout.endswith(" 141\n")  # the status of a process stopped by SIGPIPE
