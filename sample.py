@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
         "strategies side by side instead: python sample.py compare CKPT (see python sample.py compare --help).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("checkpoint", help="a .pt file written by train.py (e.g. out/default/best.pt)")
+    parser.add_argument("checkpoint", help="a .pt file written by train.py (e.g. out/default/best.pt), or a "
+                        "Hugging Face GPT-2 folder (config.json, model.safetensors, vocab.json, merges.txt)")
     parser.add_argument("--prompt", action="append", help="prompt text (repeatable: several prompts run as one "
                         "batch); an empty prompt starts a new document")
     parser.add_argument("--prompt-file", action="append", help="read a prompt from a file, '-' for stdin (repeatable)")

@@ -545,7 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
         "ended on end-of-text or a stop string; tok/s = generated tokens per second. "
         "Example: python sample.py compare out/default/best.pt -s greedy -s top-p:p=0.9 --out out/compare",
     )
-    parser.add_argument("checkpoint", help="a .pt file written by train.py (e.g. out/default/best.pt)")
+    parser.add_argument("checkpoint", help="a .pt file written by train.py (e.g. out/default/best.pt), or a "
+                        "Hugging Face GPT-2 folder (config.json, model.safetensors, vocab.json, merges.txt)")
     parser.add_argument("-s", "--strategy", action="append", help="a strategy spec (repeatable), e.g. greedy, "
                         "beam:n=4, temperature:t=0.7, top-k:k=40, top-p:p=0.9,t=0.8, min-p:p=0.05, typical:p=0.95, "
                         "or a bare name with sample.py's defaults (top-k is top-k:k=40) "
@@ -611,7 +612,10 @@ def run(args: argparse.Namespace, out=None) -> Comparison:
             tokenizer.check_encodable(prompt, "prompt")
         prompts = given
     else:
-        data_dir = args.data_dir or payload["config"]["train"]["data_dir"]
+        data_dir = args.data_dir or payload["config"]["train"].get("data_dir")
+        if data_dir is None:  # a GPT-2 folder
+            raise UserError(f"{args.checkpoint} is a model folder without a dataset of its own: pass --data-dir with "
+                            "a corpus prepared with --tokenizer gpt2:FOLDER (or give prompts with --prompt)")
         if not Path(data_dir).is_dir():
             whose = "--data-dir" if args.data_dir else "the checkpoint's dataset"
             raise UserError(f"{whose} {data_dir} is not a folder; pass --data-dir with the dataset the model was "

@@ -120,8 +120,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(cfg.n_embd, eps=1e-5)
-    return nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
 
 
 class KVCache:
@@ -209,16 +209,21 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: widen 4x, GELU, project back."""
+    """Position-wise feed-forward: widen 4x, GELU, project back.
+
+    GELU is exact (x * Phi(x), with the error function) or, with activation "gelu_tanh",
+    the tanh approximation GPT-2 was trained with (its gelu_new); the two differ by up
+    to about 5e-4, enough to matter for matching GPT-2's logits."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"
         self.fc = Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
         self.proj = Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x))))
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):
