@@ -40,8 +40,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from model import distributed
-from model.checkpoint import copy_checkpoint, load_checkpoint, remove_stale_temporaries, save_checkpoint
-from model.config import Config, ModelConfig, TrainConfig, config_differences, load_config
+from model.checkpoint import (
+    copy_checkpoint, load_checkpoint, load_initial_weights, remove_stale_temporaries, save_checkpoint,
+    source_model_config,
+)
+from model.config import Config, ModelConfig, TrainConfig, config_differences, given_keys, load_config
 from model.data import (
     check_batch_fits, check_split_length, open_split, read_meta, read_windows, sample_starts, to_device,
 )
@@ -138,6 +141,57 @@ def check_same_model(checkpoint: dict, cfg: Config) -> None:
             + "; ".join(f"model.{d}" for d in differences)
             + ". Resume with the checkpoint's model settings (leave out --config), or train into a new out_dir"
         )
+
+
+# Model settings that may differ from train.init_from's: they do not change the weights.
+FREE_MODEL_KEYS = ("block_size", "dropout", "attention")
+
+
+def adopt_init_shape(cfg: Config, given: set[str]) -> Config:
+    """With train.init_from the model's shape is that of the weights there: every model key
+    the config leaves out is taken from them, and one it sets (``given``: section.key
+    names) to another value is an error. block_size may be smaller (the position table
+    is cropped); dropout and attention are free."""
+    source = source_model_config(cfg.train.init_from)
+    conflicts = [
+        f"model.{key} = {getattr(cfg.model, key)!r} but init_from has {getattr(source, key)!r}"
+        for key in sorted(k.removeprefix("model.") for k in given if k.startswith("model."))
+        if key not in FREE_MODEL_KEYS and getattr(cfg.model, key) != getattr(source, key)
+    ]
+    if conflicts:
+        raise UserError(f"train.init_from {cfg.train.init_from} fixes the model's shape: {'; '.join(conflicts)}; "
+                        "leave those keys out of the config")
+    block_size = cfg.model.block_size if "model.block_size" in given else source.block_size
+    if block_size > source.block_size:
+        raise UserError(f"model.block_size {block_size} exceeds the {source.block_size} positions of "
+                        f"train.init_from {cfg.train.init_from}")
+    model = dataclasses.replace(source, block_size=block_size, dropout=cfg.model.dropout,
+                                attention=cfg.model.attention)
+    return dataclasses.replace(cfg, model=model)
+
+
+def initial_model(cfg: Config, meta: dict, resuming: bool) -> GPT:
+    """The network training starts from: fresh weights, or those of train.init_from
+    (unless resuming: the checkpoint has newer ones). The dataset must be tokenized with
+    the tokenizer of those weights, and the config must have their shape (adopt_init_shape)."""
+    if not cfg.train.init_from or resuming:
+        return GPT(cfg.model)
+    source, tokenizer_state = load_initial_weights(cfg.train.init_from, cfg.model.block_size)
+    free = {key: getattr(cfg.model, key) for key in FREE_MODEL_KEYS}
+    differences = config_differences(dataclasses.asdict(dataclasses.replace(source.config, **free)),
+                                     dataclasses.asdict(cfg.model))
+    if differences:
+        raise UserError(f"the model config differs from train.init_from's (init_from -> config): "
+                        + "; ".join(f"model.{d}" for d in differences))
+    if tokenizer_state != meta["tokenizer"]:
+        raise UserError(f"{cfg.train.data_dir} was prepared with the {meta.get('tokenizer_name', '?')} tokenizer, "
+                        f"not the one of train.init_from {cfg.train.init_from}; prepare the corpus with "
+                        "--tokenizer gpt2:FOLDER (for a GPT-2 folder) or that checkpoint's tokenizer")
+    if dataclasses.asdict(source.config) == dataclasses.asdict(cfg.model):
+        return source
+    model = GPT(cfg.model)  # other dropout or attention path: the same weights
+    model.load_state_dict(source.state_dict())
+    return model
 
 
 class Batches:
@@ -312,7 +366,7 @@ def _train(cfg: Config, ddp: Distributed, device: torch.device, progress: bool, 
 
     torch.manual_seed(tc.seed)  # the same initial weights in every process
     use_tensor_cores(device)
-    raw_model = GPT(cfg.model).to(device)
+    raw_model = initial_model(cfg, meta, resuming=checkpoint is not None).to(device)
     optimizer = make_optimizer(raw_model, tc, device)
     precision = Precision.for_device(device)
     scaler = precision.grad_scaler()
@@ -531,6 +585,8 @@ def run(args: argparse.Namespace) -> None:
     if args.resume and args.overwrite:
         raise UserError("--resume continues the run in out_dir and --overwrite replaces it; choose one")
     cfg = load_config(args.config, overrides)
+    if cfg.train.init_from:
+        cfg = adopt_init_shape(cfg, given_keys(args.config, overrides))
     checkpoint = None
     if not args.resume and not args.overwrite:
         check_fresh_out_dir(Path(cfg.train.out_dir))

@@ -98,6 +98,7 @@ class TrainConfig:
     eval_iters: int = 20  # batches (of batch_size sequences) per split in one evaluation
     compile: bool = False  # torch.compile the model (falls back to plain PyTorch if it cannot)
     peak_tflops: float = 0.0  # one device's peak, for MFU; 0: a built-in estimate (see model/perf.py)
+    init_from: str = ""  # start from these weights: a Hugging Face GPT-2 folder or a checkpoint of this project
 
     def validate(self) -> None:
         for name in ("batch_size", "max_iters", "eval_interval", "eval_iters"):
@@ -176,6 +177,13 @@ def config_from_dict(tables: dict[str, dict[str, Any]], source: str = "config") 
             values[key] = _coerce(f"{section}.{key}", value, known[key].type)
         parts[section] = cls(**values)
     return Config(**parts).validate()
+
+
+def given_keys(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> set[str]:
+    """The ``section.key`` names a config file and overrides set explicitly (not left at a default)."""
+    tables = _read_toml(Path(path)) if path is not None else {}
+    keys = {f"{section}.{key}" for section, table in tables.items() for key in table}
+    return keys | {f"{section}.{key}" for section, key, _ in map(parse_override, overrides)}
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
