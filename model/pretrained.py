@@ -18,9 +18,9 @@ modules that store their weight as (in, out), the transpose of nn.Linear's; and 
 files may hold the attention's causal-mask buffers (``attn.bias``, ``attn.masked_bias``)
 and the tied ``lm_head.weight``, which carry no information here.
 
-Memory: the model is built on the meta device (no storage, no random init), given
-empty storage once, and each tensor is copied into its parameter as it is read, so
-the peak stays near one copy of the weights (bench/gpt2_speed.py measures it).
+Memory: the model is built on the meta device (no storage, no random init) and each
+tensor, as it is read, becomes its parameter, so the peak stays near one copy of the
+weights (bench/gpt2_speed.py measures it).
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ import json
 import pickle
 import re
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -153,29 +152,29 @@ def load_gpt2(
 def load_gpt2_weights(
     folder: Path, cfg: ModelConfig, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
 ) -> GPT:
-    """Build GPT(cfg) without initialising it and fill it from the folder's weight file."""
+    """Build GPT(cfg) without storage or initialisation and give it the folder's weights.
+
+    Each tensor is read on its own, converted (transposed, cropped, cast) and kept as the
+    parameter itself, so memory holds the weights once plus one tensor in conversion."""
     with torch.device("meta"):
         model = GPT(cfg)
-    model.to_empty(device=device)  # storage for every parameter, uninitialised
-    model.lm_head.weight = model.wte.weight  # to_empty gives each module its own tensor: tie them again
-    model.to(dtype)
-    parameters = dict(model.named_parameters())
-    expected = set(parameters)
-    with _open_weights(folder) as (source, entries):
-        for hf_name in entries:
-            name, transpose = _our_name(hf_name)
-            if name is None:
-                continue
-            if name not in parameters:
-                raise UserError(f"{source.name}: {hf_name} does not fit {CONFIG_FILE} (n_layer {cfg.n_layer}); "
-                                "the weights belong to another model")
-            tensor = entries[hf_name]()
-            _copy_into(parameters[name], tensor, transpose, hf_name, source.name, cfg)
-            expected.discard(name)
-    expected.discard("lm_head.weight")  # tied to wte.weight
-    if expected:
-        name = sorted(expected)[0]
-        raise UserError(f"{source.name} has no weight for {name} ({len(expected)} missing)")
+    shapes = {name: p.shape for name, p in model.named_parameters()}  # the tied head is wte.weight
+    state: dict[str, torch.Tensor] = {}
+    source = _weight_file(folder)
+    for hf_name, read in _tensors(source):
+        name, transpose = _our_name(hf_name)
+        if name is None:
+            continue
+        if name not in shapes:
+            raise UserError(f"{source.name}: {hf_name} does not fit {CONFIG_FILE} (n_layer {cfg.n_layer}); "
+                            "the weights belong to another model")
+        state[name] = _converted(read(), transpose, shapes[name], hf_name, source.name, cfg, device, dtype)
+    missing = sorted(set(shapes) - set(state))
+    if missing:
+        raise UserError(f"{source.name} has no weight for {missing[0]} ({len(missing)} missing)")
+    state["lm_head.weight"] = state["wte.weight"]
+    model.load_state_dict(state, assign=True)
+    model.lm_head.weight = model.wte.weight  # one tensor, as GPT ties them
     return model.eval()
 
 
@@ -190,40 +189,47 @@ def _our_name(hf_name: str) -> tuple[str | None, bool]:
     return f"<unknown {hf_name}>", False
 
 
-@torch.no_grad()
-def _copy_into(
-    parameter: torch.Tensor, tensor: torch.Tensor, transpose: bool, hf_name: str, file_name: str, cfg: ModelConfig,
-) -> None:
+def _converted(
+    tensor: torch.Tensor, transpose: bool, shape: torch.Size, hf_name: str, file_name: str, cfg: ModelConfig,
+    device: str | torch.device, dtype: torch.dtype,
+) -> torch.Tensor:
+    """The file's tensor as our parameter: (out, in) for Conv1D weights, the first
+    block_size positions, ``dtype`` on ``device``, contiguous and owning its memory."""
     if transpose:
         tensor = tensor.t()  # Conv1D stores (in, out); nn.Linear (out, in)
-    if hf_name.endswith("wpe.weight") and tensor.dim() == 2 and tensor.size(0) >= cfg.block_size:
-        tensor = tensor[: cfg.block_size]  # a shorter context keeps the first positions
-    if tensor.shape != parameter.shape:
+    if hf_name.endswith("wpe.weight") and tensor.dim() == 2 and tensor.size(0) > cfg.block_size:
+        tensor = tensor[: cfg.block_size].clone()  # a shorter context keeps the first positions
+    if tensor.shape != shape:
         shown = tuple(tensor.t().shape) if transpose else tuple(tensor.shape)
-        wanted = tuple(parameter.t().shape) if transpose else tuple(parameter.shape)
+        wanted = (shape[1], shape[0]) if transpose else tuple(shape)
         raise UserError(f"{file_name}: {hf_name} has shape {shown} but {CONFIG_FILE} "
                         f"(n_embd {cfg.n_embd}, vocab_size {cfg.vocab_size}) implies {wanted}")
     if not tensor.is_floating_point():
         raise UserError(f"{file_name}: {hf_name} holds {tensor.dtype} values, not floating-point weights")
-    parameter.copy_(tensor)
+    return tensor.to(device=device, dtype=dtype).contiguous()
 
 
-@contextmanager
-def _open_weights(folder: Path) -> Iterator[tuple[Path, dict]]:
-    """(the weight file, {name: function that reads that tensor}); safetensors preferred."""
+def _weight_file(folder: Path) -> Path:
+    """model.safetensors, or else pytorch_model.bin (check_folder made sure one is there)."""
     path = folder / SAFETENSORS_FILE
-    if path.is_file():
+    return path if path.is_file() else folder / TORCH_FILE
+
+
+def _tensors(path: Path) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+    """(name, function reading that tensor) for every entry of the weight file."""
+    if path.name == SAFETENSORS_FILE:
         try:
             with safe_open(str(path), framework="pt") as f:
-                yield path, {name: (lambda name=name: _read_safetensor(f, name, path)) for name in f.keys()}
+                names = list(f.keys())
         except SafetensorError as e:
             raise UserError(f"{path} is truncated or not a safetensors file ({_first_line(e)})") from None
+        for name in names:
+            yield name, lambda name=name: _read_safetensor(path, name)
         return
-    path = folder / TORCH_FILE
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UserError(f"{path} is not a plain dict of tensors: torch.load(weights_only=True) refuses it "
                         f"({_first_line(e)})") from None
@@ -231,20 +237,19 @@ def _open_weights(folder: Path) -> Iterator[tuple[Path, dict]]:
         raise UserError(f"{path} is truncated or corrupt ({type(e).__name__}: {_first_line(e)})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} is not a plain dict of tensors (it holds a {type(state).__name__} of other things)")
-    yield path, {name: (lambda name=name: state.pop(name)) for name in list(state)}
+    for name in list(state):
+        yield name, lambda name=name: state.pop(name)  # handed over: the loaded copy is the only one
 
 
-def _read_safetensor(f, name: str, path: Path) -> torch.Tensor:
+def _read_safetensor(path: Path, name: str) -> torch.Tensor:
+    """One tensor, read through a mapping of the file that is closed right after: pages
+    of a mapping still open count towards the process's memory."""
     try:
-        return f.get_tensor(name)
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(name)
     except SafetensorError as e:
         raise UserError(f"{path} is truncated or damaged at {name} ({_first_line(e)})") from None
 
-
-def _is_zip(path: Path) -> bool:
-    """torch.save's zip format can be memory-mapped; the legacy format cannot."""
-    with path.open("rb") as f:
-        return f.read(4) == b"PK\x03\x04"
 
 
 def _first_line(error: BaseException) -> str:

@@ -41,6 +41,12 @@ def write_tokenizer(folder: Path, merges=TINY_MERGES) -> None:
     (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def pair_merges(count: int) -> list[tuple[str, str]]:
+    """``count`` merges of two single bytes each (for a vocabulary of any size up to 65,792)."""
+    symbols = [byte_symbols()[b] for b in range(256)]
+    return [(symbols[i // 256], symbols[i % 256]) for i in range(count)]
+
+
 def hf_config(n_layer=2, n_head=2, n_embd=16, n_positions=32, vocab_size=TINY_VOCAB_SIZE,
               activation="gelu_new", eps=1e-5) -> dict:
     return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": n_layer, "n_head": n_head,
@@ -49,14 +55,15 @@ def hf_config(n_layer=2, n_head=2, n_embd=16, n_positions=32, vocab_size=TINY_VO
 
 
 def hf_weights(config: dict, seed: int = 0, prefix: str = "transformer.", buffers: bool = True,
-               lm_head: bool = False) -> dict[str, torch.Tensor]:
+               lm_head: bool = False, scale: float = 1.0) -> dict[str, torch.Tensor]:
     """Random weights in GPT-2's layout: Conv1D weights stored (in, out). Norm weights
-    are drawn around 1 and every bias is non-zero, so a mix-up shows in the logits."""
+    are drawn around 1 and every bias is non-zero, so a mix-up shows in the logits.
+    ``scale`` multiplies every standard deviation."""
     g = torch.Generator().manual_seed(seed)
     L, C, V, T = config["n_layer"], config["n_embd"], config["vocab_size"], config["n_positions"]
 
     def rand(*shape, mean=0.0, std=0.1):
-        return torch.randn(*shape, generator=g) * std + mean
+        return torch.randn(*shape, generator=g) * (std * scale) + mean
 
     w = {"wte.weight": rand(V, C, std=0.3), "wpe.weight": rand(T, C, std=0.3),
          "ln_f.weight": rand(C, mean=1.0), "ln_f.bias": rand(C)}
@@ -78,7 +85,7 @@ def hf_weights(config: dict, seed: int = 0, prefix: str = "transformer.", buffer
 
 
 def write_folder(folder: Path, config: dict | None = None, weights: dict | None = None, fmt: str = "safetensors",
-                 **weight_options) -> Path:
+                 merges=TINY_MERGES, **weight_options) -> Path:
     """A complete folder: config.json, the weights (model.safetensors or pytorch_model.bin), the tokenizer."""
     folder.mkdir(parents=True, exist_ok=True)
     config = config or hf_config()
@@ -88,7 +95,7 @@ def write_folder(folder: Path, config: dict | None = None, weights: dict | None 
         save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "model.safetensors"))
     else:
         torch.save(weights, folder / "pytorch_model.bin")
-    write_tokenizer(folder)
+    write_tokenizer(folder, merges)
     return folder
 
 

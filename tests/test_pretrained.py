@@ -78,25 +78,17 @@ def test_a_smaller_block_size_crops_the_position_table(tmp_path):
         load_gpt2(tmp_path, block_size=64)
 
 
-def test_config_json_gives_every_gpt2_size():
+def test_config_json_gives_every_gpt2_size(tmp_path):
     # The published shapes: (n_layer, n_head, n_embd) of gpt2, -medium, -large, -xl, distilgpt2.
     sizes = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
              "gpt2-xl": (48, 25, 1600), "distilgpt2": (6, 12, 768)}
     for name, (layers, heads, width) in sizes.items():
-        folder = ROOT / "tests" / "__unused__"
-        cfg = gpt2_config_from_dict(hf_config(n_layer=layers, n_head=heads, n_embd=width, n_positions=1024,
-                                              vocab_size=50257), folder, name)
+        config = hf_config(n_layer=layers, n_head=heads, n_embd=width, n_positions=1024, vocab_size=50257)
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        cfg = gpt2_config(tmp_path)
         assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.vocab_size) == (
             layers, heads, width, 1024, 50257), name
         assert (cfg.activation, cfg.norm_eps, cfg.bias, cfg.position) == ("gelu_tanh", 1e-5, True, "learned")
-
-
-def gpt2_config_from_dict(config: dict, _folder, name: str, tmp=None):
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix=name) as folder:
-        (Path(folder) / "config.json").write_text(json.dumps(config))
-        return gpt2_config(folder)
 
 
 # ------------------------------------------------------------------ bad folders
@@ -389,3 +381,20 @@ def test_parity_with_transformers_gpt2(tmp_path):
         for _ in range(20):
             tokens = torch.cat([tokens, model(tokens)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
     assert tokens[0, 4:].tolist() == their_tokens.tolist()
+
+
+def test_gpt2_speed_bench_smoke(tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpt2_speed
+
+    out = tmp_path / "gpt2_speed.json"
+    monkeypatch.setattr(sys, "argv", ["gpt2_speed.py", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
+                                      "--vocab", "300", "--positions", "16", "--new-tokens", "3", "--repeats", "1",
+                                      "--threads", "1", "--hf-python", "", "--out", str(out)])
+    gpt2_speed.main()
+    results = json.loads(out.read_text())
+    assert results["transformers_tokens_per_s"] is None and results["ours_tokens_per_s"] > 0
+    assert results["fp32_weight_bytes"] == 4 * (300 * 16 + 16 * 16 + 2 * 16 + 12 * 16 * 16 + 13 * 16)
+    assert 0 < results["bf16_logits"]["max_abs"] < 0.1
+    printed = capsys.readouterr().out
+    assert "note: no transformers comparison" in printed and "| load peak RSS / fp32 weights |" in printed
