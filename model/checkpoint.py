@@ -171,6 +171,8 @@ def load_for_generation(path: str | Path, device: torch.device) -> tuple[GPT, To
 
 def source_model_config(path: str | Path) -> ModelConfig:
     """The shape of the weights at ``path``: a GPT-2 folder or a checkpoint of this project."""
+    if not Path(path).exists():
+        raise UserError(f"{path} not found (expected a Hugging Face GPT-2 folder or a checkpoint file)")
     if is_gpt2_folder(path):
         return gpt2_config(path)
     return ModelConfig(**load_checkpoint(path)["config"]["model"])

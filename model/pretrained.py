@@ -154,8 +154,9 @@ def load_gpt2_weights(
 ) -> GPT:
     """Build GPT(cfg) without storage or initialisation and give it the folder's weights.
 
-    Each tensor is read on its own, converted (transposed, cropped, cast) and kept as the
-    parameter itself, so memory holds the weights once plus one tensor in conversion."""
+    Each tensor is read in pieces of at most CHUNK_BYTES straight into its parameter
+    (transposed, cropped, cast on the way), so memory holds the weights once plus one
+    piece."""
     with torch.device("meta"):
         model = GPT(cfg)
     shapes = {name: p.shape for name, p in model.named_parameters()}  # the tied head is wte.weight
@@ -168,7 +169,7 @@ def load_gpt2_weights(
         if name not in shapes:
             raise UserError(f"{source.name}: {hf_name} does not fit {CONFIG_FILE} (n_layer {cfg.n_layer}); "
                             "the weights belong to another model")
-        state[name] = _converted(read(), transpose, shapes[name], hf_name, source.name, cfg, device, dtype)
+        state[name] = _read_parameter(read, transpose, shapes[name], hf_name, source.name, cfg, device, dtype)
     missing = sorted(set(shapes) - set(state))
     if missing:
         raise UserError(f"{source.name} has no weight for {missing[0]} ({len(missing)} missing)")
@@ -189,24 +190,41 @@ def _our_name(hf_name: str) -> tuple[str | None, bool]:
     return f"<unknown {hf_name}>", False
 
 
-def _converted(
-    tensor: torch.Tensor, transpose: bool, shape: torch.Size, hf_name: str, file_name: str, cfg: ModelConfig,
+CHUNK_BYTES = 2**20  # how much of a tensor is read at once
+
+
+class _Entry:
+    """One tensor of a weight file: its shape and dtype, and a reader of rows start:stop."""
+
+    def __init__(self, shape: tuple[int, ...], floating: bool, read_rows: Callable[[int, int], torch.Tensor]):
+        self.shape, self.floating, self.read_rows = shape, floating, read_rows
+
+
+def _read_parameter(
+    entry: _Entry, transpose: bool, shape: torch.Size, hf_name: str, file_name: str, cfg: ModelConfig,
     device: str | torch.device, dtype: torch.dtype,
 ) -> torch.Tensor:
-    """The file's tensor as our parameter: (out, in) for Conv1D weights, the first
-    block_size positions, ``dtype`` on ``device``, contiguous and owning its memory."""
-    if transpose:
-        tensor = tensor.t()  # Conv1D stores (in, out); nn.Linear (out, in)
-    if hf_name.endswith("wpe.weight") and tensor.dim() == 2 and tensor.size(0) > cfg.block_size:
-        tensor = tensor[: cfg.block_size].clone()  # a shorter context keeps the first positions
-    if tensor.shape != shape:
-        shown = tuple(tensor.t().shape) if transpose else tuple(tensor.shape)
-        wanted = (shape[1], shape[0]) if transpose else tuple(shape)
-        raise UserError(f"{file_name}: {hf_name} has shape {shown} but {CONFIG_FILE} "
+    """The file's tensor as our parameter: (out, in) for Conv1D weights (which store
+    (in, out)), the first block_size positions only, ``dtype`` on ``device``, in memory
+    of its own (never a view of the mapped file: training writes to parameters)."""
+    file_shape = entry.shape
+    if hf_name.endswith("wpe.weight") and len(file_shape) == 2 and file_shape[0] > cfg.block_size:
+        file_shape = (cfg.block_size, *file_shape[1:])  # a shorter context keeps the first positions
+    wanted = (shape[1], shape[0]) if transpose else tuple(shape)
+    if tuple(file_shape) != wanted:
+        raise UserError(f"{file_name}: {hf_name} has shape {tuple(entry.shape)} but {CONFIG_FILE} "
                         f"(n_embd {cfg.n_embd}, vocab_size {cfg.vocab_size}) implies {wanted}")
-    if not tensor.is_floating_point():
-        raise UserError(f"{file_name}: {hf_name} holds {tensor.dtype} values, not floating-point weights")
-    return tensor.to(device=device, dtype=dtype).contiguous()
+    if not entry.floating:
+        raise UserError(f"{file_name}: {hf_name} does not hold floating-point weights")
+    parameter = torch.empty(shape, dtype=dtype, device=device)
+    target = parameter.t() if transpose else parameter  # file rows are the target's rows
+    rows = file_shape[0]
+    row_bytes = max(1, target[0].numel() * 4) if target.dim() > 1 else 4
+    step = max(1, CHUNK_BYTES // row_bytes)
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        target[start:stop].copy_(entry.read_rows(start, stop))
+    return parameter
 
 
 def _weight_file(folder: Path) -> Path:
@@ -215,16 +233,18 @@ def _weight_file(folder: Path) -> Path:
     return path if path.is_file() else folder / TORCH_FILE
 
 
-def _tensors(path: Path) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
-    """(name, function reading that tensor) for every entry of the weight file."""
+def _tensors(path: Path) -> Iterator[tuple[str, _Entry]]:
+    """(name, entry) for every tensor of the weight file."""
     if path.name == SAFETENSORS_FILE:
         try:
             with safe_open(str(path), framework="pt") as f:
-                names = list(f.keys())
+                entries = [(name, f.get_slice(name)) for name in f.keys()]
+                described = [(name, tuple(s.get_shape()), s.get_dtype()) for name, s in entries]
         except SafetensorError as e:
             raise UserError(f"{path} is truncated or not a safetensors file ({_first_line(e)})") from None
-        for name in names:
-            yield name, lambda name=name: _read_safetensor(path, name)
+        for name, shape, dtype in described:
+            reader = (lambda start, stop, name=name: _read_safetensor_rows(path, name, start, stop))
+            yield name, _Entry(shape, dtype in _FLOAT_DTYPES, reader)
         return
     try:
         with warnings.catch_warnings():
@@ -238,18 +258,24 @@ def _tensors(path: Path) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} is not a plain dict of tensors (it holds a {type(state).__name__} of other things)")
     for name in list(state):
-        yield name, lambda name=name: state.pop(name)  # handed over: the loaded copy is the only one
+        tensor = state.pop(name)  # dropped once copied: the loaded file shrinks as the model grows
+        yield name, _Entry(tuple(tensor.shape), tensor.is_floating_point(),
+                           lambda start, stop, tensor=tensor: tensor[start:stop] if tensor.dim() else tensor)
+        del tensor
 
 
-def _read_safetensor(path: Path, name: str) -> torch.Tensor:
-    """One tensor, read through a mapping of the file that is closed right after: pages
-    of a mapping still open count towards the process's memory."""
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
+def _read_safetensor_rows(path: Path, name: str, start: int, stop: int) -> torch.Tensor:
+    """Rows start:stop of one tensor, through a mapping of the file that is closed right
+    after: the pages of an open mapping count towards the process's memory, so reading a
+    whole file through one mapping would hold a second copy of the weights."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            return f.get_tensor(name)
+            return f.get_slice(name)[start:stop]
     except SafetensorError as e:
         raise UserError(f"{path} is truncated or damaged at {name} ({_first_line(e)})") from None
-
 
 
 def _first_line(error: BaseException) -> str:

@@ -398,3 +398,10 @@ def test_gpt2_speed_bench_smoke(tmp_path, monkeypatch, capsys):
     assert 0 < results["bf16_logits"]["max_abs"] < 0.1
     printed = capsys.readouterr().out
     assert "note: no transformers comparison" in printed and "| load peak RSS / fp32 weights |" in printed
+
+
+def test_init_from_a_missing_path(tiny_dataset, tmp_path, capsys):
+    assert train.main(["--no-progress", f"init_from={tmp_path / 'nothing'}", f"data_dir={tiny_dataset}",
+                       f"out_dir={tmp_path / 'run'}", "max_iters=1"]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'nothing'} not found (expected a Hugging Face GPT-2 "
+                                       "folder or a checkpoint file)\n")
