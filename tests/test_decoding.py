@@ -306,6 +306,15 @@ def test_min_p_worked_examples():
         min_p_filter(logits, -0.1)
 
 
+def test_min_p_tolerance_is_relative_to_min_p():
+    # ratios to the most likely token: 1, 8e-7, 1e-7, 1e-9
+    logits = torch.tensor([0.0, math.log(8e-7), math.log(1e-7), math.log(1e-9)], dtype=torch.float64)
+    assert kept(min_p_filter(logits, 1e-6)) == {0}  # 8e-7 is 20% short of 1e-6, not a rounding error
+    assert kept(min_p_filter(logits, 2e-7)) == {0, 1}  # a tiny min_p still filters
+    assert kept(min_p_filter(logits, 1e-8)) == {0, 1, 2}
+    assert kept(min_p_filter(logits, 8e-7 * (1 + 1e-7))) == {0, 1}  # within the tolerance: reached
+
+
 @FAST
 @given(logits=logits_batches(), min_p=st.floats(0.0, 1.0))
 def test_min_p_keeps_exactly_the_tokens_above_the_scaled_threshold(logits, min_p):
