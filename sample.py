@@ -25,9 +25,10 @@ from typing import TextIO
 import torch
 
 from model.checkpoint import load_for_generation
+from model.cli import read_user_text, run_cli
 from model.compare import main as compare_main
 from model.device import resolve_device
-from model.errors import UserError, read_user_text, run_cli
+from model.errors import UserError
 from model.generate import WINDOW_MODES, Sample, generate
 from model.strategy import DecodingSpec, parse_strategy_with_defaults, strategy_kind
 from model.tokenizer import Tokenizer

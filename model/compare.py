@@ -65,7 +65,8 @@ from model import metrics
 from model.checkpoint import load_for_generation
 from model.data import open_split, read_meta
 from model.device import resolve_device
-from model.errors import UserError, read_user_text, run_cli
+from model.cli import read_user_text, run_cli
+from model.errors import UserError
 from model.generate import WINDOW_MODES, Context, Sample, TextStream, generate
 from model.gpt import GPT
 from model.strategy import DecodingSpec, parse_strategy_with_defaults
