@@ -25,7 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
-from model.compare import DEFAULT_GRID, build_parser, run  # noqa: E402
+from model.compare import DEFAULT_GRID  # noqa: E402
+from sample import parse_args, run_compare  # noqa: E402
 
 STRATEGIES = DEFAULT_GRID[:6]
 
@@ -35,13 +36,12 @@ def main() -> None:
     parser.add_argument("checkpoint", nargs="?", default="out/default/best.pt")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
-    argv = [args.checkpoint, "--num-prompts", "8", "--max-new-tokens", "200", "--no-progress"]
+    argv = ["compare", args.checkpoint, "--num-prompts", "8", "--max-new-tokens", "200", "--no-progress"]
     for strategy in STRATEGIES:
         argv += ["-s", strategy]
     table = io.StringIO()
     started = time.perf_counter()
-    with torch.inference_mode():
-        comparison = run(build_parser().parse_args(argv), out=table)
+    comparison = run_compare(parse_args(argv), out=table)
     wall = time.perf_counter() - started
     print(table.getvalue(), end="")
     print(f"wall time {wall:.1f} s for {len(STRATEGIES)} strategies x 8 prompts x 200 tokens "

@@ -149,7 +149,7 @@ def test_sample_bad_input(args, message, tiny_checkpoint, capsys):
     (["--strategy", "top-p", "--top-k", "40"], {"top_p": 0.9, "top_k": 40}),
 ])
 def test_flags_tune_the_strategy_named(args, expected):
-    spec = sample.spec_from_args(sample.build_parser().parse_args(["ckpt.pt", *args]))
+    spec = sample.spec_from_args(sample.parse_args(["ckpt.pt", *args]))
     assert {name: getattr(spec, name) for name in expected} == expected
 
 

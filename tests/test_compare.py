@@ -1,12 +1,12 @@
-"""The strategy comparison (model/compare.py and `python sample.py compare`)."""
+"""The strategy comparison (model/compare.py) and its command, `python sample.py compare`."""
 
 from __future__ import annotations
 
+import builtins
 import csv
 import json
 import math
 import re
-import sys
 
 import numpy as np
 import pytest
@@ -22,9 +22,7 @@ from model.compare import (
     ROW_FIELDS,
     draw_prompt_starts,
     end_continuation,
-    format_table,
     parse_grid,
-    plot_chart,
     row_metrics,
     run_comparison,
     score_continuations,
@@ -37,6 +35,7 @@ from model.errors import UserError
 from model.generate import Sample
 from model.gpt import GPT
 from model.tokenizer import CharTokenizer
+from sample import format_table, plot_chart
 from tests.conftest import run_cli, tiny_config
 from tests.test_cli import one_line_error
 
@@ -121,7 +120,7 @@ def test_human_rows_are_the_validation_text_after_each_prompt(tiny_dataset):
     assert len(prompts) == len(human) == len(starts) == 5
     for prompt, continuation, start in zip(prompts, human, starts):
         assert start == 0 or tokenizer.decode([val[start - 1]]) == "\n"
-        assert tokenizer.encode(prompt) == val[start : start + 12]
+        assert prompt == val[start : start + 12]  # token ids, as the split has them
         assert continuation == val[start + 12 : start + 42]
     assert val_prompts(str(tiny_dataset), meta["tokenizer"], tokenizer, 5, 12, 30, seed=3)[2] == starts
     with pytest.raises(UserError, match="another tokenizer than the checkpoint"):
@@ -260,7 +259,7 @@ def test_given_prompts_have_no_human_row(tiny_checkpoint, tmp_path, capsys):
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("The quick\n\nA small\n")
     argv = ["compare", str(tiny_checkpoint), "-s", "greedy", "-s", "sample", "--prompt", "Sphinx",
-            "--prompts-file", str(prompts_file), "--num-samples", "2", "--max-new-tokens", "5", "--no-progress"]
+            "--prompt-lines", str(prompts_file), "--num-samples", "2", "--max-new-tokens", "5", "--no-progress"]
     assert sample.main(argv) == 0
     out = capsys.readouterr().out
     assert "3 prompts x 2 samples (greedy and beam: 1" in out and "no human row" in out
@@ -275,7 +274,14 @@ def test_table_shows_missing_values_as_a_dash():
 
 
 def test_chart_without_matplotlib_is_skipped(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):  # as if it were not installed, even if imported before
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     assert plot_chart([], tmp_path / "chart.png") is False
     assert not (tmp_path / "chart.png").exists()
 
