@@ -249,20 +249,17 @@ def row_metrics(
     every_sample = [units for group in units_by_prompt for units in group]
     return {
         "perplexity": metrics.perplexity(list(chain.from_iterable(s.logprobs for s in samples))),
-        **{f"distinct_{n}": _mean([metrics.distinct_n(draw, n) for draw in per_draw]) for n in (1, 2, 3)},
+        **{f"distinct_{n}": metrics.mean((metrics.distinct_n(draw, n) for draw in per_draw), skip_nan=True)
+           for n in (1, 2, 3)},
         "repetition": metrics.repetition_rate(every_sample),
-        "self_bleu": _mean([metrics.self_bleu(group) for group in units_by_prompt if len(group) >= 2]),
-        "zipf": _mean([metrics.zipf_coefficient(chain.from_iterable(draw)) for draw in per_draw]),
-        "mean_tokens": _mean([len(s.tokens) for s in samples]),
-        "mean_units": _mean([len(units) for units in every_sample]),
-        "end_rate": _mean([float(s.finish != "length") for s in samples]),
+        "self_bleu": metrics.mean((metrics.self_bleu(group) for group in units_by_prompt if len(group) >= 2),
+                                  skip_nan=True),
+        "zipf": metrics.mean((metrics.zipf_coefficient(chain.from_iterable(draw)) for draw in per_draw),
+                             skip_nan=True),
+        "mean_tokens": metrics.mean(len(s.tokens) for s in samples),
+        "mean_units": metrics.mean(len(units) for units in every_sample),
+        "end_rate": metrics.mean(float(s.finish != "length") for s in samples),
     }
-
-
-def _mean(values: Sequence[float]) -> float:
-    """Mean of the values that are not nan; nan when there are none."""
-    kept = [v for v in values if not math.isnan(v)]
-    return math.fsum(kept) / len(kept) if kept else math.nan
 
 
 # ----------------------------------------------------------------------------- the comparison
