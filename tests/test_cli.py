@@ -9,9 +9,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 import sample
 import train
+from model.checkpoint import load_for_generation
 from tests.conftest import ROOT, run_cli
 
 
@@ -186,9 +189,19 @@ def test_explain_and_logprobs(tiny_checkpoint, tmp_path, capsys):
     assert out.count("step ") == 4 and "filtered" in out
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2, 3]
+    # Each step's numbers against a plain forward pass over the prompt and the tokens so far.
+    model, tokenizer, _ = load_for_generation(tiny_checkpoint, torch.device("cpu"))
+    ids = tokenizer.encode("The")
     for record in records:
-        assert len(record["top"]) == 4
-        assert record["top"][0]["logprob"] >= record["logprob"] - 1e-9 or record["token"] == record["top"][0]["token"]
+        with torch.no_grad():
+            logprobs = F.log_softmax(model(torch.tensor([ids]))[0][0, -1], dim=-1)
+        top = logprobs.topk(4)
+        assert [t["token"] for t in record["top"]] == top.indices.tolist()
+        assert [t["logprob"] for t in record["top"]] == pytest.approx(top.values.tolist(), abs=1e-5)
+        assert record["logprob"] == pytest.approx(logprobs[record["token"]].item(), abs=1e-5)
+        assert record["token"] in top.indices[:3].tolist()  # top-k 3 chose it
+        assert record["text"] == tokenizer.decode([record["token"]])
+        ids.append(record["token"])
 
 
 def test_tiktoken_encoding_offline_gives_a_clear_message(tmp_path, tiny_corpus):
