@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import re
+import runpy
 import sys
 
 import numpy as np
@@ -37,7 +38,7 @@ from model.generate import Sample
 from model.gpt import GPT
 from model.tokenizer import CharTokenizer
 from sample import format_table, plot_chart
-from tests.conftest import run_cli, tiny_config
+from tests.conftest import ROOT, run_cli, tiny_config
 from tests.test_cli import one_line_error
 
 CHARS = CharTokenizer("abc \n")  # ids: "\n"=0, " "=1, a=2, b=3, c=4, end-of-text=5
@@ -353,7 +354,6 @@ def bpe_checkpoint(tmp_path_factory):
     so a 1-token prompt drawn from a line start ends inside that character."""
     from model.checkpoint import save_checkpoint
     from model.config import ModelConfig, load_config
-    from tests.conftest import ROOT
 
     sys.path.insert(0, str(ROOT / "data"))
     from prepare import prepare
@@ -396,3 +396,16 @@ def test_drawn_prompts_reach_the_model_as_the_splits_token_ids(bpe_checkpoint, t
             logprobs = F.log_softmax(model(torch.tensor([prompt + record["tokens"]]))[0][0], dim=-1)
         expected = [logprobs[t, token].item() for t, token in enumerate(record["tokens"])]
         assert record["logprobs"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_compare_speed_bench_runs(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """bench/compare_speed.py end to end (in-process) with tiny settings, so the bench cannot silently break."""
+    out = tmp_path / "compare_speed.json"
+    monkeypatch.setattr(sys, "argv", ["compare_speed.py", str(tiny_checkpoint), "--num-prompts", "2",
+                                      "--max-new-tokens", "4", "--out", str(out)])
+    runpy.run_path(str(ROOT / "bench" / "compare_speed.py"), run_name="__main__")
+    printed = capsys.readouterr().out
+    assert "wall time" in printed and re.search(r"^top-p:p=0\.9 ", printed, re.M)
+    record = json.loads(out.read_text())
+    assert list(record["rows"]) == list(DEFAULT_GRID[:6])
+    assert all(row["seconds"] > 0 and row["tokens_per_s"] > 0 for row in record["rows"].values())
