@@ -236,3 +236,31 @@ def test_a_reader_that_stops_reading_ends_the_output_quietly(tiny_checkpoint):
     result = subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.stderr == ""  # no "error: [Errno 32] Broken pipe", no traceback
     assert result.stdout.endswith(" 141\n")  # the status of a process stopped by SIGPIPE
+
+
+def test_generate_is_the_default_command(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    flags = ["--prompt", "The", "--max-new-tokens", "8", "--seed", "3"]
+    assert sample.main([str(tiny_checkpoint), *flags]) == 0
+    default = capsys.readouterr().out
+    assert sample.main(["generate", str(tiny_checkpoint), *flags]) == 0
+    assert capsys.readouterr().out == default and default.startswith("The")
+    # A checkpoint file named like a command is reached by its path.
+    named = tmp_path / "compare"
+    named.write_bytes(tiny_checkpoint.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    assert sample.main(["./compare", *flags]) == 0
+    assert capsys.readouterr().out == default
+
+
+def test_a_command_is_one_function(monkeypatch, capsys):
+    def add_echo_command(commands):
+        parser = sample.add_command(commands, "echo", lambda args: print(args.word), help="print a word")
+        parser.add_argument("word")
+
+    monkeypatch.setattr(sample, "COMMANDS", (*sample.COMMANDS, add_echo_command))
+    assert sample.main(["echo", "hello"]) == 0
+    assert capsys.readouterr().out == "hello\n"
+    with pytest.raises(SystemExit):
+        sample.main(["--help"])
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in ("generate", "compare", "echo"))
