@@ -36,10 +36,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the synthetic-folder writer lives with the tests
 
-from model.decoding import DecodingSpec  # noqa: E402
 from model.generate import decode_steps  # noqa: E402
 from model.gpt import KVCache  # noqa: E402
 from model.pretrained import load_gpt2  # noqa: E402
+from model.strategy import DecodingSpec  # noqa: E402
 from tests.gpt2_folders import hf_config, hf_weights, pair_merges, write_folder  # noqa: E402
 
 # Runs in the Python that has transformers: loads the folder, then times generate() once

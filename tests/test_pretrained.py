@@ -280,8 +280,9 @@ def test_sample_from_a_folder_is_the_reference_models_greedy_choice(tiny_gpt2, c
 def test_compare_on_a_folder_needs_a_dataset(tiny_gpt2, tiny_gpt2_dataset, capsys):
     assert sample.main(["compare", str(tiny_gpt2), "--max-new-tokens", "4", "--device", "cpu"]) == 2
     assert "pass --data-dir" in capsys.readouterr().err
-    assert sample.main(["compare", str(tiny_gpt2), "--data-dir", str(tiny_gpt2_dataset), "-s", "greedy", "--num-prompts", "2",
-                         "--prompt-tokens", "4", "--max-new-tokens", "4", "--device", "cpu", "--no-progress"]) == 0
+    assert sample.main(["compare", str(tiny_gpt2), "--data-dir", str(tiny_gpt2_dataset), "-s", "greedy",
+                        "--num-prompts", "2",
+                        "--prompt-tokens", "4", "--max-new-tokens", "4", "--device", "cpu", "--no-progress"]) == 0
     table = capsys.readouterr().out
     rows = [line.split()[0] for line in table.splitlines()[2:]]
     assert rows == ["human", "greedy"], table
@@ -301,7 +302,7 @@ def test_finetune_from_a_folder_learns_samples_and_resumes_exactly(tiny_gpt2, ti
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert train.main(finetune_args(tiny_gpt2, tiny_gpt2_dataset, straight, "max_iters=20")) == 0
     losses = val_losses(straight)
-    assert losses[-1] < 0.7 * losses[0], losses  # it learns the corpus
+    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] - 1.0, losses  # it learns
     first, _ = load_gpt2(tiny_gpt2, block_size=16)  # step 0 was the folder's own weights
     ckpt = load_checkpoint(straight / "last.pt")
     assert ckpt["config"]["model"]["n_embd"] == 16 and ckpt["config"]["model"]["activation"] == "gelu_tanh"
