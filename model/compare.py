@@ -67,7 +67,7 @@ from model.data import open_split, read_meta
 from model.decoding import DecodingSpec, default_spec
 from model.device import resolve_device
 from model.errors import UserError, read_user_text, run_cli
-from model.generate import WINDOW_MODES, Context, Sample, TextStream, generate
+from model.generate import WINDOW_MODES, Context, Sample, finished_sample, generate
 from model.gpt import GPT
 from model.tokenizer import Tokenizer
 
@@ -154,26 +154,6 @@ def draw_prompt_starts(
         )
     drawn = np.random.default_rng(seed).choice(pool, size=num_prompts, replace=False)
     return sorted(int(p) for p in drawn)
-
-
-def end_continuation(tokens: Sequence[int], tokenizer: Tokenizer, stop: Sequence[str], prompt_index: int) -> Sample:
-    """The true continuation as a Sample, ended by generate's rule: at the end-of-text token
-    (kept as its last token), at a stop string (text cut before it), or at its last token.
-    Log-probabilities are filled in later by `score_continuations`."""
-    sample = Sample(prompt_index, 0)
-    stream = TextStream(tokenizer, stop)
-    for token in tokens:
-        sample.tokens.append(int(token))
-        if token == tokenizer.eot_id:
-            sample.finish = "eot"
-            break
-        stream.feed(int(token))
-        if stream.stopped:
-            sample.finish = "stop"
-            break
-    stream.finish()
-    sample.text = stream.text
-    return sample
 
 
 @torch.no_grad()
@@ -343,7 +323,7 @@ def _generate(model, tokenizer, prompts, spec, num_samples, max_new_tokens, seed
 
 
 def _human_run(model, tokenizer, prompts, human, max_new_tokens, stop, window) -> Run:
-    samples = [end_continuation(list(h)[:max_new_tokens], tokenizer, stop, p) for p, h in enumerate(human)]
+    samples = [finished_sample(list(h)[:max_new_tokens], tokenizer, stop, p) for p, h in enumerate(human)]
     encoded = [tokenizer.encode(p) or [tokenizer.eot_id] for p in prompts]  # what generate feeds the model
     scores = score_continuations(model, encoded, [s.tokens for s in samples], window=window,
                                  valid_vocab=tokenizer.vocab_size)
