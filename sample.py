@@ -126,8 +126,18 @@ class Printer:
         self._write(text)
 
     def _write(self, text: str) -> None:
-        self.out.write(text)
+        write_text(self.out, text)
         self.out.flush()
+
+
+def write_text(out: TextIO, text: str) -> None:
+    """out.write(text), with a one-line error when out's encoding cannot show the text."""
+    try:
+        out.write(text)
+    except UnicodeEncodeError as e:
+        unshown = ascii(e.object[e.start : e.end])  # ascii(): the message goes to a stream like this one
+        raise UserError(f"the output's encoding ({e.encoding}) cannot show {unshown}; print to a UTF-8 terminal "
+                        "or set PYTHONIOENCODING=utf-8") from None
 
 
 def print_explanation(sample: Sample, tokenizer: Tokenizer, out=None) -> None:
@@ -135,12 +145,12 @@ def print_explanation(sample: Sample, tokenizer: Tokenizer, out=None) -> None:
     under the model and after the strategy's filtering, and the token chosen."""
     out = out or sys.stdout
     for step, detail in enumerate(sample.details, start=1):
-        out.write(f"step {step}: chose {_show(tokenizer, detail.token)}  "
-                  f"(p={math.exp(detail.logprob):.3f}, after filtering {math.exp(detail.filtered_logprob):.3f})\n")
-        out.write(f"    {'token':<16} {'p':>7} {'filtered':>9}\n")
+        write_text(out, f"step {step}: chose {_show(tokenizer, detail.token)}  "
+                   f"(p={math.exp(detail.logprob):.3f}, after filtering {math.exp(detail.filtered_logprob):.3f})\n")
+        write_text(out, f"    {'token':<16} {'p':>7} {'filtered':>9}\n")
         for token, raw, filtered in detail.top:
             mark = "  <- chosen" if token == detail.token else ""
-            out.write(f"    {_show(tokenizer, token):<16} {math.exp(raw):>7.3f} {math.exp(filtered):>9.3f}{mark}\n")
+            write_text(out, f"    {_show(tokenizer, token):<16} {math.exp(raw):>7.3f} {math.exp(filtered):>9.3f}{mark}\n")
 
 
 def write_logprobs(samples: list[Sample], tokenizer: Tokenizer, out: TextIO) -> None:
