@@ -162,14 +162,14 @@ def load_gpt2_weights(
     shapes = {name: p.shape for name, p in model.named_parameters()}  # the tied head is wte.weight
     state: dict[str, torch.Tensor] = {}
     source = _weight_file(folder)
-    for hf_name, read in _tensors(source):
+    for hf_name, entry in _tensors(source):
         name, transpose = _our_name(hf_name)
         if name is None:
             continue
         if name not in shapes:
             raise UserError(f"{source.name}: {hf_name} does not fit {CONFIG_FILE} (n_layer {cfg.n_layer}); "
                             "the weights belong to another model")
-        state[name] = _read_parameter(read, transpose, shapes[name], hf_name, source.name, cfg, device, dtype)
+        state[name] = _read_parameter(entry, transpose, shapes[name], hf_name, source.name, cfg, device, dtype)
     missing = sorted(set(shapes) - set(state))
     if missing:
         raise UserError(f"{source.name} has no weight for {missing[0]} ({len(missing)} missing)")
@@ -194,7 +194,8 @@ CHUNK_BYTES = 2**20  # how much of a tensor is read at once
 
 
 class _Entry:
-    """One tensor of a weight file: its shape and dtype, and a reader of rows start:stop."""
+    """One tensor of a weight file: its shape, whether it is floating-point, and a reader
+    of its rows start:stop."""
 
     def __init__(self, shape: tuple[int, ...], floating: bool, read_rows: Callable[[int, int], torch.Tensor]):
         self.shape, self.floating, self.read_rows = shape, floating, read_rows
