@@ -111,8 +111,9 @@ def write_text(out: TextIO, text: str) -> None:
     try:
         out.write(text)
     except UnicodeEncodeError as e:
-        raise UserError(f"the output's encoding ({e.encoding}) cannot show {e.object[e.start:e.end]!r}; print to a "
-                        "UTF-8 terminal or set PYTHONIOENCODING=utf-8") from None
+        unshown = ascii(e.object[e.start : e.end])  # ascii(): the message goes to a stream like this one
+        raise UserError(f"the output's encoding ({e.encoding}) cannot show {unshown}; print to a UTF-8 terminal "
+                        "or set PYTHONIOENCODING=utf-8") from None
 
 
 def print_explanation(sample: Sample, tokenizer: Tokenizer, out=None) -> None:
