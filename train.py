@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from model import distributed
 from model.checkpoint import copy_checkpoint, load_checkpoint, remove_stale_temporaries, save_checkpoint
-from model.config import Config, ModelConfig, TrainConfig, config_differences, load_config
+from model.config import Config, ModelConfig, TrainConfig, config_differences, config_tables, load_config
 from model.data import (
     check_batch_fits, check_split_length, open_split, read_meta, read_windows, sample_starts, to_device,
 )
@@ -492,6 +492,18 @@ def check_fresh_out_dir(out_dir: Path) -> None:
         )
 
 
+def out_dir_of(config_path: Path | None, overrides: list[str]) -> Path:
+    """The out_dir the config file and overrides name (the default when neither does)."""
+    return Path(str(config_tables(config_path, overrides)["train"].get("out_dir", TrainConfig.out_dir)))
+
+
+def load_resume_checkpoint(out_dir: Path) -> dict[str, Any]:
+    path = out_dir / "last.pt"
+    if not path.is_file():
+        raise UserError(f"--resume: there is no {path} to resume from; train once without --resume")
+    return load_checkpoint(path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train a GPT on a dataset prepared by data/prepare.py.",
@@ -530,17 +542,16 @@ def run(args: argparse.Namespace) -> None:
         return
     if args.resume and args.overwrite:
         raise UserError("--resume continues the run in out_dir and --overwrite replaces it; choose one")
-    cfg = load_config(args.config, overrides)
     checkpoint = None
-    if not args.resume and not args.overwrite:
-        check_fresh_out_dir(Path(cfg.train.out_dir))
     if args.resume:
-        path = Path(cfg.train.out_dir) / "last.pt"
-        if not path.is_file():
-            raise UserError(f"--resume: there is no {path} to resume from; train once without --resume")
-        checkpoint = load_checkpoint(path)
-        if args.config is None:
-            cfg = load_config(None, overrides, base=checkpoint["config"])
+        # The run's own config (the checkpoint's, unless --config names one) is the base the
+        # overrides apply to, so they are validated against it, not against the defaults.
+        checkpoint = load_resume_checkpoint(out_dir_of(args.config, overrides))
+        cfg = load_config(args.config, overrides, base=None if args.config else checkpoint["config"])
+    else:
+        cfg = load_config(args.config, overrides)
+        if not args.overwrite:
+            check_fresh_out_dir(Path(cfg.train.out_dir))
     train(cfg, progress=not args.no_progress, checkpoint=checkpoint)
 
 
