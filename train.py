@@ -347,6 +347,8 @@ def _train(cfg: Config, ddp: Distributed, device: torch.device, progress: bool, 
     if ddp.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out_dir)
+        if checkpoint is None:
+            clear_earlier_run(out_dir)
         start_metrics(metrics_path, state.step if checkpoint is not None else None)
 
     tokens_per_step = tc.batch_size * cfg.model.block_size
@@ -482,6 +484,15 @@ def _step_of(metrics_line: str) -> float:
         return math.inf
 
 
+def clear_earlier_run(out_dir: Path) -> None:
+    """A new run replaces whatever an earlier run left in ``out_dir`` before its first step
+    (and only once its config and data have checked out), so a new run stopped early
+    never leaves the old run's best.pt beside its own last.pt. best.pt goes first: an
+    interruption in between leaves no best.pt rather than a best.pt newer than last.pt."""
+    for name in ("best.pt", "last.pt", "loss.png"):
+        (out_dir / name).unlink(missing_ok=True)
+
+
 def check_fresh_out_dir(out_dir: Path) -> None:
     """A new run must not silently replace an earlier run's checkpoints and metrics."""
     earlier = [name for name in ("last.pt", "best.pt") if (out_dir / name).is_file()]
@@ -518,8 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true",
                         help="go on from <out_dir>/last.pt: weights, optimiser, step, schedule, best val loss")
     parser.add_argument("--overwrite", action="store_true",
-                        help="start afresh even if out_dir holds an earlier run (its checkpoints and "
-                        "metrics are replaced as the new run writes its own)")
+                        help="start afresh even if out_dir holds an earlier run: its checkpoints, metrics "
+                        "and plot are removed once the new run's config and data check out")
     parser.add_argument("--plot", type=Path, metavar="RUN_DIR", default=None,
                         help="only draw RUN_DIR/metrics.jsonl as RUN_DIR/loss.png (needs matplotlib) and exit")
     parser.add_argument("--no-progress", action="store_true", help="print plain lines instead of a progress bar")
