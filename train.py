@@ -53,6 +53,7 @@ from model.perf import flops_per_token, peak_flops
 
 # Independent random streams, each seeded with (train.seed, stream, ...): see stream_seed.
 BATCH_STREAM, EVAL_STREAM, DROPOUT_STREAM = 0, 1, 2
+RESUME_EXTRA = ("scaler", "train_seconds", "evaluated")  # what train.py keeps in a checkpoint's extra
 
 
 def stream_seed(*numbers: int) -> int:
@@ -320,13 +321,18 @@ def _train(cfg: Config, ddp: Distributed, device: torch.device, progress: bool, 
     if checkpoint is not None:
         if checkpoint["optimizer"] is None:
             raise UserError("cannot resume: the checkpoint has no optimizer state (an export for sampling)")
+        extra = checkpoint["extra"]
+        missing = [key for key in RESUME_EXTRA if key not in extra]
+        if missing:
+            raise UserError(f"cannot resume: the checkpoint lacks what train.py saves to go on ({', '.join(missing)})")
         raw_model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        extra = checkpoint["extra"]  # empty in checkpoints of the first train.py: start those afresh
-        if extra.get("scaler"):  # empty when saved without fp16 scaling (CPU, bf16)
+        try:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise UserError(f"cannot resume: the checkpoint's optimizer state does not fit the model ({error})") from None
+        if extra["scaler"]:  # empty when saved without fp16 scaling (CPU, bf16)
             scaler.load_state_dict(extra["scaler"])
-        state = Progress(checkpoint["step"], checkpoint["best_val_loss"], extra.get("train_seconds", 0.0),
-                         extra.get("evaluated", True))
+        state = Progress(checkpoint["step"], checkpoint["best_val_loss"], extra["train_seconds"], extra["evaluated"])
 
     log = (tqdm.write if progress else print) if ddp.is_main else (lambda message: None)
     batches = Batches(splits["train"], cfg, ddp, micro_batch)
