@@ -297,11 +297,11 @@ def run_comparison(
 ) -> Comparison:
     """Continue every prompt with every strategy of ``grid`` and measure each (one row each).
 
-    A prompt is a text or token ids (see `encode_prompt`). ``human[p]``, if given, are the true next tokens after prompt p (at most
-    ``max_new_tokens`` of them are used); they make the first row. Sample s of prompt p
-    uses seed ``seed + p * num_samples + s`` in every stochastic strategy, so all
-    strategies see the same prompts and seeds. See the module docstring for what is
-    measured how.
+    A prompt is a text or token ids (see `encode_prompt`). ``human[p]``, if given, are the
+    true next tokens after prompt p (at most ``max_new_tokens`` of them are used); they
+    make the first row. Sample s of prompt p uses seed ``seed + p * num_samples + s`` in
+    every stochastic strategy, so all strategies see the same prompts and seeds. See the
+    module docstring for what is measured how.
     """
     if units not in UNITS:
         raise UserError(f"units must be one of {', '.join(UNITS)}, got {units!r}")

@@ -152,13 +152,24 @@ def load_config(
 ) -> Config:
     """Read a TOML config, apply overrides, validate. Without ``path`` the starting point
     is ``base`` (a config as plain dicts, e.g. a checkpoint's) or else the defaults."""
+    return config_from_dict(config_tables(path, overrides, base), source=str(path) if path else "defaults")
+
+
+def config_tables(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    base: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """The settings ``load_config`` would validate, as plain dicts: what the file (or
+    ``base``) and the overrides name, the defaults left out. Lets a caller find a value
+    (where the run lives) before knowing which base the overrides apply to."""
     tables: dict[str, dict[str, Any]] = {name: dict((base or {}).get(name, {})) for name in SECTIONS}
     if path is not None:
         tables = _read_toml(Path(path))
     for item in overrides:
         section, key, value = parse_override(item)
         tables[section][key] = value
-    return config_from_dict(tables, source=str(path) if path else "defaults")
+    return tables
 
 
 def config_from_dict(tables: dict[str, dict[str, Any]], source: str = "config") -> Config:
@@ -181,9 +192,7 @@ def config_from_dict(tables: dict[str, dict[str, Any]], source: str = "config") 
 
 def given_keys(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> set[str]:
     """The ``section.key`` names a config file and overrides set explicitly (not left at a default)."""
-    tables = _read_toml(Path(path)) if path is not None else {}
-    keys = {f"{section}.{key}" for section, table in tables.items() for key in table}
-    return keys | {f"{section}.{key}" for section, key, _ in map(parse_override, overrides)}
+    return {f"{section}.{key}" for section, table in config_tables(path, overrides).items() for key in table}
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

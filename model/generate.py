@@ -34,7 +34,6 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from model.cpu_decode import for_decoding
 from model.decoding import choose_tokens, process_logits
 from model.device import Precision
 from model.errors import UserError
@@ -70,18 +69,16 @@ class Context:
 
     Rows are left-padded to a common length; ``pad[b]`` counts row b's padding.
     ``window_start`` is the index in ``tokens`` of the first token the model sees.
-    The model runs as ``cpu_decode.for_decoding`` gives it (on a multi-core CPU, with
-    its large matrix products split across the cores; the caller's model is never
-    changed); ``fast_path=False`` runs it as given, e.g. to compare the two.
+    The model is only read, never changed.
     """
 
     def __init__(self, model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, window: str,
-                 valid_vocab: int | None = None, *, fast_path: bool = True):
+                 valid_vocab: int | None = None):
         if window not in WINDOW_MODES:
             raise UserError(f"window must be one of {', '.join(WINDOW_MODES)}, got {window!r}")
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token (use the end-of-text token for 'nothing')")
-        self.model = for_decoding(model) if fast_path else model
+        self.model = model
         self.window = window
         self.block_size = model.config.block_size
         self.valid_vocab = valid_vocab
