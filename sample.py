@@ -4,6 +4,7 @@
     python sample.py out/default/best.pt --strategy greedy --explain
     echo "Once upon" | python sample.py CKPT --prompt-file - --num-samples 3 --stop $'\\n\\n'  # (bash)
     python sample.py compare out/default/best.pt --out out/compare   # strategies side by side
+    python sample.py serve out/default/best.pt    # the explorer page and an OpenAI-compatible API
 
 The checkpoint carries its tokenizer, so nothing else is needed. Strategies are the
 functions of model/decoding.py; ``--strategy`` takes a name (with the settings from the
@@ -218,10 +219,55 @@ def run(args: argparse.Namespace) -> None:
             write_logprobs(samples, tokenizer, logprobs)
 
 
+def serve_main(argv: list[str]) -> int:
+    """``sample.py serve CKPT``: the explorer page and the OpenAI-compatible API (model/serve.py)."""
+    parser = argparse.ArgumentParser(
+        prog="sample.py serve", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Serve a checkpoint on a local web server: the explorer page at / and an "
+        "OpenAI-compatible API at /v1 (completions, models) plus /v1/distribution. Needs the serve extra.",
+    )
+    parser.add_argument("checkpoint", help="a .pt file written by train.py (e.g. out/default/best.pt)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 opens the server "
+                        "to the network, without any authentication")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
+    parser.add_argument("--max-concurrent", type=int, default=4, help="requests that use the model at once")
+    parser.add_argument("--max-waiting", type=int, default=16, help="requests that may wait for a turn; "
+                        "beyond them the answer is 503 with Retry-After")
+    parser.add_argument("--max-tokens", type=int, default=512, help="the largest max_tokens a request may ask for")
+    parser.add_argument("--window", choices=WINDOW_MODES, default="exact", help="past the context length, as in "
+                        "sample.py --window")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    parser.add_argument("--access-log", action="store_true", help="print one line per request")
+    args = parser.parse_args(argv)
+
+    def action() -> None:
+        try:
+            from model.serve import ServeSettings, create_app, listen, serve_forever
+        except ImportError as e:
+            raise UserError(f"serving needs the serve extra (pip install -e '.[serve]'): {e}") from None
+        settings = ServeSettings(Path(args.checkpoint).parent.name + "/" + Path(args.checkpoint).stem,
+                                 max_tokens=args.max_tokens, max_concurrent=args.max_concurrent,
+                                 max_waiting=args.max_waiting, window=args.window)
+        model, tokenizer, _ = load_for_generation(args.checkpoint, resolve_device(args.device))
+        sock = listen(args.host, args.port)
+        if args.host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"warning: listening on {args.host}: anyone who can reach this machine can use the server; "
+                  "there is no authentication", file=sys.stderr)
+        host, port = sock.getsockname()[:2]
+        print(f"serving {args.checkpoint} as '{settings.model_name}' at http://{host}:{port}/ "
+              f"(API: http://{host}:{port}/v1); Ctrl-C stops", flush=True)
+        serve_forever(create_app(model, tokenizer, settings), sock, access_log=args.access_log)
+        print("stopped", file=sys.stderr)
+
+    return run_cli(action)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["compare"]:  # a checkpoint file named "compare" still works as ./compare
         return compare_main(argv[1:])
+    if argv[:1] == ["serve"]:
+        return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
 
     def action() -> None:
