@@ -256,7 +256,10 @@ def serve_main(argv: list[str]) -> int:
         host, port = sock.getsockname()[:2]
         print(f"serving {args.checkpoint} as '{settings.model_name}' at http://{host}:{port}/ "
               f"(API: http://{host}:{port}/v1); Ctrl-C stops", flush=True)
-        serve_forever(create_app(model, tokenizer, settings), sock, access_log=args.access_log)
+        try:
+            serve_forever(create_app(model, tokenizer, settings), sock, access_log=args.access_log)
+        except KeyboardInterrupt:  # uvicorn has already shut down cleanly, then passes Ctrl-C on
+            pass
         print("stopped", file=sys.stderr)
 
     return run_cli(action)

@@ -419,7 +419,8 @@ def distribution(model: GPT, tokenizer: Tokenizer, ids: Sequence[int], specs: Se
     """The next-token distribution after ``ids``: the ``top`` most likely candidates, and for
     each strategy the set `process_logits` keeps with its renormalised probabilities.
     A repetition penalty treats the context as seen (as generation treats the prompt);
-    frequency and presence penalties count generated tokens, of which a context has none."""
+    frequency and presence penalties count generated tokens, of which a context has none.
+    ``context_text`` is the context without its end-of-text tokens (what a text box shows)."""
     context = Context(model, [list(ids)], 0, "exact", tokenizer.vocab_size)
     logits = context.next_logits()  # (1, V)
     probs = torch.softmax(logits.double(), dim=-1)[0]
@@ -443,7 +444,7 @@ def distribution(model: GPT, tokenizer: Tokenizer, ids: Sequence[int], specs: Se
         })
     best = probs.argsort(descending=True, stable=True)[:top]
     return {
-        "prompt_tokens": len(ids), "context_ids": list(ids), "context_text": tokenizer.decode(list(ids)),
+        "prompt_tokens": len(ids), "context_ids": list(ids), "context_text": tokenizer.decode([t for t in ids if t != tokenizer.eot_id]),
         "context_display": [display_token(tokenizer, t) for t in ids], "entropy_bits": entropy / math.log(2),
         "candidates": [_candidate(tokenizer, int(t), float(probs[t])) for t in best],
         "strategies": strategies,
