@@ -7,8 +7,9 @@
     python sample.py serve out/default/best.pt    # the explorer page and an OpenAI-compatible API
 
 The checkpoint carries its tokenizer, so nothing else is needed. Strategies are the
-functions of model/decoding.py; ``--strategy`` takes a name (with the settings from the
-flags below) or a compact spec such as ``top-p:p=0.9,t=0.8``.
+functions of model/decoding.py, described by the specs of model/strategy.py;
+``--strategy`` takes a name (with the settings from the flags below) or a compact spec
+such as ``top-p:p=0.9,t=0.8``.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ from typing import TextIO
 import torch
 
 from model.checkpoint import load_for_generation
+from model.cli import read_user_text, run_cli
 from model.compare import main as compare_main
-from model.decoding import DecodingSpec, default_spec
 from model.device import resolve_device
-from model.errors import UserError, read_user_text, run_cli
+from model.errors import UserError
 from model.generate import WINDOW_MODES, Sample, generate
+from model.strategy import DecodingSpec, parse_strategy_with_defaults, strategy_kind
 from model.tokenizer import Tokenizer
 
 DECODING_FLAGS = (  # the command-line flags that set a DecodingSpec field of the same name
@@ -45,7 +47,7 @@ def spec_from_args(args: argparse.Namespace) -> DecodingSpec:
     greedy --temperature 0.7`` would sample, ``--strategy top-p --temperature 0`` would
     be greedy, ``--strategy beam --num-beams 1`` would not search), nor set again what
     the compact spec already sets."""
-    base = dataclasses.asdict(default_spec(args.strategy))
+    base = dataclasses.asdict(parse_strategy_with_defaults(args.strategy))
     given = {name: getattr(args, name) for name in DECODING_FLAGS if getattr(args, name) is not None}
     if ":" in args.strategy:
         unset = dataclasses.asdict(DecodingSpec())
@@ -54,18 +56,14 @@ def spec_from_args(args: argparse.Namespace) -> DecodingSpec:
                 raise UserError(f"--{name.replace('_', '-')} sets what --strategy {args.strategy} already sets; "
                                 "give it in one place")
     fields = {**base, **given}
-    if _kind(fields) != _kind(base):
+    asked = strategy_kind(base["temperature"], base["num_beams"])
+    kind = strategy_kind(fields["temperature"], fields["num_beams"])
+    if kind != asked:
         flags = " ".join(f"--{name.replace('_', '-')} {given[name]}" for name in ("temperature", "num_beams")
                          if name in given)
-        raise UserError(f"{flags} would turn --strategy {args.strategy} ({_kind(base)}) into {_kind(fields)}; "
+        raise UserError(f"{flags} would turn --strategy {args.strategy} ({asked}) into {kind}; "
                         "name the strategy you want with --strategy")
     return DecodingSpec(**fields)
-
-
-def _kind(fields: dict) -> str:
-    if fields["num_beams"] > 1:
-        return "beam search"
-    return "greedy decoding" if fields["temperature"] == 0 else "sampling"
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -192,8 +190,8 @@ def run(args: argparse.Namespace) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    if args.num_samples > 1 and (spec.is_greedy or spec.is_beam):
-        raise UserError(f"{'beam search' if spec.is_beam else 'greedy decoding'} ignores the seed: "
+    if args.num_samples > 1 and spec.is_deterministic:
+        raise UserError(f"{spec.kind} ignores the seed: "
                         f"--num-samples {args.num_samples} would print one text {args.num_samples} times")
     wants_details = args.explain or args.logprobs is not None
     if wants_details and spec.is_beam:

@@ -64,11 +64,12 @@ from tqdm import tqdm
 from model import metrics
 from model.checkpoint import load_for_generation
 from model.data import open_split, read_meta
-from model.decoding import DecodingSpec, default_spec
 from model.device import resolve_device
-from model.errors import UserError, read_user_text, run_cli
+from model.cli import read_user_text, run_cli
+from model.errors import UserError
 from model.generate import WINDOW_MODES, Context, Sample, TextStream, generate
 from model.gpt import GPT
+from model.strategy import DecodingSpec, parse_strategy_with_defaults
 from model.tokenizer import Tokenizer
 
 DEFAULT_GRID = (
@@ -92,7 +93,7 @@ ROW_FIELDS = (
 
 def parse_grid(specs: Sequence[str]) -> list[DecodingSpec]:
     """The strategies to compare, in the order given: compact specs, or bare names with
-    sample.py's defaults (`default_spec`: ``top-k`` is ``top-k:k=40``).
+    sample.py's defaults (`parse_strategy_with_defaults`: ``top-k`` is ``top-k:k=40``).
 
     Raises UserError for an empty grid, an invalid spec (say what is wrong with it), or
     the same strategy twice (compared by its canonical label, so ``top-p:p=0.9`` and
@@ -102,16 +103,11 @@ def parse_grid(specs: Sequence[str]) -> list[DecodingSpec]:
         raise UserError("the strategy grid is empty; give at least one --strategy")
     grid: list[DecodingSpec] = []
     for text in specs:
-        spec = default_spec(text)
+        spec = parse_strategy_with_defaults(text)
         if spec in grid:
             raise UserError(f"strategy '{text}' is in the grid twice (as '{spec.label}'); list each once")
         grid.append(spec)
     return grid
-
-
-def is_deterministic(spec: DecodingSpec) -> bool:
-    """Greedy decoding and beam search ignore the seed: every sample of a prompt is the same."""
-    return spec.is_greedy or spec.is_beam
 
 
 # ----------------------------------------------------------------------------- prompts and the human row
@@ -337,7 +333,7 @@ def run_comparison(
 
 def _generate(model, tokenizer, prompts, spec, num_samples, max_new_tokens, seed, stop, window) -> list[Sample]:
     """The samples of one strategy in one batch, prompt-major; one per prompt when it is deterministic."""
-    runs = 1 if is_deterministic(spec) else num_samples
+    runs = 1 if spec.is_deterministic else num_samples
     return generate(model, tokenizer, prompts, spec, num_samples=runs, seed=seed, max_new_tokens=max_new_tokens,
                     stop=stop, window=window)
 
@@ -356,7 +352,7 @@ def _row(run: Run, num_prompts: int, num_samples: int, units: str, eot_id: int) 
     """One table row. A deterministic strategy's one sample per prompt stands for the
     num_samples identical samples every seed would give; the human row has one per prompt."""
     per_prompt = len(run.samples) // num_prompts
-    copies = num_samples if run.spec is not None and is_deterministic(run.spec) else 1
+    copies = num_samples if run.spec is not None and run.spec.is_deterministic else 1
     units_by_prompt = [
         [text_units(sample, units, eot_id) for sample in run.samples[p * per_prompt : (p + 1) * per_prompt]] * copies
         for p in range(num_prompts)
@@ -446,7 +442,7 @@ def write_results(comparison: Comparison, out_dir: Path, title: str = "") -> lis
 
 
 def _sample_record(run: Run, sample: Sample, comparison: Comparison) -> dict[str, Any]:
-    deterministic = run.spec is not None and is_deterministic(run.spec)
+    deterministic = run.spec is not None and run.spec.is_deterministic
     settings = comparison.settings
     seed = (
         None if run.spec is None or deterministic
@@ -626,7 +622,7 @@ def run(args: argparse.Namespace, out=None) -> Comparison:
     )
     comparison.settings["wall_seconds"] = time.perf_counter() - started
     comparison.settings["checkpoint"] = str(args.checkpoint)
-    once = " (greedy and beam: 1, the same for every seed)" if any(map(is_deterministic, grid)) else ""
+    once = " (greedy and beam: 1, the same for every seed)" if any(spec.is_deterministic for spec in grid) else ""
     out.write(f"{len(prompts)} prompts x {args.num_samples} samples{once} x {args.max_new_tokens} tokens, "
               f"text metrics in {args.units}, {comparison.settings['wall_seconds']:.1f} s\n")
     out.write(format_table(comparison.rows) + "\n")

@@ -33,10 +33,11 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from model.decoding import DecodingSpec, choose_tokens, process_logits
+from model.decoding import choose_tokens, process_logits
 from model.device import Precision
 from model.errors import UserError
 from model.gpt import GPT, KVCache
+from model.strategy import DecodingSpec
 from model.tokenizer import Tokenizer
 
 WINDOW_MODES = ("exact", "shift", "none")

@@ -32,7 +32,7 @@ from model.compare import (
     val_prompts,
 )
 from model.data import open_split, read_meta
-from model.decoding import parse_strategy
+from model.strategy import parse_strategy
 from model.errors import UserError
 from model.generate import Sample
 from model.gpt import GPT
