@@ -48,10 +48,11 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from model.decoding import DecodingSpec, parse_strategy, process_logits
+from model.decoding import process_logits
 from model.errors import UserError
 from model.generate import MAX_SEED, Context, TextStream, decode_steps, use_decoding_layout
 from model.gpt import GPT
+from model.strategy import DecodingSpec, parse_strategy
 from model.tokenizer import EOT_TEXT, Tokenizer
 
 PAGE = Path(__file__).parent / "static" / "explorer.html"

@@ -23,7 +23,8 @@ from conftest import ROOT
 import sample
 from live_server import LiveServer
 from model.checkpoint import load_for_generation
-from model.decoding import parse_strategy, process_logits
+from model.decoding import process_logits
+from model.strategy import parse_strategy
 from model.serve import ServeSettings, create_app, display_token, listen, token_text
 from model.tokenizer import BPETokenizer
 

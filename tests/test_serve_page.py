@@ -17,7 +17,8 @@ from selenium.webdriver.support.wait import WebDriverWait
 
 from live_server import LiveServer
 from model.checkpoint import load_for_generation
-from model.decoding import parse_strategy, process_logits
+from model.decoding import process_logits
+from model.strategy import parse_strategy
 from model.serve import ServeSettings, create_app
 
 pytestmark = pytest.mark.slow
