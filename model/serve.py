@@ -739,6 +739,8 @@ def create_app(model: GPT, tokenizer: Tokenizer, settings: ServeSettings) -> Sta
 
 def listen(host: str, port: int) -> socket.socket:
     """A listening socket, or a UserError saying why not (port in use, unknown host)."""
+    if not 0 <= port <= 65535:
+        raise UserError(f"port {port} is out of range; it must be in [0, 65535] (0: any free port)")
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         family, kind, proto, _, address = infos[0]
