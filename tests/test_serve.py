@@ -308,10 +308,10 @@ def test_showing_tokens():
     assert token_text(tokenizer, 257) == " a"
 
 
-def test_serve_command_prints_its_url_and_stops_cleanly_on_ctrl_c(tiny_checkpoint):
+def test_serve_command_prints_its_url_and_stops_cleanly_on_ctrl_c_even_mid_stream(tiny_checkpoint):
     process = subprocess.Popen([sys.executable, "sample.py", "serve", str(tiny_checkpoint), "--port", "0",
-                                "--device", "cpu"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+                                "--device", "cpu", "--max-tokens", "1000000"], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
     try:
         line = process.stdout.readline()
         assert "http://127.0.0.1:" in line, line + process.stderr.read()
@@ -320,10 +320,13 @@ def test_serve_command_prints_its_url_and_stops_cleanly_on_ctrl_c(tiny_checkpoin
         connection.request("GET", "/")
         page = connection.getresponse()
         assert page.status == 200 and b"<html" in page.read()
-        connection.close()
+        connection.request("POST", "/v1/completions", body=json.dumps({"max_tokens": 1_000_000, "stream": True}))
+        stream = connection.getresponse()
+        assert stream.status == 200 and stream.readline().startswith(b"data: ")  # generating
         process.send_signal(signal.SIGINT)
         assert process.wait(10) == 0
         assert "Traceback" not in process.stderr.read()
+        connection.close()
     finally:
         with contextlib.suppress(ProcessLookupError):
             process.kill()
