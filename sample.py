@@ -235,6 +235,8 @@ def serve_main(argv: list[str]) -> int:
     parser.add_argument("--window", choices=WINDOW_MODES, default="exact", help="past the context length, as in "
                         "sample.py --window")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads of each model step; concurrent requests "
+                        "already run side by side, and small models step fastest on one thread")
     parser.add_argument("--access-log", action="store_true", help="print one line per request")
     args = parser.parse_args(argv)
 
@@ -246,6 +248,9 @@ def serve_main(argv: list[str]) -> int:
         settings = ServeSettings(Path(args.checkpoint).parent.name + "/" + Path(args.checkpoint).stem,
                                  max_tokens=args.max_tokens, max_concurrent=args.max_concurrent,
                                  max_waiting=args.max_waiting, window=args.window)
+        if args.threads < 1:
+            raise UserError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
         model, tokenizer, _ = load_for_generation(args.checkpoint, resolve_device(args.device))
         sock = listen(args.host, args.port)
         if args.host not in ("127.0.0.1", "localhost", "::1"):

@@ -43,10 +43,10 @@ def rss_mib(pid: int) -> float:
 class Served:
     """`sample.py serve` in its own process, on a free port of 127.0.0.1."""
 
-    def __init__(self, checkpoint: str, max_concurrent: int, max_waiting: int, max_tokens: int):
+    def __init__(self, checkpoint: str, max_concurrent: int, max_waiting: int, max_tokens: int, threads: int):
         command = [sys.executable, str(ROOT / "sample.py"), "serve", checkpoint, "--host", "127.0.0.1", "--port", "0",
                    "--max-concurrent", str(max_concurrent), "--max-waiting", str(max_waiting),
-                   "--max-tokens", str(max_tokens), "--device", "cpu"]
+                   "--max-tokens", str(max_tokens), "--device", "cpu", "--threads", str(threads)]
         self.process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
         line = self.process.stdout.readline()
         if "http://127.0.0.1:" not in line:
@@ -148,7 +148,8 @@ def wait_idle(url: str, timeout: float = 30) -> float:
 
 
 def run(args: argparse.Namespace) -> dict:
-    server = Served(args.checkpoint, args.max_concurrent, args.max_waiting, args.max_tokens)
+    alone = library_tokens_per_s(args.checkpoint, args.max_tokens, args.threads)
+    server = Served(args.checkpoint, args.max_concurrent, args.max_waiting, args.max_tokens, args.threads)
     try:
         model = asyncio.run(_model_id(server.url))
         warm = Tally()
@@ -169,14 +170,15 @@ def run(args: argparse.Namespace) -> dict:
                                       args.abandon_every, tally,
                                       on_tick=lambda: peak.append(rss_mib(server.process.pid))))
         idle_after = wait_idle(server.url)
-        time.sleep(1.0)
+        time.sleep(args.settle_seconds)
         rss_end = rss_mib(server.process.pid)
         state = health(server.url)
     finally:
         exit_code = server.stop()
     return {
         "checkpoint": args.checkpoint, "model": model, "max_tokens": args.max_tokens,
-        "max_concurrent": args.max_concurrent, "max_waiting": args.max_waiting, "rates": rates,
+        "max_concurrent": args.max_concurrent, "max_waiting": args.max_waiting, "threads": args.threads,
+        "library_tokens_per_s": round(alone, 1), "rates": rates,
         "load": {"clients": args.clients, "seconds": round(elapsed, 2), "served": tally.served,
                  "refused_503": tally.refused, "abandoned": tally.abandoned, "errors": len(tally.errors),
                  "error_samples": tally.errors[:5], "tokens": tally.tokens,
@@ -186,6 +188,32 @@ def run(args: argparse.Namespace) -> dict:
                  "waiting_after": state["waiting"]},
         "server_exit_code": exit_code,
     }
+
+
+def library_tokens_per_s(checkpoint: str, max_tokens: int, threads: int, repeats: int = 5) -> float:
+    """The token loop alone, in this process, for the same request (no HTTP): the best of
+    ``repeats`` runs."""
+    import torch
+
+    from model.checkpoint import load_for_generation
+    from model.serve import ServeSettings, TokenEvent, completion_events, completion_job
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model, tokenizer, _ = load_for_generation(checkpoint, torch.device("cpu"))
+        job = completion_job({"prompt": "", "max_tokens": max_tokens, "seed": 1}, ServeSettings("bench"), tokenizer,
+                             model.config.block_size)
+        best = 0.0
+        with torch.inference_mode():
+            for _ in range(repeats):
+                start = time.perf_counter()
+                tokens = sum(isinstance(e, TokenEvent) for step in completion_events(model, tokenizer, job)
+                             for e in step)
+                best = max(best, tokens / (time.perf_counter() - start))
+        return best
+    finally:
+        torch.set_num_threads(previous)
 
 
 async def _model_id(url: str) -> str:
@@ -198,7 +226,8 @@ async def _model_id(url: str) -> str:
 
 def print_table(result: dict) -> None:
     print(f"server: {result['model']}, --max-concurrent {result['max_concurrent']}, "
-          f"--max-waiting {result['max_waiting']}, {result['max_tokens']} tokens per request")
+          f"--max-waiting {result['max_waiting']}, --threads {result['threads']}, {result['max_tokens']} tokens per "
+          f"request; the token loop alone, without HTTP: {result['library_tokens_per_s']} tokens/s")
     print("| clients | seconds | requests | tokens | tokens/s | tokens/s per client |")
     print("|---:|---:|---:|---:|---:|---:|")
     for r in result["rates"]:
@@ -224,8 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per request")
     parser.add_argument("--max-concurrent", type=int, default=8, help="the server's --max-concurrent")
     parser.add_argument("--max-waiting", type=int, default=16, help="the server's --max-waiting")
+    parser.add_argument("--threads", type=int, default=1, help="the server's --threads")
     parser.add_argument("--abandon-every", type=int, default=10, help="every n-th request of the load phase is "
                         "abandoned after 3 tokens (0: none)")
+    parser.add_argument("--settle-seconds", type=float, default=1.0, help="wait this long after the load before "
+                        "reading the memory again")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve_load.json",
                         help="where to write the JSON")
     args = parser.parse_args(argv)

@@ -333,6 +333,7 @@ def test_serve_command_prints_its_url_and_stops_cleanly_on_ctrl_c_even_mid_strea
         process.wait()
 
 
+@pytest.mark.slow
 def test_serve_command_refuses_a_port_in_use_in_one_line(tiny_checkpoint):
     taken = listen("127.0.0.1", 0)
     try:

@@ -27,11 +27,13 @@ def check_every_request_served_or_refused(load: dict) -> None:
 
 
 def test_load_bench_smoke(tiny_checkpoint, tmp_path):
-    result = run_bench(tiny_checkpoint, tmp_path, "--clients", "3", "--seconds", "1", "--rate-clients", "1",
-                       "--rate-seconds", "0.5", "--max-tokens", "16", "--abandon-every", "2")
+    result = run_bench(tiny_checkpoint, tmp_path, "--clients", "3", "--seconds", "0.5", "--rate-clients", "1",
+                       "--rate-seconds", "0.3", "--max-tokens", "16", "--abandon-every", "2",
+                       "--settle-seconds", "0")
     check_every_request_served_or_refused(result["load"])
     assert result["load"]["abandoned"] > 0
     assert result["rates"][0]["tokens"] > 0 and result["rates"][0]["errors"] == []
+    assert result["library_tokens_per_s"] > 0
     assert result["server_exit_code"] == 0
 
 
