@@ -40,9 +40,9 @@ from pathlib import Path
 import torch
 
 from model.config import ModelConfig
-from model.decoding import DecodingSpec
 from model.generate import Context, decode_steps
 from model.gpt import GPT
+from model.strategy import DecodingSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = dict(block_size=256, n_layer=6, n_head=6, n_embd=384)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import ModelConfig
-from model.decoding import DecodingSpec, parse_strategy
+from model.strategy import DecodingSpec, parse_strategy
 from model.errors import UserError
 from model.generate import Context, TextStream, beam_search, decode_steps, generate
 from model.gpt import GPT
@@ -476,4 +476,4 @@ def test_sample_cli_says_in_one_line_when_stdout_cannot_show_the_text(tiny_check
     env = {**os.environ, "PYTHONIOENCODING": "ascii"}
     result = subprocess.run([sys.executable, "sample.py", str(path), "--prompt", "日本語", "--max-new-tokens", "3",
                              "--device", "cpu"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-    assert "encoding (ascii) cannot show '\\u65e5\\u672c\\u8a9e'" in one_line_error(result)
+    assert f"encoding (ascii) cannot show {ascii('日本語')}" in one_line_error(result)
