@@ -4,6 +4,7 @@
     python sample.py out/default/best.pt --strategy greedy --explain
     echo "Once upon" | python sample.py CKPT --prompt-file - --num-samples 3 --stop $'\\n\\n'  # (bash)
     python sample.py compare out/default/best.pt --out out/compare   # strategies side by side
+    python sample.py serve out/default/best.pt    # the explorer page and an OpenAI-compatible API
 
 Each command is a subcommand (``generate``, ``compare``); ``generate`` is the default, so
 ``sample.py CKPT ...`` means ``sample.py generate CKPT ...``. A command is one
@@ -505,6 +506,60 @@ def _draw_comparison(figure, rows: Sequence[dict[str, Any]], title: str) -> None
 # ----------------------------------------------------------------------------- the command line
 
 
+# ----------------------------------------------------------------------------- serve
+
+def add_serve_command(commands) -> None:
+    parser = add_command(
+        commands, "serve", run_serve, prog="sample.py serve", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="serve the explorer page and an OpenAI-compatible API (needs the serve extra)",
+        description="Serve a checkpoint on a local web server: the explorer page at / and an "
+        "OpenAI-compatible API at /v1 (completions, models) plus /v1/distribution. Needs the serve extra.",
+    )
+    parser.add_argument("checkpoint", help="a .pt file written by train.py (e.g. out/default/best.pt), or a "
+                        "Hugging Face GPT-2 folder")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 opens the server "
+                        "to the network, without any authentication")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
+    parser.add_argument("--max-concurrent", type=int, default=4, help="requests that use the model at once")
+    parser.add_argument("--max-waiting", type=int, default=16, help="requests that may wait for a turn; "
+                        "beyond them the answer is 503 with Retry-After")
+    parser.add_argument("--max-tokens", type=int, default=512, help="the largest max_tokens a request may ask for")
+    parser.add_argument("--window", choices=WINDOW_MODES, default="exact", help="past the context length, as in "
+                        "sample.py --window")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads of each model step; concurrent requests "
+                        "already run side by side, and small models step fastest on one thread")
+    parser.add_argument("--access-log", action="store_true", help="print one line per request")
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    try:
+        from model.serve import ServeSettings, create_app, listen, serve_forever
+    except ImportError as e:
+        raise UserError(f"serving needs the serve extra (pip install -e '.[serve]'): {e}") from None
+    settings = ServeSettings(Path(args.checkpoint).parent.name + "/" + Path(args.checkpoint).stem,
+                             max_tokens=args.max_tokens, max_concurrent=args.max_concurrent,
+                             max_waiting=args.max_waiting, window=args.window)
+    if args.threads < 1:
+        raise UserError(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    model, tokenizer, _ = load_for_generation(args.checkpoint, resolve_device(args.device))
+    sock = listen(args.host, args.port)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {args.host}: anyone who can reach this machine can use the server; "
+              "there is no authentication", file=sys.stderr)
+    host, port = sock.getsockname()[:2]
+    print(f"serving {args.checkpoint} as '{settings.model_name}' at http://{host}:{port}/ "
+          f"(API: http://{host}:{port}/v1); Ctrl-C stops", flush=True)
+    try:
+        serve_forever(create_app(model, tokenizer, settings), sock, access_log=args.access_log)
+    except KeyboardInterrupt:  # uvicorn has already shut down cleanly, then passes Ctrl-C on
+        pass
+    print("stopped", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- the commands
+
 def add_command(commands, name: str, run: Callable[[argparse.Namespace], Any], *, streams_text: bool = False,
                 **parser_options: Any) -> argparse.ArgumentParser:
     """Add the subcommand ``name`` (``parser_options`` as for add_parser: help, description,
@@ -515,7 +570,7 @@ def add_command(commands, name: str, run: Callable[[argparse.Namespace], Any], *
     return parser
 
 
-COMMANDS = (add_generate_command, add_compare_command)
+COMMANDS = (add_generate_command, add_compare_command, add_serve_command)
 DEFAULT_COMMAND = "generate"
 
 
