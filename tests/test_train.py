@@ -210,6 +210,8 @@ def test_config_differences_lists_each_changed_key():
     (["position=rope", "n_embd=18", "n_head=2"], "head size n_embd / n_head = 9 must be even"),
     (["norm=batchnorm"], "model.norm must be 'layernorm' or 'rmsnorm'"),
     (["max_seconds=-1"], "train.max_seconds must be >= 0"),
+    (["seed=18446744073709551616"], "train.seed must be below 2**64"),  # 2**64
+    (["n_embd=1000000", "n_head=1"], "the model does not fit in cpu memory: 48,000,"),
 ])
 def test_train_bad_input(args, message, tiny_dataset, tmp_path, capsys):
     assert train.main([f"data_dir={tiny_dataset}", f"out_dir={tmp_path}", "max_iters=1", "device=cpu", *args]) == 2
@@ -264,3 +266,18 @@ def test_overwrite_removes_the_earlier_run_before_the_first_step(tiny_dataset, t
     assert not (tmp_path / "best.pt").exists()
     assert load_checkpoint(tmp_path / "last.pt")["step"] == 1
     assert [r["step"] for r in records(tmp_path)] == [0]
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused_before_training(tiny_dataset, tmp_path, capsys):
+    """A meta.json whose vocab_size is too small for the ids in the token files."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    meta = json.loads((data / "meta.json").read_text())
+    meta["vocab_size"] = 5
+    (data / "meta.json").write_text(json.dumps(meta))
+    assert train.main([f"data_dir={data}", f"out_dir={tmp_path / 'out'}", "device=cpu", "block_size=16"]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert f"{data / 'train.bin'} holds token id " in line and "but the vocabulary has 5 ids (0 to 4)" in line
+    assert not (tmp_path / "out").exists()
