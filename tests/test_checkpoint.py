@@ -155,7 +155,7 @@ def damaged_run_checkpoint(source, out, damage: str):
 def test_sample_and_resume_refuse_a_damaged_checkpoint_in_one_line(damage, tiny_checkpoint, tmp_path, capsys):
     import sample
     import train
-    from tests.test_cli import one_line_error
+    from tests.conftest import one_line_error
 
     path = damaged_run_checkpoint(tiny_checkpoint, tmp_path / "run", damage)
     expected = DAMAGES[damage].split(" (in ")[0] if damage == "nan" else DAMAGES[damage].split(" (missing")[0]

@@ -38,7 +38,7 @@ from model.generate import Sample
 from model.gpt import GPT
 from model.tokenizer import CharTokenizer
 from tests.conftest import run_cli, tiny_config
-from tests.test_cli import one_line_error
+from tests.conftest import one_line_error
 
 CHARS = CharTokenizer("abc \n")  # ids: "\n"=0, " "=1, a=2, b=3, c=4, end-of-text=5
 

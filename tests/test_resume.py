@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -15,21 +14,13 @@ import torch
 
 import train
 from model.checkpoint import load_checkpoint
-from tests.conftest import ROOT
+from tests.conftest import ROOT, one_line_error, records, tiny_run_overrides
 
 TIMING_KEYS = {"tokens_per_s", "mfu", "train_seconds", "elapsed_s"}
 
 
 def run_args(tiny_dataset, out, *more: str) -> list[str]:
-    return [
-        "--no-progress", f"data_dir={tiny_dataset}", f"out_dir={out}", "device=cpu", "block_size=16", "n_layer=2",
-        "n_head=2", "n_embd=16", "batch_size=8", "eval_iters=1", "warmup_iters=3", "learning_rate=1e-2",
-        "min_lr=1e-3", *more,
-    ]
-
-
-def records(out) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return ["--no-progress", *tiny_run_overrides(tiny_dataset, out, "eval_iters=1", "warmup_iters=3", *more)]
 
 
 def without_timing(lines: list[dict]) -> list[dict]:
@@ -169,7 +160,6 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_checkpoints_still_load(ti
     """out_dir on a 2 MB tmpfs, filled up after the first save: the next save fails."""
     import shutil
 
-    from tests.test_cli import one_line_error
 
     disk = tmp_path / "disk"
     disk.mkdir()

@@ -17,21 +17,13 @@ from model.config import ModelConfig, TrainConfig, config_differences, load_conf
 from model.errors import UserError
 from model.gpt import GPT
 from model.perf import flops_per_token
-from tests.conftest import tiny_config
-from tests.test_cli import one_line_error
+from tests.conftest import one_line_error, records, tiny_config, tiny_run_overrides
 
 
 def tiny_run(tiny_dataset, out, *overrides: str):
     """A config for a very small, fast run on the tiny char dataset."""
-    return load_config(None, [
-        f"data_dir={tiny_dataset}", f"out_dir={out}", "device=cpu", "block_size=16", "n_layer=2", "n_head=2",
-        "n_embd=16", "batch_size=8", "max_iters=6", "eval_interval=3", "eval_iters=2", "warmup_iters=2",
-        "learning_rate=1e-2", "min_lr=1e-3", *overrides,
-    ])
-
-
-def records(out) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return load_config(None, tiny_run_overrides(tiny_dataset, out, "max_iters=6", "eval_interval=3", "eval_iters=2",
+                                                "warmup_iters=2", *overrides))
 
 
 # --- the learning-rate schedule, worked by hand ------------------------------------------
