@@ -225,7 +225,17 @@ def test_prepare_cli_unknown_tokenizer(tmp_path, tiny_corpus):
 
 
 def test_meta_json_is_plain_json(tiny_dataset):
-    json.loads((tiny_dataset / "meta.json").read_text())
+    """A reader without this project can use meta.json: plain JSON that says what the token
+    files hold (ids, their type, how many) and how to decode them."""
+    meta = json.loads((tiny_dataset / "meta.json").read_text())
+    assert (meta["format"], meta["version"], meta["tokenizer_name"]) == ("tinygpt-tokens", 1, "char")
+    chars = meta["tokenizer"]["chars"]
+    assert meta["tokenizer"]["kind"] == "char" and chars == "".join(sorted(set(chars)))
+    assert meta["vocab_size"] == len(chars) + 1 and meta["eot_id"] == len(chars)
+    for split in ("train", "val"):
+        ids = np.fromfile(tiny_dataset / f"{split}.bin", dtype=np.dtype(meta["dtype"]))
+        assert meta["tokens"][split] == len(ids) and int(ids.max()) < meta["vocab_size"]
+    assert meta["dtype"] == "<u2" and meta["source"]["documents"] == 1
 
 
 @pytest.mark.slow

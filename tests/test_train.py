@@ -273,3 +273,25 @@ def test_token_ids_beyond_the_vocabulary_are_refused_before_training(tiny_datase
     line = one_line_error(capsys.readouterr().err)
     assert f"{data / 'train.bin'} holds token id " in line and "but the vocabulary has 5 ids (0 to 4)" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_max_seconds_ends_a_run_and_a_resumed_run_goes_on_to_its_own_budget(tiny_dataset, tmp_path):
+    """The time budget, not max_iters, ends the run; the schedule reaches min_lr at the end;
+    a resume with a bigger budget continues from the training seconds already spent."""
+    budget = ["max_iters=1000000", "eval_interval=1000000", "warmup_iters=2"]
+    first = train.train(tiny_run(tiny_dataset, tmp_path, *budget, "max_seconds=0.3"), progress=False)
+    end = records(tmp_path)[-1]
+    assert 2 < first.step < 1000000 and end["step"] == first.step
+    assert end["train_seconds"] >= 0.3 and end["lr"] == pytest.approx(1e-3)  # min_lr: the budget is spent
+    resumed = train.train(tiny_run(tiny_dataset, tmp_path, *budget, "max_seconds=0.6"), progress=False,
+                          checkpoint=load_checkpoint(tmp_path / "last.pt"))
+    lines = records(tmp_path)
+    assert resumed.step > first.step and lines[-1]["train_seconds"] >= 0.6
+    assert [r["step"] for r in lines] == [0, first.step, resumed.step]
+
+
+@pytest.mark.slow
+def test_compile_success_path_trains(tiny_dataset, tmp_path, capsys):
+    result = train.train(tiny_run(tiny_dataset, tmp_path, "compile=true"), progress=False)
+    assert "compiled the model with torch.compile" in capsys.readouterr().out
+    assert result.step == 6 and records(tmp_path)[-1]["val_loss"] < records(tmp_path)[0]["val_loss"]
