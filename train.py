@@ -40,15 +40,21 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from model import distributed
-from model.checkpoint import copy_checkpoint, load_checkpoint, remove_stale_temporaries, save_checkpoint
-from model.config import Config, ModelConfig, TrainConfig, config_differences, config_tables, load_config
+from model.checkpoint import (
+    copy_checkpoint, load_checkpoint, load_initial_weights, remove_stale_temporaries, save_checkpoint,
+    source_model_config,
+)
+from model.cli import run_cli
+from model.config import (
+    Config, ModelConfig, TrainConfig, config_differences, config_tables, given_keys, load_config,
+)
 from model.data import (
     check_batch_fits, check_split_length, check_token_ids, open_split, read_meta, read_windows, sample_starts,
     split_file, to_device,
 )
 from model.device import Precision, use_tensor_cores
 from model.distributed import Distributed, gradient_sync
-from model.errors import UserError, run_cli
+from model.errors import UserError
 from model.gpt import GPT
 from model.perf import flops_per_token, peak_flops
 
@@ -141,6 +147,57 @@ def check_same_model(checkpoint: dict, cfg: Config) -> None:
             + "; ".join(f"model.{d}" for d in differences)
             + ". Resume with the checkpoint's model settings (leave out --config), or train into a new out_dir"
         )
+
+
+# Model settings that may differ from train.init_from's: they do not change the weights.
+FREE_MODEL_KEYS = ("block_size", "dropout", "attention")
+
+
+def adopt_init_shape(cfg: Config, given: set[str]) -> Config:
+    """With train.init_from the model's shape is that of the weights there: every model key
+    the config leaves out is taken from them, and one it sets (``given``: section.key
+    names) to another value is an error. block_size may be smaller (the position table
+    is cropped); dropout and attention are free."""
+    source = source_model_config(cfg.train.init_from)
+    conflicts = [
+        f"model.{key} = {getattr(cfg.model, key)!r} but init_from has {getattr(source, key)!r}"
+        for key in sorted(k.removeprefix("model.") for k in given if k.startswith("model."))
+        if key not in FREE_MODEL_KEYS and getattr(cfg.model, key) != getattr(source, key)
+    ]
+    if conflicts:
+        raise UserError(f"train.init_from {cfg.train.init_from} fixes the model's shape: {'; '.join(conflicts)}; "
+                        "leave those keys out of the config")
+    block_size = cfg.model.block_size if "model.block_size" in given else source.block_size
+    if block_size > source.block_size:
+        raise UserError(f"model.block_size {block_size} exceeds the {source.block_size} positions of "
+                        f"train.init_from {cfg.train.init_from}")
+    model = dataclasses.replace(source, block_size=block_size, dropout=cfg.model.dropout,
+                                attention=cfg.model.attention)
+    return dataclasses.replace(cfg, model=model)
+
+
+def initial_model(cfg: Config, meta: dict, resuming: bool) -> GPT:
+    """The network training starts from: fresh weights, or those of train.init_from
+    (unless resuming: the checkpoint has newer ones). The dataset must be tokenized with
+    the tokenizer of those weights, and the config must have their shape (adopt_init_shape)."""
+    if not cfg.train.init_from or resuming:
+        return GPT(cfg.model)
+    source, tokenizer_state = load_initial_weights(cfg.train.init_from, cfg.model.block_size)
+    free = {key: getattr(cfg.model, key) for key in FREE_MODEL_KEYS}
+    differences = config_differences(dataclasses.asdict(dataclasses.replace(source.config, **free)),
+                                     dataclasses.asdict(cfg.model))
+    if differences:
+        raise UserError(f"the model config differs from train.init_from's (init_from -> config): "
+                        + "; ".join(f"model.{d}" for d in differences))
+    if tokenizer_state != meta["tokenizer"]:
+        raise UserError(f"{cfg.train.data_dir} was prepared with the {meta.get('tokenizer_name', '?')} tokenizer, "
+                        f"not the one of train.init_from {cfg.train.init_from}; prepare the corpus with "
+                        "--tokenizer gpt2:FOLDER (for a GPT-2 folder) or that checkpoint's tokenizer")
+    if dataclasses.asdict(source.config) == dataclasses.asdict(cfg.model):
+        return source
+    model = GPT(cfg.model)  # other dropout or attention path: the same weights
+    model.load_state_dict(source.state_dict())
+    return model
 
 
 class Batches:
@@ -404,7 +461,7 @@ def setup(cfg: Config, ddp: Distributed, device: torch.device, progress: bool,
 
     torch.manual_seed(tc.seed)  # the same initial weights in every process
     use_tensor_cores(device)
-    model = build_model(cfg.model, device)
+    model = in_memory(lambda: initial_model(cfg, meta, resuming=checkpoint is not None), cfg.model, device)
     optimizer = make_optimizer(model, tc, device)
     precision = Precision.for_device(device)
     scaler = precision.grad_scaler()
@@ -453,15 +510,15 @@ def setup(cfg: Config, ddp: Distributed, device: torch.device, progress: bool,
     return run, state
 
 
-def build_model(cfg: ModelConfig, device: torch.device) -> GPT:
-    """The network on ``device``; one that does not fit in memory is a one-line error
-    saying how much its weights, gradients and AdamW state need."""
+def in_memory(build: Callable[[], GPT], cfg: ModelConfig, device: torch.device) -> GPT:
+    """The network ``build`` makes, on ``device``; one that does not fit in memory is a
+    one-line error saying how much its weights, gradients and AdamW state need."""
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         params = sum(p.numel() for p in GPT(cfg).parameters())
     needed = f"{params / 1e6:,.0f}M parameters need about {params * TRAINING_BYTES_PER_PARAM / 2**30:,.1f} GiB " \
              f"for weights, gradients and AdamW state ({TRAINING_BYTES_PER_PARAM} bytes each)"
     try:
-        return GPT(cfg).to(device)
+        return build().to(device)
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
         if isinstance(error, RuntimeError) and "memory" not in str(error):
             raise
@@ -651,6 +708,8 @@ def run(args: argparse.Namespace) -> None:
         cfg = load_config(args.config, overrides)
         if not args.overwrite:
             check_fresh_out_dir(Path(cfg.train.out_dir))
+    if cfg.train.init_from and (args.config is not None or not args.resume):  # a resumed config has the shape
+        cfg = adopt_init_shape(cfg, given_keys(args.config, overrides))
     train(cfg, progress=not args.no_progress, checkpoint=checkpoint)
 
 

@@ -21,6 +21,7 @@ rely on it and a bad file is one line naming what is wrong.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import shutil
@@ -34,6 +35,7 @@ import torch
 from model.config import Config, ModelConfig, config_from_dict
 from model.errors import UserError
 from model.gpt import GPT
+from model.pretrained import gpt2_config, is_gpt2_folder, load_gpt2
 from model.tokenizer import Tokenizer, tokenizer_from_state
 
 FORMAT = "tinygpt-checkpoint"
@@ -219,13 +221,49 @@ def model_from_checkpoint(payload: dict[str, Any], device: str | torch.device = 
 
 
 def load_for_generation(path: str | Path, device: torch.device) -> tuple[GPT, Tokenizer, dict[str, Any]]:
-    """The model in eval mode on ``device``, its tokenizer, and the whole payload."""
+    """The model in eval mode on ``device``, its tokenizer, and the whole payload.
+
+    ``path`` is a checkpoint file or a Hugging Face GPT-2 folder (model/pretrained.py);
+    a folder's payload has its model config and tokenizer state, no training config
+    (``config["train"]`` is empty: no dataset of its own) and no optimizer."""
+    if is_gpt2_folder(path):
+        model, tokenizer = load_gpt2(path, device=device)
+        payload = {"config": {"model": dataclasses.asdict(model.config), "train": {}},
+                   "tokenizer": tokenizer.state(), "optimizer": None, "source": "gpt2-folder"}
+        return model, tokenizer, payload
     payload = load_checkpoint(path, map_location=device)
     tokenizer = tokenizer_from_state(payload["tokenizer"])
     vocab = payload["config"]["model"]["vocab_size"]
     if tokenizer.vocab_size > vocab:
         raise UserError(f"{path}: its tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab}")
     return model_from_checkpoint(payload, device).eval(), tokenizer, payload
+
+
+def source_model_config(path: str | Path) -> ModelConfig:
+    """The shape of the weights at ``path``: a GPT-2 folder or a checkpoint of this project."""
+    if not Path(path).exists():
+        raise UserError(f"{path} not found (expected a Hugging Face GPT-2 folder or a checkpoint file)")
+    if is_gpt2_folder(path):
+        return gpt2_config(path)
+    return ModelConfig(**load_checkpoint(path)["config"]["model"])
+
+
+def load_initial_weights(path: str | Path, block_size: int) -> tuple[GPT, dict[str, Any]]:
+    """The model to fine-tune from (a GPT-2 folder or a checkpoint of this project), with
+    its position table cropped to ``block_size``, and its tokenizer state."""
+    if is_gpt2_folder(path):
+        model, tokenizer = load_gpt2(path, block_size=block_size)
+        return model.train(), tokenizer.state()
+    payload = load_checkpoint(path)
+    cfg = ModelConfig(**payload["config"]["model"])
+    if block_size > cfg.block_size:
+        raise UserError(f"block_size {block_size} exceeds the {cfg.block_size} positions of {path}")
+    weights = payload["model"]
+    if "wpe.weight" in weights:
+        weights["wpe.weight"] = weights["wpe.weight"][:block_size]  # a shorter context keeps the first positions
+    model = GPT(dataclasses.replace(cfg, block_size=block_size))
+    model.load_state_dict(weights)
+    return model, payload["tokenizer"]
 
 
 def _first_line(error: BaseException) -> str:
