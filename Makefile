@@ -22,9 +22,21 @@ demo: setup
 	$(PY) train.py --config configs/default.toml --overwrite
 	$(PY) sample.py out/default/best.pt --num-samples 3 --max-new-tokens 300 --seed 1
 
-# The CPU recipe: char-level tinyshakespeare, 90 s of training (needs ../shared/data or SHAKESPEARE=path).
-SHAKESPEARE ?= ../shared/data/tinyshakespeare.txt
-shakespeare: setup
+# The CPU recipe: char-level tinyshakespeare, 90 s of training. The text is downloaded from
+# its public source (checked against its SHA-256) when the network is there; otherwise
+# pass a local copy: make shakespeare SHAKESPEARE=path/to/tinyshakespeare.txt
+SHAKESPEARE_URL    := https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt
+SHAKESPEARE_SHA256 := 86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed
+SHAKESPEARE ?= data/tinyshakespeare.txt
+
+data/tinyshakespeare.txt:
+	@$(PYTHON) -c "import hashlib, sys, urllib.request; \
+	data = urllib.request.urlopen('$(SHAKESPEARE_URL)', timeout=60).read(); \
+	digest = hashlib.sha256(data).hexdigest(); \
+	sys.exit('checksum mismatch: got ' + digest) if digest != '$(SHAKESPEARE_SHA256)' else open('$@', 'wb').write(data)" \
+	|| { echo "error: could not download $(SHAKESPEARE_URL); pass a local copy: make shakespeare SHAKESPEARE=path/to/tinyshakespeare.txt" >&2; exit 2; }
+
+shakespeare: setup $(SHAKESPEARE)
 	$(PY) data/prepare.py $(SHAKESPEARE) --tokenizer char --out data/shakespeare_char
 	$(PY) train.py --config configs/shakespeare_char.toml --overwrite
 	$(PY) train.py --plot out/shakespeare_char
@@ -39,7 +51,12 @@ test-slow: setup
 test-all: setup
 	$(PY) -m pytest -m "slow or not slow"
 
-bench: setup
+# compare_speed.py times the comparison on the demo's checkpoint: the demo runs first
+# when out/default/best.pt is not there yet.
+out/default/best.pt:
+	$(MAKE) demo
+
+bench: setup out/default/best.pt
 	$(PY) bench/train_speed.py
 	$(PY) bench/sample_speed.py
 	$(PY) bench/compare_speed.py

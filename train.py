@@ -49,7 +49,8 @@ from model.config import (
     Config, ModelConfig, TrainConfig, config_differences, config_tables, given_keys, load_config,
 )
 from model.data import (
-    check_batch_fits, check_split_length, open_split, read_meta, read_windows, sample_starts, to_device,
+    check_batch_fits, check_split_length, check_token_ids, open_split, read_meta, read_windows, sample_starts,
+    split_file, to_device,
 )
 from model.device import Precision, use_tensor_cores
 from model.distributed import Distributed, gradient_sync
@@ -59,6 +60,7 @@ from model.perf import flops_per_token, peak_flops
 
 # Independent random streams, each seeded with (train.seed, stream, ...): see stream_seed.
 BATCH_STREAM, EVAL_STREAM, DROPOUT_STREAM = 0, 1, 2
+TRAINING_BYTES_PER_PARAM = 16  # fp32 weight, gradient and AdamW's two moments
 RESUME_EXTRA = ("scaler", "train_seconds", "evaluated")  # what train.py keeps in a checkpoint's extra
 
 
@@ -453,12 +455,13 @@ def setup(cfg: Config, ddp: Distributed, device: torch.device, progress: bool,
     splits = {split: open_split(tc.data_dir, split, meta) for split in ("train", "val")}
     for split, tokens in splits.items():
         check_split_length(tokens, cfg.model.block_size, split)
+        check_token_ids(tokens, cfg.model.vocab_size, split_file(tc.data_dir, split))
     check_batch_fits(splits["train"], tc.batch_size, cfg.model.block_size, "train")
     micro_batch, micro_steps = split_batch(tc.batch_size, tc.micro_batch_size, ddp.world_size)
 
     torch.manual_seed(tc.seed)  # the same initial weights in every process
     use_tensor_cores(device)
-    model = initial_model(cfg, meta, resuming=checkpoint is not None).to(device)
+    model = in_memory(lambda: initial_model(cfg, meta, resuming=checkpoint is not None), cfg.model, device)
     optimizer = make_optimizer(model, tc, device)
     precision = Precision.for_device(device)
     scaler = precision.grad_scaler()
@@ -505,6 +508,21 @@ def setup(cfg: Config, ddp: Distributed, device: torch.device, progress: bool,
     if checkpoint is not None:
         log(f"resumed from step {state.step} (best val loss {state.best_val:.4f})")
     return run, state
+
+
+def in_memory(build: Callable[[], GPT], cfg: ModelConfig, device: torch.device) -> GPT:
+    """The network ``build`` makes, on ``device``; one that does not fit in memory is a
+    one-line error saying how much its weights, gradients and AdamW state need."""
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        params = sum(p.numel() for p in GPT(cfg).parameters())
+    needed = f"{params / 1e6:,.0f}M parameters need about {params * TRAINING_BYTES_PER_PARAM / 2**30:,.1f} GiB " \
+             f"for weights, gradients and AdamW state ({TRAINING_BYTES_PER_PARAM} bytes each)"
+    try:
+        return build().to(device)
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
+        if isinstance(error, RuntimeError) and "memory" not in str(error):
+            raise
+        raise UserError(f"the model does not fit in {device} memory: {needed}; choose a smaller model") from None
 
 
 def resume_from(checkpoint: dict, model: GPT, optimizer: torch.optim.Optimizer,

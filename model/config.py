@@ -105,6 +105,7 @@ class TrainConfig:
             _require(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("seed", "warmup_iters", "lr_decay_iters", "micro_batch_size"):
             _require(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
+        _require(self.seed < 2**64, f"train.seed must be below 2**64 (a 64-bit seed), got {self.seed}")
         _require(self.learning_rate > 0, f"train.learning_rate must be > 0, got {self.learning_rate}")
         _require(
             0 <= self.min_lr <= self.learning_rate,

@@ -68,7 +68,7 @@ def find_documents(inputs: list[str]) -> list[Document]:
                 raise UserError(f"directory {item} has no files")
             paths.extend(found)
         elif glob.has_magic(item):
-            found = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
+            found = sorted(_glob_files(item))
             if not found:
                 raise UserError(f"no files match {item!r}")
             paths.extend(found)
@@ -76,6 +76,19 @@ def find_documents(inputs: list[str]) -> list[Document]:
             raise UserError(f"corpus not found: {item} (not a file, a directory or a glob pattern)")
     unique = list(dict.fromkeys(p.resolve() for p in paths))
     return [Document(str(p), p.stat().st_size, lambda p=p: p.open("rb")) for p in unique]
+
+
+def _glob_files(pattern: str) -> list[Path]:
+    """The files a glob pattern matches (``**``: any depth of folders), skipping hidden
+    ones. pathlib's glob does not descend into symlinked folders, so a symlink loop
+    cannot make it run forever (the glob module's recursive glob follows them)."""
+    parts = Path(pattern).parts
+    fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    root = Path(*parts[:fixed]) if fixed else Path()
+    return [
+        path for path in root.glob(str(Path(*parts[fixed:])))
+        if path.is_file() and not _is_hidden(path.relative_to(root))
+    ]
 
 
 def corpus_name(inputs: list[str]) -> str:

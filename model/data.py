@@ -149,3 +149,14 @@ def to_device(batch: tuple[torch.Tensor, ...], device: torch.device) -> tuple[to
     if device.type != "cuda":
         return tuple(t.to(device) for t in batch)
     return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
+
+
+def check_token_ids(tokens: np.ndarray, vocab_size: int, path: str | Path) -> None:
+    """Every id must name a row of the model's embedding: a dataset whose ids reach past the
+    vocabulary (a damaged file, or a meta.json whose vocab_size is too small) would fail in
+    the middle of a step. Reads the split once, in chunks."""
+    chunk = 1 << 24
+    largest = max((int(tokens[i : i + chunk].max()) for i in range(0, len(tokens), chunk)), default=-1)
+    if largest >= vocab_size:
+        raise UserError(f"{path} holds token id {largest}, but the vocabulary has {vocab_size} ids (0 to "
+                        f"{vocab_size - 1}); prepare the dataset again")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,29 @@ def run_cli(*args: str, cwd: Path = ROOT, stdin: str | None = None, timeout: flo
     return subprocess.run(
         [sys.executable, *args], cwd=cwd, input=stdin, capture_output=True, text=True, timeout=timeout
     )
+
+
+def one_line_error(result_or_stderr) -> str:
+    """The single ``error: ...`` line a command printed on stderr (no traceback, nothing else)."""
+    stderr = getattr(result_or_stderr, "stderr", result_or_stderr)
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def records(out: Path) -> list[dict]:
+    """The lines of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def tiny_run_overrides(data_dir: Path, out_dir: Path, *more: str) -> list[str]:
+    """Overrides for a very small, fast CPU run on the tiny char dataset; ``more`` come last, so they win."""
+    return [
+        f"data_dir={data_dir}", f"out_dir={out_dir}", "device=cpu", "block_size=16", "n_layer=2", "n_head=2",
+        "n_embd=16", "batch_size=8", "learning_rate=1e-2", "min_lr=1e-3", *more,
+    ]
 
 
 def tiny_config(**overrides) -> ModelConfig:

@@ -155,7 +155,7 @@ def damaged_run_checkpoint(source, out, damage: str):
 def test_sample_and_resume_refuse_a_damaged_checkpoint_in_one_line(damage, tiny_checkpoint, tmp_path, capsys):
     import sample
     import train
-    from tests.test_cli import one_line_error
+    from tests.conftest import one_line_error
 
     path = damaged_run_checkpoint(tiny_checkpoint, tmp_path / "run", damage)
     expected = DAMAGES[damage].split(" (in ")[0] if damage == "nan" else DAMAGES[damage].split(" (missing")[0]
@@ -163,3 +163,23 @@ def test_sample_and_resume_refuse_a_damaged_checkpoint_in_one_line(damage, tiny_
     assert expected in one_line_error(capsys.readouterr().err)
     assert train.main(["--no-progress", "--resume", f"out_dir={tmp_path / 'run'}", "max_iters=70"]) == 2
     assert expected in one_line_error(capsys.readouterr().err)
+
+
+def test_a_save_that_cannot_be_written_is_one_line_and_keeps_the_file(tmp_path, tiny_model, monkeypatch):
+    """torch's zip writer reports a full disk as a RuntimeError (simulated here; the real
+    full disk is in test_resume.py)."""
+    path = tmp_path / "c.pt"
+    save(path, tiny_model, step=1)
+    before = path.read_bytes()
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"part of a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0\nsecond line")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(UserError) as info:
+        save(path, tiny_model, step=2)
+    message = str(info.value)
+    assert message.startswith(f"could not save {path} ([enforce fail at inline_container.cc:603] . unexpected pos")
+    assert message.endswith("MiB free there); the previous c.pt is kept") and "\n" not in message
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["c.pt"]

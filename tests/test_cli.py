@@ -15,16 +15,7 @@ import torch.nn.functional as F
 import sample
 import train
 from model.checkpoint import load_for_generation
-from tests.conftest import ROOT, run_cli
-
-
-def one_line_error(result_or_stderr) -> str:
-    stderr = getattr(result_or_stderr, "stderr", result_or_stderr)
-    assert "Traceback" not in stderr
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("error: ")
-    return lines[0]
+from tests.conftest import ROOT, one_line_error, run_cli
 
 
 def test_prepare_train_sample_end_to_end(tmp_path, tiny_corpus):

@@ -37,8 +37,7 @@ from model.generate import Sample, finished_sample
 from model.gpt import GPT
 from model.tokenizer import CharTokenizer
 from sample import format_table, plot_chart
-from tests.conftest import ROOT, run_cli, tiny_config
-from tests.test_cli import one_line_error
+from tests.conftest import ROOT, one_line_error, run_cli, tiny_config
 
 CHARS = CharTokenizer("abc \n")  # ids: "\n"=0, " "=1, a=2, b=3, c=4, end-of-text=5
 

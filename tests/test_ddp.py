@@ -13,7 +13,6 @@ every micro-step but the last.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -26,17 +25,14 @@ import torch.multiprocessing as mp
 import train
 from model.checkpoint import load_checkpoint
 from model.config import load_config
-from tests.conftest import ROOT
+from tests.conftest import ROOT, records, tiny_run_overrides
 
 STEPS = 8
 
 
 def overrides(tiny_dataset, out, *more: str) -> list[str]:
-    return [
-        f"data_dir={tiny_dataset}", f"out_dir={out}", "device=cpu", "block_size=16", "n_layer=2", "n_head=2",
-        "n_embd=16", "batch_size=8", f"max_iters={STEPS}", "eval_interval=1", "eval_iters=2", "warmup_iters=2",
-        "learning_rate=1e-2", "min_lr=1e-3", *more,
-    ]
+    return tiny_run_overrides(tiny_dataset, out, f"max_iters={STEPS}", "eval_interval=1", "eval_iters=2",
+                              "warmup_iters=2", *more)
 
 
 def free_port() -> int:
@@ -68,10 +64,6 @@ def run_ddp(tmp_path, args: list[str], world_size: int = 2) -> list[dict]:
     mp.start_processes(worker, args=(world_size, free_port(), args, str(tmp_path)), nprocs=world_size,
                        start_method="spawn")
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
-
-
-def records(out) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("micro", [pytest.param(0, marks=pytest.mark.slow), 2])  # 0: 4 sequences at once per

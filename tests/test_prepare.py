@@ -225,7 +225,17 @@ def test_prepare_cli_unknown_tokenizer(tmp_path, tiny_corpus):
 
 
 def test_meta_json_is_plain_json(tiny_dataset):
-    json.loads((tiny_dataset / "meta.json").read_text())
+    """A reader without this project can use meta.json: plain JSON that says what the token
+    files hold (ids, their type, how many) and how to decode them."""
+    meta = json.loads((tiny_dataset / "meta.json").read_text())
+    assert (meta["format"], meta["version"], meta["tokenizer_name"]) == ("tinygpt-tokens", 1, "char")
+    chars = meta["tokenizer"]["chars"]
+    assert meta["tokenizer"]["kind"] == "char" and chars == "".join(sorted(set(chars)))
+    assert meta["vocab_size"] == len(chars) + 1 and meta["eot_id"] == len(chars)
+    for split in ("train", "val"):
+        ids = np.fromfile(tiny_dataset / f"{split}.bin", dtype=np.dtype(meta["dtype"]))
+        assert meta["tokens"][split] == len(ids) and int(ids.max()) < meta["vocab_size"]
+    assert meta["dtype"] == "<u2" and meta["source"]["documents"] == 1
 
 
 @pytest.mark.slow
@@ -242,3 +252,25 @@ def test_prepare_streams_a_big_corpus_in_bounded_memory(tmp_path):
         peak, _ = peak_rss_mb([sys.executable, "data/prepare.py", str(corpus), "--tokenizer", tokenizer,
                                "--out", str(tmp_path / tokenizer), "--no-progress"])
         assert peak - floor < size_mb / 2, (tokenizer, peak, floor)
+
+
+def test_a_glob_across_symlink_loops_ends(tmp_path):
+    """Two folders that link back up the tree: a recursive glob that followed them would
+    never end. Each real file is found once."""
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "t.txt").write_text("text")
+    (tmp_path / "top.txt").write_text("top")
+    (tmp_path / "a" / "b" / "up").symlink_to(tmp_path / "a")
+    (tmp_path / "a" / "root").symlink_to(tmp_path)
+    code = ("import sys; from model.corpus import find_documents; "
+            "print('\\n'.join(d.name for d in find_documents(sys.argv[1:])))")
+    for pattern in (str(tmp_path / "**" / "*.txt"), str(tmp_path)):
+        result = run_cli("-c", code, pattern, timeout=30)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split() == [str(tmp_path / "a" / "b" / "t.txt"), str(tmp_path / "top.txt")]
+
+
+def test_prepare_cli_unknown_flag_is_an_error(tmp_path, tiny_corpus):
+    result = run_cli("data/prepare.py", str(tiny_corpus), "--out", str(tmp_path / "o"), "--some-unknown-flag")
+    assert result.returncode == 2 and "unrecognized arguments: --some-unknown-flag" in result.stderr
+    assert not (tmp_path / "o").exists()

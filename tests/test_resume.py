@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -15,21 +14,13 @@ import torch
 
 import train
 from model.checkpoint import load_checkpoint
-from tests.conftest import ROOT
+from tests.conftest import ROOT, one_line_error, records, tiny_run_overrides
 
 TIMING_KEYS = {"tokens_per_s", "mfu", "train_seconds", "elapsed_s"}
 
 
 def run_args(tiny_dataset, out, *more: str) -> list[str]:
-    return [
-        "--no-progress", f"data_dir={tiny_dataset}", f"out_dir={out}", "device=cpu", "block_size=16", "n_layer=2",
-        "n_head=2", "n_embd=16", "batch_size=8", "eval_iters=1", "warmup_iters=3", "learning_rate=1e-2",
-        "min_lr=1e-3", *more,
-    ]
-
-
-def records(out) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return ["--no-progress", *tiny_run_overrides(tiny_dataset, out, "eval_iters=1", "warmup_iters=3", *more)]
 
 
 def without_timing(lines: list[dict]) -> list[dict]:
@@ -163,3 +154,28 @@ def test_resume_overrides_apply_to_the_checkpoints_config(tiny_dataset, tmp_path
     assert (settings["learning_rate"], settings["min_lr"]) == (5e-5, 1e-5)
     assert saved["config"]["model"]["n_embd"] == 16  # from the checkpoint, not the default 128
     assert records(tmp_path)[-1]["lr"] == pytest.approx(train.learning_rate_at(6, train.TrainConfig(**settings)))
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_the_checkpoints_still_load(tiny_dataset, tmp_path, capsys):
+    """out_dir on a 2 MB tmpfs, filled up after the first save: the next save fails."""
+    import shutil
+
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        args = run_args(tiny_dataset, disk, "eval_interval=2")
+        assert train.main([*args, "max_iters=2"]) == 0
+        capsys.readouterr()
+        room = shutil.disk_usage(disk).free - (disk / "last.pt").stat().st_size // 2
+        (disk / "filler").write_bytes(b"\0" * room)
+        assert train.main(["--resume", *args, "max_iters=4"]) == 2
+        line = one_line_error(capsys.readouterr().err)
+        assert f"error: could not save {disk / 'last.pt'} (" in line and "the previous last.pt is kept" in line
+        for name in ("last.pt", "best.pt"):
+            assert load_checkpoint(disk / name)["step"] == 2
+        assert not list(disk.glob(".*.tmp"))
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

@@ -17,21 +17,13 @@ from model.config import ModelConfig, TrainConfig, config_differences, load_conf
 from model.errors import UserError
 from model.gpt import GPT
 from model.perf import flops_per_token
-from tests.conftest import tiny_config
-from tests.test_cli import one_line_error
+from tests.conftest import one_line_error, records, tiny_config, tiny_run_overrides
 
 
 def tiny_run(tiny_dataset, out, *overrides: str):
     """A config for a very small, fast run on the tiny char dataset."""
-    return load_config(None, [
-        f"data_dir={tiny_dataset}", f"out_dir={out}", "device=cpu", "block_size=16", "n_layer=2", "n_head=2",
-        "n_embd=16", "batch_size=8", "max_iters=6", "eval_interval=3", "eval_iters=2", "warmup_iters=2",
-        "learning_rate=1e-2", "min_lr=1e-3", *overrides,
-    ])
-
-
-def records(out) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return load_config(None, tiny_run_overrides(tiny_dataset, out, "max_iters=6", "eval_interval=3", "eval_iters=2",
+                                                "warmup_iters=2", *overrides))
 
 
 # --- the learning-rate schedule, worked by hand ------------------------------------------
@@ -210,6 +202,8 @@ def test_config_differences_lists_each_changed_key():
     (["position=rope", "n_embd=18", "n_head=2"], "head size n_embd / n_head = 9 must be even"),
     (["norm=batchnorm"], "model.norm must be 'layernorm' or 'rmsnorm'"),
     (["max_seconds=-1"], "train.max_seconds must be >= 0"),
+    (["seed=18446744073709551616"], "train.seed must be below 2**64"),  # 2**64
+    (["n_embd=1000000", "n_head=1"], "the model does not fit in cpu memory: 48,000,"),
 ])
 def test_train_bad_input(args, message, tiny_dataset, tmp_path, capsys):
     assert train.main([f"data_dir={tiny_dataset}", f"out_dir={tmp_path}", "max_iters=1", "device=cpu", *args]) == 2
@@ -264,3 +258,40 @@ def test_overwrite_removes_the_earlier_run_before_the_first_step(tiny_dataset, t
     assert not (tmp_path / "best.pt").exists()
     assert load_checkpoint(tmp_path / "last.pt")["step"] == 1
     assert [r["step"] for r in records(tmp_path)] == [0]
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused_before_training(tiny_dataset, tmp_path, capsys):
+    """A meta.json whose vocab_size is too small for the ids in the token files."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    meta = json.loads((data / "meta.json").read_text())
+    meta["vocab_size"] = 5
+    (data / "meta.json").write_text(json.dumps(meta))
+    assert train.main([f"data_dir={data}", f"out_dir={tmp_path / 'out'}", "device=cpu", "block_size=16"]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert f"{data / 'train.bin'} holds token id " in line and "but the vocabulary has 5 ids (0 to 4)" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_max_seconds_ends_a_run_and_a_resumed_run_goes_on_to_its_own_budget(tiny_dataset, tmp_path):
+    """The time budget, not max_iters, ends the run; the schedule reaches min_lr at the end;
+    a resume with a bigger budget continues from the training seconds already spent."""
+    budget = ["max_iters=1000000", "eval_interval=1000000", "warmup_iters=2"]
+    first = train.train(tiny_run(tiny_dataset, tmp_path, *budget, "max_seconds=0.3"), progress=False)
+    end = records(tmp_path)[-1]
+    assert 2 < first.step < 1000000 and end["step"] == first.step
+    assert end["train_seconds"] >= 0.3 and end["lr"] == pytest.approx(1e-3)  # min_lr: the budget is spent
+    resumed = train.train(tiny_run(tiny_dataset, tmp_path, *budget, "max_seconds=0.6"), progress=False,
+                          checkpoint=load_checkpoint(tmp_path / "last.pt"))
+    lines = records(tmp_path)
+    assert resumed.step > first.step and lines[-1]["train_seconds"] >= 0.6
+    assert [r["step"] for r in lines] == [0, first.step, resumed.step]
+
+
+@pytest.mark.slow
+def test_compile_success_path_trains(tiny_dataset, tmp_path, capsys):
+    result = train.train(tiny_run(tiny_dataset, tmp_path, "compile=true"), progress=False)
+    assert "compiled the model with torch.compile" in capsys.readouterr().out
+    assert result.step == 6 and records(tmp_path)[-1]["val_loss"] < records(tmp_path)[0]["val_loss"]
