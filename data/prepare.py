@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from model.cli import run_cli
 from model.corpus import check_not_empty, corpus_name, default_corpus, find_documents, iter_pieces, iter_texts
-from model.data import META_FILE, META_FORMAT, SPLITS, TokenWriter, split_file, token_dtype, write_meta
+from model.data import META_FILE, SPLITS, TokenWriter, dataset_meta, split_file, token_dtype, write_meta
 from model.errors import UserError
 from model.tokenizer import BPETokenizer, fit_tokenizer
 
@@ -72,24 +72,17 @@ def prepare(
             writer.close()
         if isinstance(tokenizer, BPETokenizer):
             tokenizer.save(staging / TOKENIZER_FILE)
-        meta = {
-            "format": META_FORMAT,
-            "version": 1,
-            "tokenizer": tokenizer.state(),
-            "tokenizer_name": tokenizer.name,
-            "vocab_size": tokenizer.vocab_size,
-            "eot_id": tokenizer.eot_id,
-            "dtype": dtype.str,
-            "tokens": {split: writers[split].count for split in SPLITS},
-            "source": {"inputs": inputs or ["pydoc_data.topics"], "documents": len(docs), "bytes": total_bytes},
-            "split": {
+        meta = dataset_meta(
+            tokenizer, dtype, {split: writers[split].count for split in SPLITS},
+            source={"inputs": inputs or ["pydoc_data.topics"], "documents": len(docs), "bytes": total_bytes},
+            split={
                 "val_fraction": val_fraction,
                 "rule": "val is the text after the first line break at or after "
                 f"{1 - val_fraction:.0%} of the corpus bytes (from that byte when no text follows such a break)",
             },
-            "encoding_errors": encoding_errors,
-            "tokenizer_fit_seconds": round(fit_seconds, 3),
-        }
+            encoding_errors=encoding_errors,
+            tokenizer_fit_seconds=round(fit_seconds, 3),
+        )
         for split in SPLITS:
             if meta["tokens"][split] == 0:
                 raise UserError(f"the {split} split is empty; use a bigger corpus or another --val-fraction")
@@ -145,8 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="text files, directories (read recursively) or glob patterns; "
                         "default: Python's documentation topics (pydoc_data.topics)")
     parser.add_argument("--tokenizer", default="char",
-                        help="char (one token per character), bpe (byte-level BPE trained here) or "
-                        "tiktoken:NAME (a named tiktoken encoding such as tiktoken:gpt2); default: char")
+                        help="char (one token per character), bpe (byte-level BPE trained here), "
+                        "gpt2:FOLDER (GPT-2's tokenizer from a Hugging Face folder's vocab.json and merges.txt, "
+                        "to fine-tune that model) or tiktoken:NAME (a named tiktoken encoding such as "
+                        "tiktoken:gpt2); default: char")
     parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
                         help=f"target vocabulary for --tokenizer bpe, end-of-text token included "
                         f"(default {DEFAULT_VOCAB_SIZE})")

@@ -5,11 +5,14 @@ from __future__ import annotations
 import builtins
 import json
 import math
+import os
+import signal
 
 import pytest
 import torch
 
 import train
+from model.checkpoint import load_checkpoint
 from model.config import ModelConfig, TrainConfig, config_differences, load_config
 from model.errors import UserError
 from model.gpt import GPT
@@ -92,16 +95,16 @@ def test_a_batch_is_the_same_however_it_is_shared(tiny_dataset):
 def test_gradient_accumulation_gives_the_same_training(tiny_dataset, tmp_path):
     """4 micro-steps of 2 sequences see the batch of 1 step of 8; only float summation order
     differs (a mean of 4 means vs one mean), so losses agree to float32 rounding."""
-    whole = train.train(tiny_run(tiny_dataset, tmp_path / "a", "eval_interval=1"), progress=False)
-    accumulated = train.train(tiny_run(tiny_dataset, tmp_path / "b", "eval_interval=1", "micro_batch_size=2"),
-                              progress=False)
+    train.train(tiny_run(tiny_dataset, tmp_path / "a", "eval_interval=1"), progress=False)
+    train.train(tiny_run(tiny_dataset, tmp_path / "b", "eval_interval=1", "micro_batch_size=2"), progress=False)
     a, b = records(tmp_path / "a"), records(tmp_path / "b")
     assert [r["step"] for r in a] == list(range(7))
     for ra, rb in zip(a[1:], b[1:]):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5)
         assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-4)
-    for pa, pb in zip(whole["model"].parameters(), accumulated["model"].parameters()):
-        torch.testing.assert_close(pa, pb, atol=1e-5, rtol=1e-4)
+    whole, accumulated = (load_checkpoint(tmp_path / run / "last.pt")["model"] for run in "ab")
+    for name, tensor in whole.items():
+        torch.testing.assert_close(accumulated[name], tensor, atol=1e-5, rtol=1e-4)
 
 
 # --- metrics, MFU, plots --------------------------------------------------------------------
@@ -172,7 +175,7 @@ def test_compile_failure_falls_back_to_plain_pytorch(tiny_dataset, tmp_path, mon
     result = train.train(tiny_run(tiny_dataset, tmp_path, "compile=true"), progress=False)
     out = capsys.readouterr().out
     assert "torch.compile is not available here (RuntimeError: no C++ compiler found); training without it" in out
-    assert result["step"] == 6 and result["val_loss"] < 4
+    assert result.step == 6 and result.val_loss < 4
 
 
 # --- architecture options reach the trainer ---------------------------------------------------
@@ -240,3 +243,24 @@ def test_resume_with_another_model_lists_the_differences(tiny_dataset, tmp_path,
     line = one_line_error(capsys.readouterr().err)
     assert "the model config differs from the checkpoint's (checkpoint -> now): model.n_embd: 16 -> 32; " \
            "model.n_layer: 2 -> 3." in line
+
+
+def test_overwrite_removes_the_earlier_run_before_the_first_step(tiny_dataset, tmp_path, monkeypatch, capsys):
+    """A new run stopped before its first evaluation must not leave the old run's best.pt
+    beside its own last.pt."""
+    args = ["--no-progress", f"data_dir={tiny_dataset}", f"out_dir={tmp_path}", "device=cpu", "block_size=16",
+            "n_layer=2", "n_head=2", "n_embd=16", "batch_size=4", "eval_iters=1"]
+    assert train.main([*args, "max_iters=2", "eval_interval=2"]) == 0
+    assert (tmp_path / "best.pt").is_file()
+    real_step = train.train_step
+
+    def ctrl_c_during_the_first_step(*step_args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # noted by the trainer, acted on after this step
+        return real_step(*step_args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", ctrl_c_during_the_first_step)
+    assert train.main(["--overwrite", *args, "max_iters=50", "eval_interval=25"]) == 0
+    assert "stopped by SIGINT after step 1" in capsys.readouterr().out
+    assert not (tmp_path / "best.pt").exists()
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 1
+    assert [r["step"] for r in records(tmp_path)] == [0]
