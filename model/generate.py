@@ -346,7 +346,7 @@ def generate(
     if not 0 <= seed <= MAX_SEED - rows + 1:
         raise UserError(f"the seed must be in [0, {MAX_SEED - rows + 1}] (row r uses seed + r, at most {MAX_SEED}), "
                         f"got {seed}")
-    check_batch_fits(model, spec.num_beams if spec.is_beam else rows, max_new_tokens)  # beams: one prompt at a time
+    check_batch_memory(model, spec.num_beams if spec.is_beam else rows, max_new_tokens)  # beams: one prompt at a time
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     if spec.is_beam:
         if num_samples != 1:
@@ -383,7 +383,7 @@ def generate(
     return samples
 
 
-def check_batch_fits(model: GPT, rows: int, max_new_tokens: int) -> None:
+def check_batch_memory(model: GPT, rows: int, max_new_tokens: int) -> None:
     """Refuse, before anything is allocated, a batch whose KV cache and token buffer
     alone would not fit in the memory of the model's device (an absurd number of
     samples would otherwise end in an allocator error, or in the machine swapping)."""

@@ -50,7 +50,7 @@ from starlette.routing import Route
 
 from model.decoding import process_logits
 from model.errors import UserError
-from model.generate import MAX_SEED, Context, TextStream, decode_steps, use_decoding_layout
+from model.generate import MAX_SEED, Context, TextStream, decode_steps
 from model.gpt import GPT
 from model.strategy import DecodingSpec, parse_strategy
 from model.tokenizer import EOT_TEXT, Tokenizer
@@ -558,7 +558,6 @@ class Server:
     """One model behind the HTTP endpoints (the state of one app; no globals)."""
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, settings: ServeSettings):
-        use_decoding_layout(model)  # once, before requests share the model
         self.model, self.tokenizer, self.settings = model.eval(), tokenizer, settings
         self.block_size = model.config.block_size
         self.admission = Admission(settings.max_concurrent, settings.max_waiting)

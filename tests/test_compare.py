@@ -18,7 +18,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sample
-from model.generate import finished_sample
 from model import metrics
 from model.compare import (
     DEFAULT_GRID,
@@ -34,7 +33,7 @@ from model.compare import (
 from model.data import open_split, read_meta
 from model.strategy import parse_strategy
 from model.errors import UserError
-from model.generate import Sample
+from model.generate import Sample, finished_sample
 from model.gpt import GPT
 from model.tokenizer import CharTokenizer
 from sample import format_table, plot_chart
