@@ -445,7 +445,8 @@ def distribution(model: GPT, tokenizer: Tokenizer, ids: Sequence[int], specs: Se
         })
     best = probs.argsort(descending=True, stable=True)[:top]
     return {
-        "prompt_tokens": len(ids), "context_ids": list(ids), "context_text": tokenizer.decode([t for t in ids if t != tokenizer.eot_id]),
+        "prompt_tokens": len(ids), "context_ids": list(ids),
+        "context_text": tokenizer.decode([t for t in ids if t != tokenizer.eot_id]),
         "context_display": [display_token(tokenizer, t) for t in ids], "entropy_bits": entropy / math.log(2),
         "candidates": [_candidate(tokenizer, int(t), float(probs[t])) for t in best],
         "strategies": strategies,
@@ -562,6 +563,10 @@ class Server:
         self.admission = Admission(settings.max_concurrent, settings.max_waiting)
         self.created = int(time.time())
         self.generated_tokens = 0  # for /health: shows that work stops when clients leave
+        self.stopping = False  # set when the server shuts down: running generations end at their next step
+
+    def stop(self) -> None:
+        self.stopping = True
 
     async def _body(self, request: Request) -> dict:
         size = 0
@@ -602,7 +607,8 @@ class Server:
         ticket = self.admission.admit()
         try:
             async with ticket:
-                result = await anyio.to_thread.run_sync(_inference, distribution, self.model, self.tokenizer, ids, specs, top)
+                result = await anyio.to_thread.run_sync(_inference, distribution, self.model, self.tokenizer, ids,
+                                                        specs, top)
         finally:
             ticket.close()
         return JSONResponse({"model": self.settings.model_name, **result})
@@ -629,7 +635,10 @@ class Server:
         free; closing this iterator stops the generation."""
         events = completion_events(self.model, self.tokenizer, job, self.settings.window)
         try:
-            while (step := await anyio.to_thread.run_sync(_inference, next, events, None)) is not None:
+            while not self.stopping:
+                step = await anyio.to_thread.run_sync(_inference, next, events, None)
+                if step is None:
+                    break
                 self.generated_tokens += sum(isinstance(e, TokenEvent) for e in step)
                 yield step
         finally:
@@ -682,17 +691,20 @@ class Server:
         yield "data: [DONE]\n\n"
 
     def app(self) -> Starlette:
+        """The Starlette app; ``app.state.server`` is this object."""
         routes = [
             Route("/", self.page), Route("/health", self.health), Route("/v1/models", self.models),
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/distribution", self.distribution, methods=["POST"]),
         ]
-        return Starlette(routes=routes, exception_handlers={
+        app = Starlette(routes=routes, exception_handlers={
             RequestError: lambda request, error: error.response(),
             HTTPException: lambda request, error: RequestError(
                 str(error.detail), status=error.status_code,
                 kind="not_found_error" if error.status_code == 404 else "invalid_request_error").response(),
         })
+        app.state.server = self
+        return app
 
 
 def _inference(function, *args):
@@ -758,5 +770,10 @@ def serve_forever(app: Starlette, sock: socket.socket, *, access_log: bool = Fal
     (open streams get a moment to end, then are closed)."""
     import uvicorn
 
-    config = uvicorn.Config(app, log_level="warning", access_log=access_log, timeout_graceful_shutdown=2)
-    uvicorn.Server(config).run(sockets=[sock])
+    class Stopping(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            app.state.server.stop()  # so that open streams end now instead of being cancelled
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, log_level="warning", access_log=access_log, timeout_graceful_shutdown=5)
+    Stopping(config).run(sockets=[sock])
