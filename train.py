@@ -7,7 +7,7 @@
 
 The loop, as a story: read the dataset's meta and memory-map its splits; build the
 model from the config (vocab size from the data); AdamW with weight decay on the 2-D
-weights only. Each step reads its batch (``batch_size`` windows, split over torchrun
+weights only, or Muon for the blocks' matrices beside it (model/optim.py). Each step reads its batch (``batch_size`` windows, split over torchrun
 processes and then into micro-batches whose gradients add up), computes the loss,
 back-propagates, clips the gradient norm and steps at the learning rate of a
 linear-warmup-then-cosine schedule. Every ``eval_interval`` steps it measures train
@@ -49,6 +49,7 @@ from model.device import Precision, use_tensor_cores
 from model.distributed import Distributed, gradient_sync
 from model.errors import UserError, run_cli
 from model.gpt import GPT
+from model.optim import Optimizers, build_optimizers
 from model.perf import flops_per_token, peak_flops
 
 # Independent random streams, each seeded with (train.seed, stream, ...): see stream_seed.
@@ -95,22 +96,6 @@ def split_batch(batch_size: int, micro_batch_size: int, world_size: int) -> tupl
             f"of micro_batch_size ({micro}) x {world_size} process(es) = {micro * world_size}"
         )
     return micro, share // micro
-
-
-def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW, decaying only matrices (weights of Linear/Embedding), never biases or norms.
-    The fused kernel (one launch for all parameters) on CUDA. On the CPU, PyTorch's fused
-    AdamW measured slower here (48 vs 39 ms a step for the 4x4x128 char model) than the
-    multi-tensor ("foreach") one, which PyTorch does not pick by itself on the CPU."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(
-        groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-        **({"fused": True} if device.type == "cuda" else {"foreach": True}),
-    )
 
 
 def resolve_vocab_size(cfg: Config, meta: dict) -> Config:
@@ -190,7 +175,7 @@ def estimate_loss(
 
 
 def train_step(
-    model: torch.nn.Module, raw_model: GPT, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+    model: torch.nn.Module, raw_model: GPT, optimizer: Optimizers, scaler: torch.amp.GradScaler,
     micro_batches: list[tuple[torch.Tensor, torch.Tensor]], cfg: TrainConfig, device: torch.device,
     precision: Precision,
 ) -> tuple[float, float]:
@@ -206,11 +191,10 @@ def train_step(
                 _, loss = model(x, y)
             scaler.scale(loss / count).backward()
         total_loss += loss.detach()
-    scaler.unscale_(optimizer)  # true gradients for the norm (a no-op without fp16 scaling)
+    optimizer.unscale_(scaler)  # true gradients for the norm (a no-op without fp16 scaling)
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.step(scaler)
+    optimizer.zero_grad()
     return total_loss.item() / count, grad_norm.item()
 
 
@@ -313,7 +297,7 @@ def _train(cfg: Config, ddp: Distributed, device: torch.device, progress: bool, 
     torch.manual_seed(tc.seed)  # the same initial weights in every process
     use_tensor_cores(device)
     raw_model = GPT(cfg.model).to(device)
-    optimizer = make_optimizer(raw_model, tc, device)
+    optimizer = build_optimizers(raw_model, tc, device)
     precision = Precision.for_device(device)
     scaler = precision.grad_scaler()
     state = Progress()
@@ -321,7 +305,10 @@ def _train(cfg: Config, ddp: Distributed, device: torch.device, progress: bool, 
         if checkpoint["optimizer"] is None:
             raise UserError("cannot resume: the checkpoint has no optimizer state (an export for sampling)")
         raw_model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        try:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        except ValueError as error:  # e.g. saved with optimizer = "adamw", resumed with "muon"
+            raise UserError(f"cannot resume: {error}; resume with the checkpoint's train.optimizer") from None
         extra = checkpoint["extra"]  # empty in checkpoints of the first train.py: start those afresh
         if extra.get("scaler"):  # empty when saved without fp16 scaling (CPU, bf16)
             scaler.load_state_dict(extra["scaler"])
@@ -424,8 +411,7 @@ def _train(cfg: Config, ddp: Distributed, device: torch.device, progress: bool, 
 
             step_started = time.perf_counter()
             lr = learning_rate_at(state.step, tc, time_fraction())
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            optimizer.set_lr_factor(lr / tc.learning_rate)  # every optimiser's peak follows the schedule
             torch.manual_seed(stream_seed(tc.seed, DROPOUT_STREAM, state.step, ddp.rank))
             loss, grad_norm = train_step(train_model, raw_model, optimizer, scaler, batches.at(state.step), tc,
                                          device, precision)
