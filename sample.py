@@ -4,6 +4,7 @@
     python sample.py out/default/best.pt --strategy greedy --explain
     echo "Once upon" | python sample.py CKPT --prompt-file - --num-samples 3 --stop $'\\n\\n'  # (bash)
     python sample.py compare out/default/best.pt --out out/compare   # strategies side by side
+    python sample.py score out/default/best.pt notes.txt             # bits per byte and perplexity of a text
 
 The checkpoint carries its tokenizer, so nothing else is needed. Strategies are the
 functions of model/decoding.py; ``--strategy`` takes a name (with the settings from the
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import TextIO
 
 import torch
+from tqdm import tqdm
 
 from model.checkpoint import load_for_generation
 from model.compare import main as compare_main
@@ -29,6 +31,7 @@ from model.decoding import DecodingSpec, default_spec
 from model.device import resolve_device
 from model.errors import UserError, read_user_text, run_cli
 from model.generate import WINDOW_MODES, Sample, generate
+from model.score import TextScore, score_tokens, token_byte_lengths, windows
 from model.tokenizer import Tokenizer
 
 DECODING_FLAGS = (  # the command-line flags that set a DecodingSpec field of the same name
@@ -218,10 +221,67 @@ def run(args: argparse.Namespace) -> None:
             write_logprobs(samples, tokenizer, logprobs)
 
 
+def build_score_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sample.py score", description="Bits per byte and perplexity of text files under a checkpoint, "
+        "scored in windows of the model's context (see model/score.py).")
+    parser.add_argument("checkpoint", type=Path, help="a .pt file written by train.py")
+    parser.add_argument("files", nargs="+", help="UTF-8 text files to score (- reads standard input)")
+    parser.add_argument("--stride", type=int, default=None, help="tokens each window moves on and scores; "
+                        "past the first window every token has at least block_size - stride tokens of context "
+                        "(default: block_size / 2; block_size = no overlap, fastest)")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
+    return parser
+
+
+def score(args: argparse.Namespace) -> None:
+    """One line per file (and a total for several): tokens, bytes, bits per byte, perplexity."""
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    device = resolve_device(args.device)
+    model, tokenizer, _ = load_for_generation(args.checkpoint, device)
+    block_size = model.config.block_size
+    stride = args.stride if args.stride is not None else max(1, block_size // 2)
+    if not 1 <= stride <= block_size:
+        raise UserError(f"--stride must be in [1, block_size={block_size}], got {stride}")
+    byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
+    texts = {name: read_user_text(name, "text file") for name in args.files}  # every file found before the work
+    tokens = {}
+    for name, text in texts.items():
+        tokenizer.check_encodable(text, name)
+        tokens[name] = [tokenizer.eot_id, *tokenizer.encode(text)]
+        if len(tokens[name]) < 2:
+            raise UserError(f"{name} is empty: there is nothing to score")
+    total = TextScore()
+    for name, ids in tokens.items():
+        result = TextScore()
+        with tqdm(total=len(windows(len(ids) - 1, block_size, stride)), desc=name, unit="window",
+                  leave=False) as bar:
+            for part in score_tokens(model, ids, byte_lengths, block_size=block_size, stride=stride,
+                                     batch_size=args.batch_size, device=device):
+                result += part
+                bar.update(min(args.batch_size, bar.total - bar.n))
+                bar.set_postfix(bpb=f"{result.bits_per_byte:.4f}" if result.bytes else "-", refresh=False)
+        total += result
+        print(_score_line(name, result))
+    if len(tokens) > 1:
+        print(_score_line("total", total))
+
+
+def _score_line(name: str, result: TextScore) -> str:
+    bpb = f"{result.bits_per_byte:.4f}" if result.bytes else "-"
+    return (f"{name}: {result.tokens:,} tokens, {result.bytes:,} bytes, bits per byte {bpb}, "
+            f"perplexity {result.perplexity:.3f} (per token)")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["compare"]:  # a checkpoint file named "compare" still works as ./compare
         return compare_main(argv[1:])
+    if argv[:1] == ["score"]:
+        score_args = build_score_parser().parse_args(argv[1:])
+        return run_cli(lambda: score(score_args))
     args = build_parser().parse_args(argv)
 
     def action() -> None:
