@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from model import distributed
 from model.checkpoint import copy_checkpoint, load_checkpoint, remove_stale_temporaries, save_checkpoint
-from model.config import Config, ModelConfig, TrainConfig, config_differences, load_config
+from model.config import Config, ModelConfig, TrainConfig, config_differences, config_tables, load_config
 from model.data import (
     check_batch_fits, check_split_length, open_split, read_meta, read_windows, sample_starts, to_device,
 )
@@ -334,6 +334,8 @@ def _train(cfg: Config, ddp: Distributed, device: torch.device, progress: bool, 
     if ddp.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out_dir)
+        if checkpoint is None:
+            clear_earlier_run(out_dir)
         start_metrics(metrics_path, state.step if checkpoint is not None else None)
 
     tokens_per_step = tc.batch_size * cfg.model.block_size
@@ -468,6 +470,15 @@ def _step_of(metrics_line: str) -> float:
         return math.inf
 
 
+def clear_earlier_run(out_dir: Path) -> None:
+    """A new run replaces whatever an earlier run left in ``out_dir`` before its first step
+    (and only once its config and data have checked out), so a new run stopped early
+    never leaves the old run's best.pt beside its own last.pt. best.pt goes first: an
+    interruption in between leaves no best.pt rather than a best.pt newer than last.pt."""
+    for name in ("best.pt", "last.pt", "loss.png"):
+        (out_dir / name).unlink(missing_ok=True)
+
+
 def check_fresh_out_dir(out_dir: Path) -> None:
     """A new run must not silently replace an earlier run's checkpoints and metrics."""
     earlier = [name for name in ("last.pt", "best.pt") if (out_dir / name).is_file()]
@@ -476,6 +487,18 @@ def check_fresh_out_dir(out_dir: Path) -> None:
             f"{out_dir} holds an earlier run ({', '.join(earlier)}); continue it with --resume, start afresh "
             "with --overwrite, or set another out_dir"
         )
+
+
+def out_dir_of(config_path: Path | None, overrides: list[str]) -> Path:
+    """The out_dir the config file and overrides name (the default when neither does)."""
+    return Path(str(config_tables(config_path, overrides)["train"].get("out_dir", TrainConfig.out_dir)))
+
+
+def load_resume_checkpoint(out_dir: Path) -> dict[str, Any]:
+    path = out_dir / "last.pt"
+    if not path.is_file():
+        raise UserError(f"--resume: there is no {path} to resume from; train once without --resume")
+    return load_checkpoint(path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -492,8 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true",
                         help="go on from <out_dir>/last.pt: weights, optimiser, step, schedule, best val loss")
     parser.add_argument("--overwrite", action="store_true",
-                        help="start afresh even if out_dir holds an earlier run (its checkpoints and "
-                        "metrics are replaced as the new run writes its own)")
+                        help="start afresh even if out_dir holds an earlier run: its checkpoints, metrics "
+                        "and plot are removed once the new run's config and data check out")
     parser.add_argument("--plot", type=Path, metavar="RUN_DIR", default=None,
                         help="only draw RUN_DIR/metrics.jsonl as RUN_DIR/loss.png (needs matplotlib) and exit")
     parser.add_argument("--no-progress", action="store_true", help="print plain lines instead of a progress bar")
@@ -516,17 +539,16 @@ def run(args: argparse.Namespace) -> None:
         return
     if args.resume and args.overwrite:
         raise UserError("--resume continues the run in out_dir and --overwrite replaces it; choose one")
-    cfg = load_config(args.config, overrides)
     checkpoint = None
-    if not args.resume and not args.overwrite:
-        check_fresh_out_dir(Path(cfg.train.out_dir))
     if args.resume:
-        path = Path(cfg.train.out_dir) / "last.pt"
-        if not path.is_file():
-            raise UserError(f"--resume: there is no {path} to resume from; train once without --resume")
-        checkpoint = load_checkpoint(path)
-        if args.config is None:
-            cfg = load_config(None, overrides, base=checkpoint["config"])
+        # The run's own config (the checkpoint's, unless --config names one) is the base the
+        # overrides apply to, so they are validated against it, not against the defaults.
+        checkpoint = load_resume_checkpoint(out_dir_of(args.config, overrides))
+        cfg = load_config(args.config, overrides, base=None if args.config else checkpoint["config"])
+    else:
+        cfg = load_config(args.config, overrides)
+        if not args.overwrite:
+            check_fresh_out_dir(Path(cfg.train.out_dir))
     train(cfg, progress=not args.no_progress, checkpoint=checkpoint)
 
 

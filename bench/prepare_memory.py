@@ -57,12 +57,12 @@ def peak_rss_mb(command: list[str]) -> tuple[float, float]:
     return int(result.stdout.split()[-1]) / 1024, time.perf_counter() - started
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mb", type=int, default=200, help="corpus size in megabytes")
     parser.add_argument("--tokenizer", nargs="+", default=["char", "bpe"], help="tokenizers to prepare with")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "prepare_memory.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "big.txt"

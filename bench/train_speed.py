@@ -38,16 +38,18 @@ VOCAB = 65
 
 
 def make_dataset(folder: Path, tokens: int = 200_000) -> None:
-    """Random token ids in the format of model/data.py."""
-    from model.data import TokenWriter, split_file, token_dtype, write_meta
+    """Random token ids in the format of model/data.py, under a char tokenizer of VOCAB - 1
+    characters plus end-of-text, so the run's checkpoints are ordinary ones."""
+    from model.data import TokenWriter, dataset_meta, split_file, token_dtype, write_meta
+    from model.tokenizer import CharTokenizer
 
+    tokenizer = CharTokenizer(chr(ord("0") + i) for i in range(VOCAB - 1))
     rng = np.random.default_rng(0)
-    dtype = token_dtype(VOCAB)
+    dtype = token_dtype(tokenizer.vocab_size)
     for split in ("train", "val"):
         with TokenWriter(split_file(folder, split), dtype) as writer:
-            writer.write(rng.integers(0, VOCAB, tokens))
-    write_meta(folder, {"vocab_size": VOCAB, "dtype": dtype.str, "tokenizer": {"kind": "synthetic"},
-                        "tokens": {"train": tokens, "val": tokens}})
+            writer.write(rng.integers(0, tokenizer.vocab_size, tokens))
+    write_meta(folder, dataset_meta(tokenizer, dtype, {"train": tokens, "val": tokens}, source="synthetic"))
 
 
 def run_case(name: str, device: str, steps: int, window: int, compile_model: bool, data_dir: Path) -> dict:
@@ -81,7 +83,7 @@ def run_case(name: str, device: str, steps: int, window: int, compile_model: boo
     }
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--device", default="auto")
@@ -92,7 +94,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train_speed.json")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one case, print its JSON
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     if args.one:
         print(json.dumps(run_case(args.one, args.device, args.steps, args.window, args.compile, args.data)))

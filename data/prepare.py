@@ -22,7 +22,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from model.corpus import check_not_empty, corpus_name, default_corpus, find_documents, iter_pieces, iter_texts
-from model.data import META_FILE, META_FORMAT, SPLITS, TokenWriter, split_file, token_dtype, write_meta
+from model.data import META_FILE, SPLITS, TokenWriter, dataset_meta, split_file, token_dtype, write_meta
 from model.errors import UserError, run_cli
 from model.tokenizer import BPETokenizer, fit_tokenizer
 
@@ -71,24 +71,17 @@ def prepare(
             writer.close()
         if isinstance(tokenizer, BPETokenizer):
             tokenizer.save(staging / TOKENIZER_FILE)
-        meta = {
-            "format": META_FORMAT,
-            "version": 1,
-            "tokenizer": tokenizer.state(),
-            "tokenizer_name": tokenizer.name,
-            "vocab_size": tokenizer.vocab_size,
-            "eot_id": tokenizer.eot_id,
-            "dtype": dtype.str,
-            "tokens": {split: writers[split].count for split in SPLITS},
-            "source": {"inputs": inputs or ["pydoc_data.topics"], "documents": len(docs), "bytes": total_bytes},
-            "split": {
+        meta = dataset_meta(
+            tokenizer, dtype, {split: writers[split].count for split in SPLITS},
+            source={"inputs": inputs or ["pydoc_data.topics"], "documents": len(docs), "bytes": total_bytes},
+            split={
                 "val_fraction": val_fraction,
                 "rule": "val is the text after the first line break at or after "
                 f"{1 - val_fraction:.0%} of the corpus bytes (from that byte when no text follows such a break)",
             },
-            "encoding_errors": encoding_errors,
-            "tokenizer_fit_seconds": round(fit_seconds, 3),
-        }
+            encoding_errors=encoding_errors,
+            tokenizer_fit_seconds=round(fit_seconds, 3),
+        )
         for split in SPLITS:
             if meta["tokens"][split] == 0:
                 raise UserError(f"the {split} split is empty; use a bigger corpus or another --val-fraction")

@@ -160,13 +160,24 @@ def load_config(
 ) -> Config:
     """Read a TOML config, apply overrides, validate. Without ``path`` the starting point
     is ``base`` (a config as plain dicts, e.g. a checkpoint's) or else the defaults."""
+    return config_from_dict(config_tables(path, overrides, base), source=str(path) if path else "defaults")
+
+
+def config_tables(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    base: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """The settings ``load_config`` would validate, as plain dicts: what the file (or
+    ``base``) and the overrides name, the defaults left out. Lets a caller find a value
+    (where the run lives) before knowing which base the overrides apply to."""
     tables: dict[str, dict[str, Any]] = {name: dict((base or {}).get(name, {})) for name in SECTIONS}
     if path is not None:
         tables = _read_toml(Path(path))
     for item in overrides:
         section, key, value = parse_override(item)
         tables[section][key] = value
-    return config_from_dict(tables, source=str(path) if path else "defaults")
+    return tables
 
 
 def config_from_dict(tables: dict[str, dict[str, Any]], source: str = "config") -> Config:

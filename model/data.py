@@ -24,6 +24,7 @@ from model.errors import UserError
 
 META_FILE = "meta.json"
 META_FORMAT = "tinygpt-tokens"
+META_VERSION = 1
 META_REQUIRED = ("tokenizer", "vocab_size", "eot_id", "dtype", "tokens")  # what readers of a dataset use
 SPLITS = ("train", "val")
 
@@ -59,6 +60,16 @@ class TokenWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def dataset_meta(tokenizer, dtype: np.dtype, tokens: dict[str, int], **about: Any) -> dict[str, Any]:
+    """The meta.json of a dataset encoded by ``tokenizer`` (a model.tokenizer.Tokenizer) with
+    ``tokens[split]`` ids per split; ``about`` adds descriptive fields (source, split rule)."""
+    return {
+        "format": META_FORMAT, "version": META_VERSION, "tokenizer": tokenizer.state(),
+        "tokenizer_name": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id,
+        "dtype": dtype.str, "tokens": dict(tokens), **about,
+    }
 
 
 def write_meta(data_dir: str | Path, meta: dict[str, Any]) -> None:

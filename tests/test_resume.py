@@ -146,3 +146,20 @@ def test_kill_9_at_random_moments_always_leaves_a_loadable_checkpoint(tiny_datas
         # last.pt is written first and best.pt (when val improved) is then made a copy of
         # it, so a kill between the two leaves best.pt one evaluation behind, never ahead.
         assert last["step"] >= 2 and best["step"] <= last["step"]
+
+
+def test_resume_overrides_apply_to_the_checkpoints_config(tiny_dataset, tmp_path):
+    """The issue's reproduction: overrides that are valid against the run's own config
+    (batch 32, lr 1e-4, min_lr 1e-5) but not against the defaults (batch 16, min_lr 1e-4)."""
+    run = ["batch_size=32", "micro_batch_size=16", "learning_rate=1e-4", "min_lr=1e-5", "eval_interval=2"]
+    assert train.main(run_args(tiny_dataset, tmp_path, *run, "max_iters=2")) == 0
+    resume = ["--no-progress", "--resume", f"out_dir={tmp_path}"]
+    assert train.main([*resume, "micro_batch_size=32", "max_iters=4"]) == 0
+    assert train.main([*resume, "learning_rate=5e-5", "max_iters=6"]) == 0
+    saved = load_checkpoint(tmp_path / "last.pt")
+    assert saved["step"] == 6
+    settings = saved["config"]["train"]
+    assert (settings["batch_size"], settings["micro_batch_size"]) == (32, 32)  # the second override stays
+    assert (settings["learning_rate"], settings["min_lr"]) == (5e-5, 1e-5)
+    assert saved["config"]["model"]["n_embd"] == 16  # from the checkpoint, not the default 128
+    assert records(tmp_path)[-1]["lr"] == pytest.approx(train.learning_rate_at(6, train.TrainConfig(**settings)))

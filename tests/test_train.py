@@ -5,11 +5,14 @@ from __future__ import annotations
 import builtins
 import json
 import math
+import os
+import signal
 
 import pytest
 import torch
 
 import train
+from model.checkpoint import load_checkpoint
 from model.config import ModelConfig, TrainConfig, config_differences, load_config
 from model.errors import UserError
 from model.gpt import GPT
@@ -240,3 +243,24 @@ def test_resume_with_another_model_lists_the_differences(tiny_dataset, tmp_path,
     line = one_line_error(capsys.readouterr().err)
     assert "the model config differs from the checkpoint's (checkpoint -> now): model.n_embd: 16 -> 32; " \
            "model.n_layer: 2 -> 3." in line
+
+
+def test_overwrite_removes_the_earlier_run_before_the_first_step(tiny_dataset, tmp_path, monkeypatch, capsys):
+    """A new run stopped before its first evaluation must not leave the old run's best.pt
+    beside its own last.pt."""
+    args = ["--no-progress", f"data_dir={tiny_dataset}", f"out_dir={tmp_path}", "device=cpu", "block_size=16",
+            "n_layer=2", "n_head=2", "n_embd=16", "batch_size=4", "eval_iters=1"]
+    assert train.main([*args, "max_iters=2", "eval_interval=2"]) == 0
+    assert (tmp_path / "best.pt").is_file()
+    real_step = train.train_step
+
+    def ctrl_c_during_the_first_step(*step_args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # noted by the trainer, acted on after this step
+        return real_step(*step_args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", ctrl_c_during_the_first_step)
+    assert train.main(["--overwrite", *args, "max_iters=50", "eval_interval=25"]) == 0
+    assert "stopped by SIGINT after step 1" in capsys.readouterr().out
+    assert not (tmp_path / "best.pt").exists()
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 1
+    assert [r["step"] for r in records(tmp_path)] == [0]
