@@ -50,6 +50,8 @@ from model.distributed import Distributed, gradient_sync
 from model.errors import UserError, run_cli
 from model.gpt import GPT
 from model.optim import Optimizers, build_optimizers
+from model.score import bits_per_byte, token_byte_lengths
+from model.tokenizer import tokenizer_from_state
 from model.perf import flops_per_token, peak_flops
 
 # Independent random streams, each seeded with (train.seed, stream, ...): see stream_seed.
@@ -152,11 +154,13 @@ class Batches:
 @torch.no_grad()
 def estimate_loss(
     model: torch.nn.Module, splits: dict[str, np.ndarray], cfg: Config, micro_batch: int, ddp: Distributed,
-    device: torch.device, precision: Precision,
+    device: torch.device, precision: Precision, byte_lengths: torch.Tensor,
 ) -> dict[str, float]:
     """Mean loss per split over ``eval_iters x batch_size`` windows: the same windows every
     time (their own seeded generator, untouched by training), so evaluations compare like
-    with like. The windows go in micro-batches, shared round-robin among the processes."""
+    with like. The windows go in micro-batches, shared round-robin among the processes.
+    Also "<split>_bpb": the same nats in bits per byte of the text (``byte_lengths``, see
+    model/score.py), which compare across tokenizers."""
     model.eval()
     losses = {}
     for split, tokens in splits.items():
@@ -164,12 +168,16 @@ def estimate_loss(
         starts = sample_starts(len(tokens), cfg.model.block_size, cfg.train.eval_iters * cfg.train.batch_size,
                                generator)
         total = torch.zeros((), dtype=torch.float64, device=device)
+        num_bytes = torch.zeros((), dtype=torch.float64, device=device)
         for chunk in starts.split(micro_batch)[ddp.rank :: ddp.world_size]:
             x, y = to_device(read_windows(tokens, chunk, cfg.model.block_size), device)
             with precision.autocast():
                 _, loss = model(x, y)
             total += loss.double() * len(chunk)  # the loss is a mean over the chunk's tokens
+            num_bytes += byte_lengths[y].sum()
         losses[split] = ddp.sum(total).item() / len(starts)
+        losses[f"{split}_bpb"] = bits_per_byte(losses[split] * len(starts) * cfg.model.block_size,
+                                               ddp.sum(num_bytes).item())
     model.train()
     return losses
 
@@ -289,6 +297,7 @@ def _train(cfg: Config, ddp: Distributed, device: torch.device, progress: bool, 
     if checkpoint is not None:
         check_same_model(checkpoint, cfg)
     splits = {split: open_split(tc.data_dir, split, meta) for split in ("train", "val")}
+    byte_lengths = token_byte_lengths(tokenizer_from_state(meta["tokenizer"]), cfg.model.vocab_size).to(device)
     for split, tokens in splits.items():
         check_split_length(tokens, cfg.model.block_size, split)
     check_batch_fits(splits["train"], tc.batch_size, cfg.model.block_size, "train")
@@ -374,12 +383,12 @@ def _train(cfg: Config, ddp: Distributed, device: torch.device, progress: bool, 
     started = time.perf_counter()
 
     def evaluate_and_save(window: Window) -> dict[str, float]:
-        losses = estimate_loss(model, splits, cfg, micro_batch, ddp, device, precision)
+        losses = estimate_loss(model, splits, cfg, micro_batch, ddp, device, precision, byte_lengths)
         window_loss = ddp.sum(torch.tensor(window.loss, dtype=torch.float64, device=device)).item() / ddp.world_size
         tokens_per_s = window.steps * tokens_per_step / window.seconds if window.steps else None
         record = {
             "step": state.step, "lr": learning_rate_at(state.step, tc, time_fraction()),
-            "train_loss": losses["train"], "val_loss": losses["val"],
+            "train_loss": losses["train"], "val_loss": losses["val"], "val_bpb": losses["val_bpb"],
             "loss": window_loss / window.steps if window.steps else None,
             "grad_norm": window.grad_norm / window.steps if window.steps else None,
             "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s) if tokens_per_s else None,
@@ -389,7 +398,8 @@ def _train(cfg: Config, ddp: Distributed, device: torch.device, progress: bool, 
         if ddp.is_main:
             with metrics_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-        log(f"step {state.step:>6}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        log(f"step {state.step:>6}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
+            f"({losses['val_bpb']:.4f} bits per byte)")
         if state.step > 0:
             improved = losses["val"] < state.best_val
             state.best_val = min(state.best_val, losses["val"])
@@ -418,6 +428,9 @@ def _train(cfg: Config, ddp: Distributed, device: torch.device, progress: bool, 
             loss, grad_norm = train_step(train_model, raw_model, optimizer, scaler, batches.at(state.step), tc,
                                          device, precision)
             seconds = time.perf_counter() - step_started
+            if not math.isfinite(loss) or (not math.isfinite(grad_norm) and not scaler.is_enabled()):
+                bar.close()
+                raise UserError(divergence_message(state.step, loss, grad_norm, lr, precision, out_dir))
             window.add(loss, grad_norm, seconds)
             # Every process must stop after the same step and follow the same clock.
             interrupted, state.train_seconds = ddp.agree_max(
@@ -428,7 +441,8 @@ def _train(cfg: Config, ddp: Distributed, device: torch.device, progress: bool, 
             rate = window.steps * tokens_per_step / window.seconds
             utilisation = mfu(rate)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}",
+            bar.set_postfix(loss=f"{loss:.3f}", val_bpb=f"{losses['val_bpb']:.3f}" if losses else "-",
+                            lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}",
                             mfu=f"{utilisation:.1%}" if utilisation else "-", refresh=False)
             if interrupted:
                 save("last.pt")
@@ -442,9 +456,25 @@ def _train(cfg: Config, ddp: Distributed, device: torch.device, progress: bool, 
     return result(cfg, state, losses, raw_model, interrupted=None)
 
 
+def divergence_message(step: int, loss: float, grad_norm: float, lr: float, precision: Precision,
+                       out_dir: Path) -> str:
+    """Why training stopped on a non-finite number. Under fp16 a non-finite gradient alone
+    is routine (the gradient scaler skips that step and lowers its scale), so only the
+    loss counts there. Nothing is saved after this: the last checkpoint stays as it was."""
+    if precision.dtype == torch.float16:
+        cause = "fp16 overflow in the forward pass (bf16 or fp32 has the range), or too high a learning rate"
+    else:
+        cause = f"too high a learning rate ({lr:.3g} at this step; lower train.learning_rate) or a bad batch"
+    kept = out_dir / "last.pt"
+    checkpoint = f"{kept} is left as it was" if kept.is_file() else "no checkpoint was written"
+    return (f"training diverged at step {step}: loss {loss}, gradient norm {grad_norm}; likely cause: {cause}; "
+            f"{checkpoint}")
+
+
 def result(cfg: Config, state: Progress, losses: dict, model: GPT, interrupted: str | None) -> dict[str, Any]:
     return {
-        "train_loss": losses.get("train"), "val_loss": losses.get("val"), "best_val_loss": state.best_val,
+        "train_loss": losses.get("train"), "val_loss": losses.get("val"), "val_bpb": losses.get("val_bpb"),
+        "best_val_loss": state.best_val,
         "step": state.step, "interrupted": interrupted, "out_dir": cfg.train.out_dir, "model": model,
     }
 
