@@ -145,7 +145,8 @@ def _show(tokenizer: Tokenizer, token: int) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Generate text from a checkpoint with a decoding strategy of your choice. To compare "
-        "strategies side by side instead: python sample.py compare CKPT (see python sample.py compare --help).",
+        "strategies side by side instead: python sample.py compare CKPT (see python sample.py compare --help); "
+        "for bits per byte of a text: python sample.py score CKPT FILE (see python sample.py score --help).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("checkpoint", help="a .pt file written by train.py (e.g. out/default/best.pt)")
