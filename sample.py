@@ -1,4 +1,4 @@
-"""Sample text from a checkpoint.
+"""Sample text from a checkpoint, or compare decoding strategies on it.
 
     python sample.py out/default/best.pt --prompt "The for statement" --strategy top-p --top-p 0.9
     python sample.py out/default/best.pt --strategy greedy --explain
@@ -6,33 +6,47 @@
     python sample.py compare out/default/best.pt --out out/compare   # strategies side by side
     python sample.py score out/default/best.pt notes.txt             # bits per byte and perplexity of a text
 
+Each command is a subcommand (``generate``, ``compare``, ``score``); ``generate`` is the default, so
+``sample.py CKPT ...`` means ``sample.py generate CKPT ...``. A command is one
+``add_<name>_command(commands)`` function that adds its parser and the function it runs
+(see `add_command`); `COMMANDS` lists them.
+
 The checkpoint carries its tokenizer, so nothing else is needed. Strategies are the
-functions of model/decoding.py; ``--strategy`` takes a name (with the settings from the
-flags below) or a compact spec such as ``top-p:p=0.9,t=0.8``.
+functions of model/decoding.py, described by the specs of model/strategy.py;
+``--strategy`` takes a name (with the settings from the flags below) or a compact spec
+such as ``top-p:p=0.9,t=0.8``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import dataclasses
 import json
 import math
 import sys
+import time
 from pathlib import Path
-from typing import TextIO
+from typing import Any, Callable, Sequence, TextIO
 
 import torch
 from tqdm import tqdm
 
 from model.checkpoint import load_for_generation
-from model.compare import main as compare_main
-from model.decoding import DecodingSpec, default_spec
+from model.cli import read_user_text, run_cli
+from model.compare import (
+    DEFAULT_GRID, HUMAN, ROW_FIELDS, UNITS, Comparison, Run, parse_grid, run_comparison, val_prompts,
+)
 from model.device import resolve_device
-from model.errors import UserError, read_user_text, run_cli
+from model.errors import UserError
 from model.generate import WINDOW_MODES, Sample, generate
+from model.plot import MatplotlibMissing, save_chart
 from model.score import TextScore, score_tokens, token_byte_lengths, windows
+from model.strategy import DecodingSpec, parse_strategy_with_defaults, strategy_kind
 from model.tokenizer import Tokenizer
+
+# ----------------------------------------------------------------------------- shared by the commands
 
 DECODING_FLAGS = (  # the command-line flags that set a DecodingSpec field of the same name
     "temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty", "frequency_penalty",
@@ -47,7 +61,7 @@ def spec_from_args(args: argparse.Namespace) -> DecodingSpec:
     greedy --temperature 0.7`` would sample, ``--strategy top-p --temperature 0`` would
     be greedy, ``--strategy beam --num-beams 1`` would not search), nor set again what
     the compact spec already sets."""
-    base = dataclasses.asdict(default_spec(args.strategy))
+    base = dataclasses.asdict(parse_strategy_with_defaults(args.strategy))
     given = {name: getattr(args, name) for name in DECODING_FLAGS if getattr(args, name) is not None}
     if ":" in args.strategy:
         unset = dataclasses.asdict(DecodingSpec())
@@ -56,22 +70,32 @@ def spec_from_args(args: argparse.Namespace) -> DecodingSpec:
                 raise UserError(f"--{name.replace('_', '-')} sets what --strategy {args.strategy} already sets; "
                                 "give it in one place")
     fields = {**base, **given}
-    if _kind(fields) != _kind(base):
+    asked = strategy_kind(base["temperature"], base["num_beams"])
+    kind = strategy_kind(fields["temperature"], fields["num_beams"])
+    if kind != asked:
         flags = " ".join(f"--{name.replace('_', '-')} {given[name]}" for name in ("temperature", "num_beams")
                          if name in given)
-        raise UserError(f"{flags} would turn --strategy {args.strategy} ({_kind(base)}) into {_kind(fields)}; "
+        raise UserError(f"{flags} would turn --strategy {args.strategy} ({asked}) into {kind}; "
                         "name the strategy you want with --strategy")
     return DecodingSpec(**fields)
 
 
-def _kind(fields: dict) -> str:
-    if fields["num_beams"] > 1:
-        return "beam search"
-    return "greedy decoding" if fields["temperature"] == 0 else "sampling"
+def check_at_least(args: argparse.Namespace, minimums: dict[str, int]) -> None:
+    """Refuse a flag below its minimum (``{"num_samples": 1}``: --num-samples >= 1) and an
+    empty --stop string, before any work starts."""
+    for name, minimum in minimums.items():
+        if getattr(args, name) < minimum:
+            raise UserError(f"--{name.replace('_', '-')} must be >= {minimum}, got {getattr(args, name)}")
+    if any(s == "" for s in args.stop):
+        raise UserError("a stop string must not be empty")
+
+
+# ----------------------------------------------------------------------------- generate
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
-    """--prompt and --prompt-file (``-`` is stdin), in the order given; none means one empty prompt."""
+    """--prompt and --prompt-file (``-`` is stdin; the whole file is one prompt), in the order
+    given; none means one empty prompt."""
     prompts = list(args.prompt or []) + [read_user_text(name, "prompt file") for name in args.prompt_file or []]
     return prompts or [""]
 
@@ -142,8 +166,10 @@ def _show(tokenizer: Tokenizer, token: int) -> str:
     return repr(_text(tokenizer, token))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def add_generate_command(commands) -> None:
+    parser = add_command(
+        commands, "generate", run_generate, streams_text=True, prog="sample.py [generate]",
+        help="generate text with a decoding strategy of your choice (the default command)",
         description="Generate text from a checkpoint with a decoding strategy of your choice. To compare "
         "strategies side by side instead: python sample.py compare CKPT (see python sample.py compare --help); "
         "for bits per byte of a text: python sample.py score CKPT FILE (see python sample.py score --help).",
@@ -152,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("checkpoint", help="a .pt file written by train.py (e.g. out/default/best.pt)")
     parser.add_argument("--prompt", action="append", help="prompt text (repeatable: several prompts run as one "
                         "batch); an empty prompt starts a new document")
-    parser.add_argument("--prompt-file", action="append", help="read a prompt from a file, '-' for stdin (repeatable)")
+    parser.add_argument("--prompt-file", action="append", help="read a prompt from a file, '-' for stdin; the whole "
+                        "file is one prompt (repeatable)")
     parser.add_argument("--strategy", default="top-p", help="greedy | sample | temperature | top-k | top-p | "
                         "min-p | typical | beam, or a compact spec such as top-p:p=0.9,t=0.8")
     parser.add_argument("--temperature", type=float, help="divide logits by this; 0 means greedy "
@@ -185,18 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top", type=int, default=5, help="candidates per step for --explain and --logprobs")
     parser.add_argument("--logprobs", type=Path, help="write per-token log-probabilities and the top "
                         "alternatives to this file as JSON lines")
-    return parser
 
 
-def run(args: argparse.Namespace) -> None:
+@torch.inference_mode()
+def run_generate(args: argparse.Namespace) -> None:
     spec = spec_from_args(args)
-    for name in ("num_samples", "top"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.max_new_tokens < 0:
-        raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    if args.num_samples > 1 and (spec.is_greedy or spec.is_beam):
-        raise UserError(f"{'beam search' if spec.is_beam else 'greedy decoding'} ignores the seed: "
+    check_at_least(args, {"num_samples": 1, "top": 1, "max_new_tokens": 0})
+    if args.num_samples > 1 and spec.is_deterministic:
+        raise UserError(f"{spec.kind} ignores the seed: "
                         f"--num-samples {args.num_samples} would print one text {args.num_samples} times")
     wants_details = args.explain or args.logprobs is not None
     if wants_details and spec.is_beam:
@@ -222,10 +245,263 @@ def run(args: argparse.Namespace) -> None:
             write_logprobs(samples, tokenizer, logprobs)
 
 
-def build_score_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sample.py score", description="Bits per byte and perplexity of text files under a checkpoint, "
-        "scored in windows of the model's context (see model/score.py).")
+# ----------------------------------------------------------------------------- compare
+
+DRAW_DEFAULTS = {"num_prompts": 8, "prompt_tokens": 32}  # prompts drawn from the validation split
+
+
+def read_prompt_lines(name: str) -> list[str]:
+    """One prompt per line ('-' is stdin); blank lines are skipped. Line breaks are not part of a prompt."""
+    text = read_user_text(name, "prompts file")
+    prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise UserError(f"prompts file {name} has no prompt (one per line; blank lines are skipped)")
+    return prompts
+
+
+def add_compare_command(commands) -> None:
+    parser = add_command(
+        commands, "compare", run_compare, prog="sample.py compare",
+        help="compare decoding strategies side by side, next to the human text",
+        description="Compare decoding strategies side by side: every strategy continues the same prompts with "
+        "the same seeds, and each gets a row of metrics next to a 'human' row, the true continuations from the "
+        "validation split.",
+        epilog="Metrics: ppl = perplexity of the text under the model (per token, raw distribution); "
+        "bpb = the same in bits per UTF-8 byte of text (compares across tokenizers); "
+        "dist-n = distinct n-grams / all n-grams over one sample per prompt, averaged over samples; "
+        "rep = share of samples ending in a loop (a phrase of >= 3 units repeated at the end); "
+        "self-BLEU = BLEU-4 of each sample against the others of its prompt (lower = more diverse); "
+        "Zipf = fitted exponent of unit frequencies; tokens = mean generated tokens; ended = share that "
+        "ended on end-of-text or a stop string; tok/s = generated tokens per second. "
+        "Example: python sample.py compare out/default/best.pt -s greedy -s top-p:p=0.9 --out out/compare",
+    )
+    parser.add_argument("checkpoint", help="a .pt file written by train.py (e.g. out/default/best.pt)")
+    parser.add_argument("-s", "--strategy", action="append", help="a strategy spec (repeatable), e.g. greedy, "
+                        "beam:n=4, temperature:t=0.7, top-k:k=40, top-p:p=0.9,t=0.8, min-p:p=0.05, typical:p=0.95, "
+                        "or a bare name with sample.py's defaults (top-k is top-k:k=40) "
+                        f"(default grid: {' '.join(DEFAULT_GRID)})")
+    parser.add_argument("--prompt", action="append", help="a prompt (repeatable); given prompts have no known "
+                        "continuation, so there is no human row")
+    parser.add_argument("--prompt-lines", "--prompts-file", dest="prompt_lines", metavar="FILE",
+                        help="read prompts from a file, one prompt per line ('-' for stdin); --prompts-file is "
+                        "the old spelling")
+    parser.add_argument("--num-prompts", type=int, help=f"prompts to draw from the validation split (default: "
+                        f"{DRAW_DEFAULTS['num_prompts']})")
+    parser.add_argument("--prompt-tokens", type=int, help="length of each drawn prompt, in tokens (default: "
+                        f"{DRAW_DEFAULTS['prompt_tokens']})")
+    parser.add_argument("--data-dir", help="the prepared dataset to draw prompts from (default: the one the "
+                        "checkpoint was trained on)")
+    parser.add_argument("--num-samples", type=int, default=4, help="samples per prompt for the sampling "
+                        "strategies; greedy and beam give the same text for every seed and run once "
+                        "(default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="at most this many tokens per sample "
+                        "(default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=1337, help="draws the prompts; sample s of prompt p uses "
+                        "seed + p * num_samples + s (default: %(default)s)")
+    parser.add_argument("--stop", action="append", default=[], help="end a sample (and the human text) at this "
+                        "string (repeatable)")
+    parser.add_argument("--units", choices=UNITS, default="words", help="what distinct-n, repetition, self-BLEU "
+                        "and Zipf count: words (\\w+ runs and punctuation marks) or model tokens "
+                        "(default: %(default)s)")
+    parser.add_argument("--window", choices=WINDOW_MODES, default="exact", help="past block_size tokens: see "
+                        "python sample.py generate --help (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: %(default)s)")
+    parser.add_argument("--out", type=Path, help="write results.json, results.csv, results.md, samples.jsonl "
+                        "and chart.png (with matplotlib) into this folder")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def check_compare_args(args: argparse.Namespace, prompts_given: bool) -> None:
+    """Reject values out of range, and the options for drawing prompts when prompts are given
+    (they would silently do nothing); then fill in the drawing defaults."""
+    for name in DRAW_DEFAULTS | {"data_dir": None}:
+        if prompts_given and getattr(args, name) is not None:
+            raise UserError(f"--{name.replace('_', '-')} is for prompts drawn from the validation split; it does "
+                            "nothing with --prompt or --prompt-lines")
+    for name, default in DRAW_DEFAULTS.items():
+        setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
+    check_at_least(args, {"num_prompts": 1, "prompt_tokens": 1, "num_samples": 1, "max_new_tokens": 1})
+
+
+@torch.inference_mode()
+def run_compare(args: argparse.Namespace, out=None) -> Comparison:
+    out = out or sys.stdout
+    check_compare_args(args, prompts_given=bool(args.prompt or args.prompt_lines))
+    grid = parse_grid(args.strategy or DEFAULT_GRID)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)  # a bad --out fails now, not after the whole grid
+    given = list(args.prompt or []) + (read_prompt_lines(args.prompt_lines) if args.prompt_lines else [])
+    model, tokenizer, payload = load_for_generation(args.checkpoint, resolve_device(args.device))
+    human = None
+    if given:
+        for prompt in given:
+            tokenizer.check_encodable(prompt, "prompt")
+        prompts = given
+    else:
+        data_dir = args.data_dir or payload["config"]["train"]["data_dir"]
+        if not Path(data_dir).is_dir():
+            whose = "--data-dir" if args.data_dir else "the checkpoint's dataset"
+            raise UserError(f"{whose} {data_dir} is not a folder; pass --data-dir with the dataset the model was "
+                            "trained on, or give prompts with --prompt (then there is no human row)")
+        prompts, human, _ = val_prompts(data_dir, payload["tokenizer"], tokenizer, args.num_prompts,
+                                        args.prompt_tokens, args.max_new_tokens, args.seed)
+    started = time.perf_counter()
+    comparison = run_comparison(
+        model, tokenizer, prompts, grid, human=human, num_samples=args.num_samples,
+        max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop, window=args.window, units=args.units,
+        progress=not args.no_progress,
+    )
+    comparison.settings["wall_seconds"] = time.perf_counter() - started
+    comparison.settings["checkpoint"] = str(args.checkpoint)
+    once = " (greedy and beam: 1, the same for every seed)" if any(spec.is_deterministic for spec in grid) else ""
+    out.write(f"{len(prompts)} prompts x {args.num_samples} samples{once} x {args.max_new_tokens} tokens, "
+              f"text metrics in {args.units}, {comparison.settings['wall_seconds']:.1f} s\n")
+    out.write(format_table(comparison.rows) + "\n")
+    if human is None:
+        out.write("no human row: given prompts have no known continuation\n")
+    if args.out is not None:
+        title = f"{Path(args.checkpoint)}: {len(prompts)} prompts, {args.max_new_tokens} tokens, {args.units}"
+        paths = write_results(comparison, args.out, title)
+        out.write(f"wrote {', '.join(str(p) for p in paths)}\n")
+        if not any(p.suffix == ".png" for p in paths):
+            out.write("no chart.png: matplotlib is not installed (pip install 'tinygpt[plot]')\n")
+    return comparison
+
+
+# Column title, row key, format: perplexity to 2 decimals, shares as percentages.
+COLUMNS = (
+    ("strategy", "strategy", "{}"),
+    ("ppl", "perplexity", "{:.2f}"),
+    ("bpb", "bits_per_byte", "{:.3f}"),
+    ("dist-1", "distinct_1", "{:.3f}"),
+    ("dist-2", "distinct_2", "{:.3f}"),
+    ("dist-3", "distinct_3", "{:.3f}"),
+    ("rep %", "repetition", "{:.1%}"),
+    ("self-BLEU", "self_bleu", "{:.3f}"),
+    ("Zipf", "zipf", "{:.2f}"),
+    ("tokens", "mean_tokens", "{:.1f}"),
+    ("ended %", "end_rate", "{:.1%}"),
+    ("tok/s", "tokens_per_s", "{:.0f}"),
+)
+
+
+def _cells(row: dict[str, Any]) -> list[str]:
+    cells = []
+    for _, key, fmt in COLUMNS:
+        value = row[key]
+        missing = isinstance(value, float) and math.isnan(value)
+        cells.append("-" if missing else fmt.format(value).replace("%", ""))
+    return cells
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows as an aligned plain-text table (strategy left-aligned, numbers right); nan is '-'."""
+    table = [[title for title, _, _ in COLUMNS]] + [_cells(row) for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
+    lines = [
+        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+        for line in table
+    ]
+    return "\n".join(lines)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows as a GitHub markdown table (the same cells as `format_table`)."""
+    header = "| " + " | ".join(title for title, _, _ in COLUMNS) + " |"
+    rule = "|" + "|".join([":---"] + ["---:"] * (len(COLUMNS) - 1)) + "|"
+    body = ["| " + " | ".join(_cells(row)) + " |" for row in rows]
+    return "\n".join([header, rule, *body])
+
+
+def _plain(value: Any) -> Any:
+    """JSON has no nan: write null."""
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def write_results(comparison: Comparison, out_dir: Path, title: str = "") -> list[Path]:
+    """Write results.json, results.csv, results.md, samples.jsonl and (with matplotlib)
+    chart.png into ``out_dir``; return the paths written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = comparison.rows
+    paths = [out_dir / name for name in ("results.json", "results.csv", "results.md", "samples.jsonl")]
+    results = {
+        "title": title, "settings": comparison.settings, "prompts": comparison.prompts,
+        "rows": [{key: _plain(value) for key, value in row.items()} for row in rows],
+    }
+    paths[0].write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    with paths[1].open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=ROW_FIELDS)
+        writer.writeheader()
+        writer.writerows({key: "" if _plain(v) is None else v for key, v in row.items()} for row in rows)
+    paths[2].write_text(markdown_table(rows) + "\n", encoding="utf-8")
+    with paths[3].open("w", encoding="utf-8") as f:
+        for run in comparison.runs:
+            for sample in run.samples:
+                f.write(json.dumps(_sample_record(run, sample, comparison), ensure_ascii=False) + "\n")
+    chart = out_dir / "chart.png"
+    if plot_chart(rows, chart, title):
+        paths.append(chart)
+    return paths
+
+
+def _sample_record(run: Run, sample: Sample, comparison: Comparison) -> dict[str, Any]:
+    return {
+        "strategy": run.label, "prompt_index": sample.prompt_index, "sample_index": sample.sample_index,
+        "seed": comparison.seed_of(run, sample),
+        "same_for_every_seed": run.spec is not None and run.spec.is_deterministic, "finish": sample.finish,
+        "prompt": comparison.prompts[sample.prompt_index], "text": sample.text,
+        "tokens": sample.tokens, "logprobs": sample.logprobs,
+    }
+
+
+def plot_chart(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> bool:
+    """Distinct-2 against perplexity, one point per row, told apart by colour and marker in
+    a legend (labels next to points collide when strategies are close); the human row is a
+    black star with guide lines through it. Returns False (and writes nothing) without
+    matplotlib."""
+    try:
+        save_chart(path, lambda figure: _draw_comparison(figure, rows, title), "the comparison chart",
+                   figsize=(8, 4.5))
+    except MatplotlibMissing:
+        return False
+    return True
+
+
+def _draw_comparison(figure, rows: Sequence[dict[str, Any]], title: str) -> None:
+    from matplotlib.ticker import LogLocator, ScalarFormatter
+
+    ax = figure.subplots()
+    markers = "osD^vP<>Xhp"
+    strategies = [row for row in rows if row["strategy"] != HUMAN]
+    for i, row in enumerate(strategies):
+        ax.scatter([row["perplexity"]], [row["distinct_2"]], s=55, marker=markers[i % len(markers)],
+                   color=f"C{i % 10}", label=row["strategy"], zorder=2)
+    for row in rows:
+        if row["strategy"] == HUMAN:
+            x, y = row["perplexity"], row["distinct_2"]
+            ax.scatter([x], [y], marker="*", s=280, color="black", label="human (validation text)", zorder=3)
+            ax.axvline(x, color="black", linestyle=":", linewidth=1)
+            ax.axhline(y, color="black", linestyle=":", linewidth=1)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1, 2, 3, 5)))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(ScalarFormatter())
+    ax.set_xlabel("perplexity of the text under the model (log scale)")
+    ax.set_ylabel("distinct-2 (higher = more diverse)")
+    ax.set_title(title or "decoding strategies: diversity against perplexity", fontsize=10)
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
+    ax.grid(True, which="both", alpha=0.3)
+
+
+# ----------------------------------------------------------------------------- score
+
+def add_score_command(commands) -> None:
+    parser = add_command(
+        commands, "score", run_score, prog="sample.py score",
+        help="bits per byte and perplexity of text files under a checkpoint",
+        description="Bits per byte and perplexity of text files under a checkpoint, scored in windows of the "
+        "model's context (see model/score.py).",
+    )
     parser.add_argument("checkpoint", type=Path, help="a .pt file written by train.py")
     parser.add_argument("files", nargs="+", help="UTF-8 text files to score (- reads standard input)")
     parser.add_argument("--stride", type=int, default=None, help="tokens each window moves on and scores; "
@@ -233,10 +509,9 @@ def build_score_parser() -> argparse.ArgumentParser:
                         "(default: block_size / 2; block_size = no overlap, fastest)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
-    return parser
 
 
-def score(args: argparse.Namespace) -> None:
+def run_score(args: argparse.Namespace) -> None:
     """One line per file (and a total for several): tokens, bytes, bits per byte, perplexity."""
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -276,20 +551,52 @@ def _score_line(name: str, result: TextScore) -> str:
             f"perplexity {result.perplexity:.3f} (per token)")
 
 
+# ----------------------------------------------------------------------------- the command line
+
+
+
+def add_command(commands, name: str, run: Callable[[argparse.Namespace], Any], *, streams_text: bool = False,
+                **parser_options: Any) -> argparse.ArgumentParser:
+    """Add the subcommand ``name`` (``parser_options`` as for add_parser: help, description,
+    ...) that runs ``run(args)``; return its parser for the flags. ``streams_text``: the
+    command streams text to stdout, so Ctrl-C ends the open line before saying so."""
+    parser = commands.add_parser(name, **parser_options)
+    parser.set_defaults(run=run, streams_text=streams_text)
+    return parser
+
+
+COMMANDS = (add_generate_command, add_compare_command, add_score_command)
+DEFAULT_COMMAND = "generate"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sample.py", usage="sample.py [generate] CKPT [flags]  |  sample.py COMMAND CKPT [flags]",
+        description="Sample text from a checkpoint. Without a command, generate (python sample.py generate "
+        "--help shows its flags).",
+    )
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for add in COMMANDS:
+        add(commands)
+    parser.set_defaults(command_names=tuple(commands.choices))
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """The command line as a Namespace whose ``run`` is the command to run. A first word that
+    names no command (a checkpoint, a flag) belongs to the default command, so
+    ``sample.py CKPT ...`` is ``sample.py generate CKPT ...``; ``-h`` alone lists the commands."""
+    parser = build_parser()
+    argv = list(argv)
+    if not argv or argv[0] not in (*parser.get_default("command_names"), "-h", "--help"):
+        argv = [DEFAULT_COMMAND, *argv]  # a checkpoint file named like a command still works as ./compare
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["compare"]:  # a checkpoint file named "compare" still works as ./compare
-        return compare_main(argv[1:])
-    if argv[:1] == ["score"]:
-        score_args = build_score_parser().parse_args(argv[1:])
-        return run_cli(lambda: score(score_args))
-    args = build_parser().parse_args(argv)
-
-    def action() -> None:
-        with torch.inference_mode():
-            run(args)
-
-    return run_cli(action, end_output_line=True)  # Ctrl-C keeps what was printed
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    # after streamed text, Ctrl-C ends the line and keeps what was printed
+    return run_cli(lambda: args.run(args), end_output_line=args.streams_text)
 
 
 if __name__ == "__main__":

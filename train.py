@@ -41,13 +41,14 @@ from tqdm import tqdm
 
 from model import distributed
 from model.checkpoint import copy_checkpoint, load_checkpoint, remove_stale_temporaries, save_checkpoint
+from model.cli import run_cli
 from model.config import Config, ModelConfig, TrainConfig, config_differences, config_tables, load_config
 from model.data import (
     check_batch_fits, check_split_length, open_split, read_meta, read_windows, sample_starts, to_device,
 )
 from model.device import Precision, use_tensor_cores
 from model.distributed import Distributed, gradient_sync
-from model.errors import UserError, run_cli
+from model.errors import UserError
 from model.gpt import GPT
 from model.optim import Optimizers, build_optimizers
 from model.score import bits_per_byte, token_byte_lengths

@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 
 from model.config import ModelConfig
-from model.decoding import DecodingSpec
 from model.generate import Context, decode_steps
 from model.gpt import GPT
+from model.strategy import DecodingSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 

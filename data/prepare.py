@@ -21,9 +21,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from model.cli import run_cli
 from model.corpus import check_not_empty, corpus_name, default_corpus, find_documents, iter_pieces, iter_texts
 from model.data import META_FILE, SPLITS, TokenWriter, dataset_meta, split_file, token_dtype, write_meta
-from model.errors import UserError, run_cli
+from model.errors import UserError
 from model.tokenizer import BPETokenizer, fit_tokenizer
 
 DATA_ROOT = Path(__file__).resolve().parent

@@ -1,11 +1,10 @@
-"""Decoding strategies: how a row of next-token logits becomes the next token.
+"""Decoding steps: how a row of next-token logits becomes the next token.
 
-Everything here is a small pure function on a logits tensor of shape (B, V) (the
-filters also accept a single row of shape (V,)), plus `DecodingSpec`, the frozen
-description of one strategy, and `parse_strategy`, the one place compact strategy
-strings such as ``top-p:p=0.9,t=0.8`` are read. Generation, the strategy comparison
-and the "explain the next token" table all go through `process_logits` and
-`choose_tokens`, so a strategy means the same thing everywhere.
+Each step is one small pure function on a logits tensor of shape (B, V) (the filters
+also accept a single row of shape (V,)); `process_logits` applies the steps a
+`DecodingSpec` (model/strategy.py) asks for, in one fixed order, and `choose_tokens`
+picks the token. Generation, the strategy comparison and the "explain the next token"
+table all go through these two, so a strategy means the same thing everywhere.
 
 Conventions shared by every function:
 
@@ -24,21 +23,24 @@ Conventions shared by every function:
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from model.errors import UserError
 
-# A probability within this distance below a threshold (top-p's p, typical's mass,
-# min-p's ratio to the most likely token) counts as having reached it. Probabilities
-# computed from float32 logits are only known to a few float32 ulps (eps = 1.19e-7): with
-# logits log([.05, .05, .25, .65]) the top token's probability comes out as 0.64999999
-# even in float64, and p = 0.65 would then keep a second token. Two ulps at 1.0 (2.4e-7)
-# absorbs that rounding and still separates p = 0.7 from p = 0.700001.
+if TYPE_CHECKING:  # model.strategy imports the parameter checks below
+    from model.strategy import DecodingSpec
+
+# Probabilities computed from float32 logits are only known to a few float32 ulps (eps =
+# 1.19e-7): with logits log([.05, .05, .25, .65]) the top token's probability comes out
+# as 0.64999999 even in float64, and p = 0.65 would then keep a second token. So a
+# probability mass within this distance below top-p's p or typical's mass counts as
+# having reached it: two ulps at 1.0 (2.4e-7) absorbs that rounding and still separates
+# p = 0.7 from p = 0.700001. Min-p compares a ratio that can be tiny, so it uses this as
+# a relative tolerance: a ratio above min_p * (1 - PROBABILITY_TOLERANCE) reaches min_p.
 PROBABILITY_TOLERANCE = 2 * torch.finfo(torch.float32).eps
 
 # Typical sampling keeps every token as typical as the last one it needs. Two distances to
@@ -59,7 +61,8 @@ MAX_ABS_FREQUENCY_PRESENCE = 2.0
 
 # ----------------------------------------------------------------------------------------
 # Parameter checks: each returns a one-line problem description, or None when the value
-# is fine. The filters raise them one at a time; DecodingSpec.validate collects them all.
+# is fine. The filters raise them one at a time; DecodingSpec.validate (model/strategy.py)
+# collects them all.
 
 
 def _is_number(x: object) -> bool:
@@ -70,7 +73,7 @@ def _is_whole(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _temperature_problem(t: float) -> str | None:
+def temperature_problem(t: float) -> str | None:
     if not _is_number(t) or not math.isfinite(t) or t < 0:
         return f"temperature={t!r} is invalid; it must be a finite number >= 0 (0 means greedy decoding)"
     if 0 < t < MIN_TEMPERATURE:
@@ -78,40 +81,46 @@ def _temperature_problem(t: float) -> str | None:
     return None
 
 
-def _top_k_problem(k: int) -> str | None:
+def top_k_problem(k: int) -> str | None:
     if not _is_whole(k) or k < 1:
         return f"top_k={k!r} is invalid; it must be a whole number >= 1"
     return None
 
 
-def _top_p_problem(p: float) -> str | None:
+def top_p_problem(p: float) -> str | None:
     if not _is_number(p) or not 0 < p <= 1:
         return f"top_p={p!r} is out of range; it must be in (0, 1] (1 keeps every token)"
     return None
 
 
-def _min_p_problem(min_p: float) -> str | None:
+def min_p_problem(min_p: float) -> str | None:
     if not _is_number(min_p) or not 0 <= min_p <= 1:
         return f"min_p={min_p!r} is out of range; it must be in [0, 1] (0 keeps every token)"
     return None
 
 
-def _typical_p_problem(mass: float) -> str | None:
+def typical_p_problem(mass: float) -> str | None:
     if not _is_number(mass) or not 0 < mass <= 1:
         return f"typical_p={mass!r} is out of range; it must be in (0, 1] (1 keeps every token)"
     return None
 
 
-def _repetition_penalty_problem(penalty: float) -> str | None:
+def repetition_penalty_problem(penalty: float) -> str | None:
     if not _is_number(penalty) or not math.isfinite(penalty) or penalty <= 0:
         return f"repetition_penalty={penalty!r} is invalid; it must be a finite number > 0 (1 means no penalty)"
     return None
 
 
-def _frequency_presence_problem(name: str, value: float) -> str | None:
+def frequency_presence_problem(name: str, value: float) -> str | None:
     limit = MAX_ABS_FREQUENCY_PRESENCE
     if not _is_number(value) or not -limit <= value <= limit:
         return f"{name}={value!r} is out of range; it must be in [{-limit:g}, {limit:g}] (0 means no penalty)"
+    return None
+
+
+def num_beams_problem(n: int) -> str | None:
+    if not _is_whole(n) or n < 1:
+        return f"num_beams={n!r} is invalid; it must be a whole number >= 1"
     return None
 
 
@@ -148,7 +157,7 @@ def apply_temperature(logits: torch.Tensor, t: float) -> torch.Tensor:
     `choose_tokens` takes the argmax, so calling this with t = 0 raises UserError, as does
     a negative, non-finite or smaller than `MIN_TEMPERATURE` value. ``-inf`` stays ``-inf``.
     """
-    _raise_if(_temperature_problem(t))
+    _raise_if(temperature_problem(t))
     if t == 0:
         raise UserError("temperature 0 means greedy decoding: take greedy_tokens(logits) instead of dividing by 0")
     return logits / t
@@ -161,7 +170,7 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     than k tokens survive when there are ties at the boundary. k >= V keeps every token.
     k must be a whole number >= 1, else UserError.
     """
-    _raise_if(_top_k_problem(k))
+    _raise_if(top_k_problem(k))
     k = min(k, logits.shape[-1])
     kth_largest = torch.topk(logits, k, dim=-1).values[..., -1:]
     return logits.masked_fill(logits < kth_largest, -math.inf)
@@ -183,7 +192,7 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     one extra token when the nucleus sums to p exactly. p = 1 keeps every token (also the
     ones of vanishing probability); p outside (0, 1] raises UserError.
     """
-    _raise_if(_top_p_problem(p))
+    _raise_if(top_p_problem(p))
     if p == 1:
         return logits.clone()
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
@@ -201,16 +210,17 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     Exactly the set {i : p_i >= min_p * p_max} (as transformers' MinPLogitsWarper), so the
     most likely token and everything tied with it always survive. It is evaluated as
     exp(logit_i - logit_max) >= min_p in float64, the same ratio p_i / p_max without a
-    normalisation that could underflow. A ratio within `PROBABILITY_TOLERANCE` below
-    min_p counts as reaching it (with logits log([.5, .25]) the ratio comes out as
-    0.4999999991, and min_p = 0.5 must keep the second token). min_p = 0 keeps every
-    token, min_p = 1 only those tied with the maximum; min_p outside [0, 1] raises
-    UserError.
+    normalisation that could underflow. A ratio short of min_p by at most
+    `PROBABILITY_TOLERANCE` *relative to min_p* counts as reaching it (with logits
+    log([.5, .25]) the ratio comes out as 0.4999999991, and min_p = 0.5 must keep the
+    second token); relative, so that a min_p of 1e-7 still drops a token at 1e-8, where
+    transformers compares without tolerance. min_p = 0 keeps every token, min_p = 1 only
+    those tied with the maximum; min_p outside [0, 1] raises UserError.
     """
-    _raise_if(_min_p_problem(min_p))
+    _raise_if(min_p_problem(min_p))
     wide = logits.double()
     ratio_to_max = torch.exp(wide - wide.amax(dim=-1, keepdim=True))
-    return logits.masked_fill(ratio_to_max < min_p - PROBABILITY_TOLERANCE, -math.inf)
+    return logits.masked_fill(ratio_to_max < min_p * (1 - PROBABILITY_TOLERANCE), -math.inf)
 
 
 def typical_filter(logits: torch.Tensor, mass: float) -> torch.Tensor:
@@ -228,7 +238,7 @@ def typical_filter(logits: torch.Tensor, mass: float) -> torch.Tensor:
     `top_p_filter`. mass = 1 keeps every token (transformers rejects 1); mass outside
     (0, 1] raises UserError.
     """
-    _raise_if(_typical_p_problem(mass))
+    _raise_if(typical_p_problem(mass))
     if mass == 1:
         return logits.clone()
     log_probs = torch.log_softmax(logits.double(), dim=-1)
@@ -256,7 +266,7 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     `seen` is a set, not a count. penalty = 1 is neutral; it must be finite and > 0, else
     UserError. Example: logits [2, -2, 1], seen {0, 1}, penalty 2 -> [1, -4, 1].
     """
-    _raise_if(_repetition_penalty_problem(penalty))
+    _raise_if(repetition_penalty_problem(penalty))
     _check_same_shape("seen", seen, logits)
     if seen.dtype != torch.bool:
         raise ValueError(f"seen must be a bool tensor, got {seen.dtype}")
@@ -276,274 +286,11 @@ def apply_frequency_presence_penalties(
     UserError; 0 and 0 change nothing. Example: logits [1, 1, 1], counts [0, 1, 3],
     frequency 0.5, presence 0.25 -> [1, 0.25, -0.75].
     """
-    _raise_if(_frequency_presence_problem("frequency_penalty", frequency))
-    _raise_if(_frequency_presence_problem("presence_penalty", presence))
+    _raise_if(frequency_presence_problem("frequency_penalty", frequency))
+    _raise_if(frequency_presence_problem("presence_penalty", presence))
     _check_same_shape("counts", counts, logits)
     penalty = counts * frequency + (counts > 0) * presence
     return logits - penalty.to(logits.dtype)
-
-
-# ----------------------------------------------------------------------------------------
-# The strategy spec.
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodingSpec:
-    """One decoding strategy, validated on construction (an invalid spec cannot exist).
-
-    temperature: 1.0 samples from the model's distribution; 0 is greedy decoding.
-    top_k, top_p, min_p, typical_p: sampling filters, None = off (see the *_filter functions).
-    repetition_penalty: CTRL penalty on every token seen, prompt included; 1.0 = off.
-    frequency_penalty, presence_penalty: OpenAI penalties on generated tokens; 0.0 = off.
-    num_beams: 1 = one token at a time; > 1 = beam search, run by the generation loop.
-
-    Penalties work with every strategy. The sampling filters do nothing under greedy
-    decoding or beam search, and temperature does nothing under beam search, so those
-    combinations are rejected rather than silently ignored.
-    """
-
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-    typical_p: float | None = None
-    repetition_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    num_beams: int = 1
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    @property
-    def is_beam(self) -> bool:
-        """Beam search (num_beams > 1); the generation loop runs it, `choose_tokens` does not."""
-        return self.num_beams > 1
-
-    @property
-    def is_greedy(self) -> bool:
-        """Greedy decoding: temperature 0 without beam search; the next token is the argmax."""
-        return self.temperature == 0 and not self.is_beam
-
-    @property
-    def needs_seen(self) -> bool:
-        """Whether `process_logits` needs the `seen` mask (repetition penalty on)."""
-        return self.repetition_penalty != 1
-
-    @property
-    def needs_counts(self) -> bool:
-        """Whether `process_logits` needs the generated-token `counts` (frequency or presence on)."""
-        return self.frequency_penalty != 0 or self.presence_penalty != 0
-
-    def _filters(self) -> dict[str, float | int]:
-        """The sampling filters that are on, by field name, in pipeline order."""
-        values = {"top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p, "typical_p": self.typical_p}
-        return {name: value for name, value in values.items() if value is not None}
-
-    def validate(self) -> None:
-        """Raise UserError listing, on one line separated by " | ", every out-of-range value and every
-        option that would silently do nothing with this strategy."""
-        range_problems = {
-            "temperature": _temperature_problem(self.temperature),
-            "top_k": None if self.top_k is None else _top_k_problem(self.top_k),
-            "top_p": None if self.top_p is None else _top_p_problem(self.top_p),
-            "min_p": None if self.min_p is None else _min_p_problem(self.min_p),
-            "typical_p": None if self.typical_p is None else _typical_p_problem(self.typical_p),
-            "repetition_penalty": _repetition_penalty_problem(self.repetition_penalty),
-            "frequency_penalty": _frequency_presence_problem("frequency_penalty", self.frequency_penalty),
-            "presence_penalty": _frequency_presence_problem("presence_penalty", self.presence_penalty),
-        }
-        problems = list(range_problems.values())
-        # A value already reported as out of range is not reported again as meaningless.
-        unused_filters = {name: value for name, value in self._filters().items() if range_problems[name] is None}
-        if not _is_whole(self.num_beams) or self.num_beams < 1:
-            problems.append(f"num_beams={self.num_beams!r} is invalid; it must be a whole number >= 1")
-        elif self.is_beam:
-            if self.temperature != 1 and range_problems["temperature"] is None:
-                problems.append(
-                    f"temperature={self.temperature!r} does nothing with beam search (num_beams={self.num_beams}); "
-                    "leave it at 1"
-                )
-            problems += [
-                f"{name}={value!r} does nothing with beam search (num_beams={self.num_beams}); "
-                "remove it or use num_beams=1 to sample"
-                for name, value in unused_filters.items()
-            ]
-        elif self.temperature == 0:
-            problems += [
-                f"{name}={value!r} does nothing with greedy decoding (temperature 0); "
-                "remove it or set a temperature > 0 to sample"
-                for name, value in unused_filters.items()
-            ]
-        problems = [problem for problem in problems if problem is not None]
-        if problems:
-            raise UserError(" | ".join(problems))
-
-    @property
-    def label(self) -> str:
-        """The canonical compact form, e.g. ``top-k:k=40,t=0.8,rep=1.2``; `parse_strategy`
-        turns it back into an equal spec.
-
-        One filter on: that strategy's name (``top-k``, ``top-p``, ``min-p``, ``typical``);
-        several: ``sample`` with one key per filter; none: ``sample`` at temperature 1,
-        ``temperature:t=...`` otherwise. Then ``greedy`` and ``beam:n=...``. Settings at
-        their neutral value are left out.
-        """
-        if self.is_beam:
-            name, settings = "beam", [("n", self.num_beams)]
-        elif self.is_greedy:
-            name, settings = "greedy", []
-        else:
-            name, settings = self._sampling_label_parts()
-        settings += [
-            (key, value)
-            for key, value, neutral in (
-                ("rep", self.repetition_penalty, 1),
-                ("freq", self.frequency_penalty, 0),
-                ("pres", self.presence_penalty, 0),
-            )
-            if value != neutral
-        ]
-        if not settings:
-            return name
-        return name + ":" + ",".join(f"{key}={_format_number(value)}" for key, value in settings)
-
-    def _sampling_label_parts(self) -> tuple[str, list[tuple[str, float | int]]]:
-        temperature = [] if self.temperature == 1 else [("t", self.temperature)]
-        filters = [(_FILTER_STRATEGY[field], value) for field, value in self._filters().items()]
-        if not filters:
-            return ("sample" if not temperature else "temperature"), temperature
-        if len(filters) == 1:
-            strategy, value = filters[0]
-            main_key = _SHORT_FORMS[strategy].main_key
-            return strategy, [(main_key, value)] + temperature
-        return "sample", temperature + filters
-
-
-def _format_number(value: float | int) -> str:
-    """Shortest text that reads back as the same number: 40, 0.9, 1e-05."""
-    if _is_whole(value):
-        return str(value)
-    as_float = float(value)
-    if as_float.is_integer() and abs(as_float) < 1e15:
-        return str(int(as_float))
-    return repr(as_float)
-
-
-# ----------------------------------------------------------------------------------------
-# Parsing compact strategy strings.
-
-
-@dataclasses.dataclass(frozen=True)
-class _StrategyForm:
-    """How one strategy name reads: its keys (-> DecodingSpec fields), which are required,
-    and fields it fixes."""
-
-    keys: dict[str, str]
-    required: tuple[str, ...] = ()
-    fixed: tuple[tuple[str, float], ...] = ()
-
-    @property
-    def main_key(self) -> str:
-        return self.required[0]
-
-
-_PENALTY_KEYS = {"rep": "repetition_penalty", "freq": "frequency_penalty", "pres": "presence_penalty"}
-_FILTER_STRATEGY = {"top_k": "top-k", "top_p": "top-p", "min_p": "min-p", "typical_p": "typical"}
-_SHORT_FORMS: dict[str, _StrategyForm] = {
-    "greedy": _StrategyForm({}, fixed=(("temperature", 0.0),)),
-    "sample": _StrategyForm({"t": "temperature", **{name: field for field, name in _FILTER_STRATEGY.items()}}),
-    "temperature": _StrategyForm({"t": "temperature"}, required=("t",)),
-    "top-k": _StrategyForm({"k": "top_k", "t": "temperature"}, required=("k",)),
-    "top-p": _StrategyForm({"p": "top_p", "t": "temperature"}, required=("p",)),
-    "min-p": _StrategyForm({"p": "min_p", "t": "temperature"}, required=("p",)),
-    "typical": _StrategyForm({"p": "typical_p", "t": "temperature"}, required=("p",)),
-    "beam": _StrategyForm({"n": "num_beams"}, required=("n",)),
-}
-_WHOLE_NUMBER_FIELDS = {"top_k", "num_beams"}
-_ALL_KEYS = {key for form in _SHORT_FORMS.values() for key in form.keys} | set(_PENALTY_KEYS)
-
-
-def parse_strategy(spec: str) -> DecodingSpec:
-    """Read a compact strategy string: ``name`` or ``name:key=value,key=value``.
-
-    Names and their keys (required ones first):
-      greedy                      temperature 0
-      sample: t, top-k, top-p, min-p, typical
-                                  sampling, optionally with several filters at once
-      temperature: t              sampling at temperature t
-      top-k: k, t | top-p: p, t | min-p: p, t | typical: p, t
-                                  sampling with one filter, optionally at temperature t
-      beam: n                     beam search with n >= 2 beams
-    Every name also takes the penalties rep (repetition), freq (frequency) and pres
-    (presence). Examples: ``top-p:p=0.9,t=0.8``, ``greedy:rep=1.2``, ``beam:n=4``.
-
-    Raises UserError, naming the problem, for an unknown name (suggesting the closest),
-    an unknown or inapplicable key, a repeated key, a value that is not a number (or not a
-    whole one for k and n), a missing required key, or a value out of range.
-    """
-    name, _, settings_text = spec.strip().partition(":")
-    name = name.strip()
-    form = _SHORT_FORMS.get(name)
-    if form is None:
-        raise UserError(_unknown_name_message(name))
-    accepted = ", ".join([*form.keys, *_PENALTY_KEYS])
-    fields: dict[str, float | int] = dict(form.fixed)
-    given: set[str] = set()
-    for item in settings_text.split(",") if settings_text.strip() else []:
-        key, equals, text = (part.strip() for part in item.partition("="))
-        if not equals or not key:
-            raise UserError(f"'{item.strip()}' in decoding strategy '{spec}' is not of the form key=value")
-        field = form.keys.get(key) or _PENALTY_KEYS.get(key)
-        if field is None:
-            kind = "does not apply to" if key in _ALL_KEYS else "is not a known key of"
-            raise UserError(f"'{key}' {kind} decoding strategy '{name}'; it takes {accepted}")
-        if key in given:
-            raise UserError(f"'{key}' is given twice in decoding strategy '{spec}'")
-        given.add(key)
-        fields[field] = _parse_number(key, text, whole=field in _WHOLE_NUMBER_FIELDS)
-    missing = [key for key in form.required if key not in given]
-    if missing:
-        raise UserError(f"decoding strategy '{name}' needs {', '.join(missing)}=..., e.g. {_EXAMPLES[name]}")
-    if name == "beam" and fields["num_beams"] < 2:
-        raise UserError(f"beam search needs n >= 2 beams, got n={fields['num_beams']}; for one beam use 'greedy'")
-    try:
-        return DecodingSpec(**fields)
-    except UserError as error:
-        raise UserError(f"decoding strategy '{spec}': {error}") from None
-
-
-_EXAMPLES = {
-    "temperature": "temperature:t=0.7",
-    "top-k": "top-k:k=40",
-    "top-p": "top-p:p=0.9",
-    "min-p": "min-p:p=0.05",
-    "typical": "typical:p=0.95",
-    "beam": "beam:n=4",
-}
-
-
-def default_spec(name: str) -> DecodingSpec:
-    """The spec a bare strategy name stands for on the command line (``--strategy top-k``):
-    ``greedy``, ``sample``, or the settings of that strategy's example above (k=40, p=0.9,
-    min-p 0.05, typical 0.95, 4 beams, t=0.7). Anything else goes through parse_strategy,
-    which explains what is wrong with it."""
-    return parse_strategy(_EXAMPLES.get(name, name))
-
-
-def _unknown_name_message(name: str) -> str:
-    choices = ", ".join(_SHORT_FORMS)
-    close = difflib.get_close_matches(name, _SHORT_FORMS, n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    return f"unknown decoding strategy '{name}'{hint} (choose from {choices})"
-
-
-def _parse_number(key: str, text: str, *, whole: bool) -> float | int:
-    try:
-        return int(text) if whole else float(text)
-    except ValueError:
-        kind = "a whole number" if whole else "a number"
-        raise UserError(f"{key}={text!r} is not {kind}") from None
 
 
 # ----------------------------------------------------------------------------------------
@@ -583,7 +330,7 @@ def process_logits(
         if counts is None:
             raise ValueError("process_logits needs `counts` for the frequency/presence penalties")
         out = apply_frequency_presence_penalties(out, counts, spec.frequency_penalty, spec.presence_penalty)
-    if not (spec.is_greedy or spec.is_beam):
+    if not spec.is_deterministic:
         out = apply_temperature(out, spec.temperature)
         if spec.top_k is not None:
             out = top_k_filter(out, spec.top_k)

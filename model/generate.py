@@ -33,10 +33,11 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from model.decoding import DecodingSpec, choose_tokens, process_logits
+from model.decoding import choose_tokens, process_logits
 from model.device import Precision
 from model.errors import UserError
 from model.gpt import GPT, KVCache
+from model.strategy import DecodingSpec
 from model.tokenizer import Tokenizer
 
 WINDOW_MODES = ("exact", "shift", "none")
@@ -289,10 +290,19 @@ class Sample:
     details: list[TokenDetail] = field(default_factory=list)  # one per token when asked for (top > 0)
 
 
+def encode_prompt(tokenizer: Tokenizer, prompt: str | Sequence[int]) -> list[int]:
+    """The token ids generation starts from: a text prompt's encoding, or token ids as
+    given (ids cut from a token stream need not survive a trip through text: a byte-level
+    BPE prompt can end inside a character). An empty prompt is the end-of-text token,
+    i.e. the beginning of a document."""
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(token) for token in prompt]
+    return ids or [tokenizer.eot_id]
+
+
 def generate(
     model: GPT,
     tokenizer: Tokenizer,
-    prompts: Sequence[str],
+    prompts: Sequence[str | Sequence[int]],
     spec: DecodingSpec,
     *,
     max_new_tokens: int,
@@ -304,14 +314,14 @@ def generate(
     on_text: Callable[[int, str], None] | None = None,
     on_done: Callable[[Sample], None] | None = None,
 ) -> list[Sample]:
-    """Generate ``num_samples`` continuations of every prompt, all in one batch.
+    """Generate ``num_samples`` continuations of every prompt (a text or token ids, see
+    `encode_prompt`), all in one batch.
 
     Row order is prompt-major: row = prompt_index * num_samples + sample_index, and each
     row samples with its own generator seeded ``seed + row``: every sample of the call
     has its own random stream (samples of different prompts that shared one would drift
     into the same text once their prompts left the window), and a row draws exactly
-    what it would draw alone with that seed. An empty prompt starts from the
-    end-of-text token, i.e. from the beginning of a document. A sample ends at the
+    what it would draw alone with that seed. A sample ends at the
     end-of-text token (kept as its last token, never in its text), at a stop string,
     or after ``max_new_tokens``. ``top`` > 0 records the ``top`` most likely tokens of
     every step in ``Sample.details``.
@@ -328,7 +338,7 @@ def generate(
     if not 0 <= seed <= MAX_SEED - rows + 1:
         raise UserError(f"the seed must be in [0, {MAX_SEED - rows + 1}] (row r uses seed + r, at most {MAX_SEED}), "
                         f"got {seed}")
-    encoded = [tokenizer.encode(p) or [tokenizer.eot_id] for p in prompts]
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
     if spec.is_beam:
         if num_samples != 1:
             raise UserError("beam search is deterministic: use num_samples 1")
@@ -428,9 +438,10 @@ def beam_search(
     Each step extends every live beam by every token and keeps the ``num_beams`` best by
     total log-probability (ties to the lower beam, then the lower token id). A beam that
     picks the end-of-text token is set aside as finished. The result is the beam with
-    the best score divided by its length (length penalty 1.0, as transformers' default):
-    the end-of-text token's log-probability counts in the score, but the token does not
-    count in the length. The search stops after ``max_new_tokens`` steps, or once
+    the best score divided by its length, where the end-of-text token's log-probability
+    counts in the score but the token does not count in the length. This differs from
+    transformers (length_penalty=1.0), which counts the end token in the length, so the
+    two can rank finished beams differently and pick different texts when beams end. The search stops after ``max_new_tokens`` steps, or once
     ``num_beams`` beams have finished and no live beam can still beat the worst of them
     (a bound, not a guess: see _search_is_over). Penalties in ``spec`` apply to the
     logits before the log-softmax.

@@ -36,9 +36,11 @@ T = TypeVar("T", bound=Hashable)
 BLEU_EPSILON = 0.1
 
 
-def _mean(values: Iterable[float]) -> float:
-    """Arithmetic mean; nan for no values."""
-    values = list(values)
+def mean(values: Iterable[float], *, skip_nan: bool = False) -> float:
+    """Arithmetic mean; nan for no values. A nan among the values makes the mean nan, unless
+    ``skip_nan``: then it is the mean of the values that are not nan (averaging a metric
+    over groups of which some had nothing to measure)."""
+    values = [v for v in values if not (skip_nan and math.isnan(v))]
     return math.fsum(values) / len(values) if values else math.nan
 
 
@@ -188,7 +190,7 @@ def self_bleu(samples: Sequence[Sequence[T]], max_n: int = 4) -> float:
     # Count each sample's n-grams once; they serve as hypothesis once and as reference m-1 times.
     counts = [_ngram_counts(sample, max_n) for sample in samples]
     lengths = [len(sample) for sample in samples]
-    return _mean(
+    return mean(
         _bleu_from_counts(counts[i], lengths[i], _all_but(counts, i), _all_but(lengths, i))
         for i in range(len(samples))
     )
@@ -210,7 +212,7 @@ def zipf_coefficient_from_counts(counts: Iterable[float]) -> float:
         raise UserError(f"Zipf counts must be positive, got {ranked[-1]}")
     xs = [math.log(rank) for rank in range(1, len(ranked) + 1)]
     ys = [math.log(count) for count in ranked]
-    x_mean, y_mean = _mean(xs), _mean(ys)
+    x_mean, y_mean = mean(xs), mean(ys)
     covariance = math.fsum((x - x_mean) * (y - y_mean) for x, y in zip(xs, ys))
     variance = math.fsum((x - x_mean) ** 2 for x in xs)
     return -covariance / variance
@@ -274,4 +276,4 @@ def repetition_rate(
     samples: Sequence[Sequence[Hashable]], min_phrase_len: int = 3, min_repeats: int = 2
 ) -> float:
     """The share of samples for which `ends_in_repetition` holds, in [0, 1]; nan for no samples."""
-    return _mean(float(ends_in_repetition(sample, min_phrase_len, min_repeats)) for sample in samples)
+    return mean(float(ends_in_repetition(sample, min_phrase_len, min_repeats)) for sample in samples)

@@ -1,18 +1,47 @@
-"""Loss curves of a training run, from its metrics.jsonl, as a PNG.
+"""Charts as PNG files: the loss curves of a training run, and the one helper every chart
+is drawn through.
 
     python train.py --plot out/shakespeare_char      # writes out/shakespeare_char/loss.png
 
-Top: the train and val loss of each evaluation, and the mean training loss of the steps
-between evaluations. Bottom: the learning rate. Needs matplotlib (the ``plot`` extra).
+Needs matplotlib (the ``plot`` extra). A chart is drawn on its own
+`matplotlib.figure.Figure` with an Agg canvas, never through pyplot, so drawing one
+leaves the process's backend and pyplot's figures alone (a notebook keeps its inline
+plots).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from model.errors import UserError
+
+DPI = 120
+
+
+class MatplotlibMissing(UserError):
+    """A chart was asked for, and matplotlib is not installed."""
+
+
+def save_chart(path: str | Path, draw: Callable[[Any], None], what: str, **figure_options: Any) -> Path:
+    """Make a Figure (``figure_options`` as for `matplotlib.figure.Figure`, e.g. figsize),
+    let ``draw(figure)`` fill it, and write it to ``path`` as a PNG; returns the path.
+
+    Raises `MatplotlibMissing` (a UserError naming ``what`` needs it, e.g. "drawing loss
+    curves") when matplotlib cannot be imported.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise MatplotlibMissing(f"{what} needs matplotlib: pip install 'tinygpt[plot]' (or matplotlib)") from None
+    figure = Figure(**figure_options)
+    FigureCanvasAgg(figure)
+    draw(figure)
+    figure.tight_layout()
+    figure.savefig(path, dpi=DPI)
+    return Path(path)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -32,22 +61,24 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Draw ``run_dir``/metrics.jsonl into ``out`` (default ``run_dir``/loss.png); returns the path."""
+    """Draw ``run_dir``/metrics.jsonl into ``out`` (default ``run_dir``/loss.png); returns the path.
+
+    Top: the train and val loss of each evaluation, and the mean training loss of the
+    steps between evaluations. Bottom: the learning rate.
+    """
     run_dir = Path(run_dir)
     records = read_metrics(run_dir / "metrics.jsonl")
-    try:
-        import matplotlib
+    out = Path(out) if out is not None else run_dir / "loss.png"
+    return save_chart(out, lambda figure: _draw_run(figure, records, str(run_dir)), "drawing loss curves",
+                      figsize=(8, 6))
 
-        matplotlib.use("Agg")  # files only, no window
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("drawing loss curves needs matplotlib: pip install 'tinygpt[plot]' (or matplotlib)") from None
 
+def _draw_run(figure, records: list[dict[str, Any]], title: str) -> None:
     def series(key: str) -> tuple[list[int], list[float]]:
         points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
         return [s for s, _ in points], [v for _, v in points]
 
-    figure, (losses, rates) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(3, 1))
+    losses, rates = figure.subplots(2, 1, sharex=True, height_ratios=(3, 1))
     for key, label, style in [
         ("loss", "training steps (mean since previous evaluation)", dict(color="0.6", linewidth=1)),
         ("train_loss", "train (evaluation)", dict(marker=".")),
@@ -64,13 +95,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     losses.set_ylabel("cross-entropy loss (nats/token)")
     losses.legend()
     losses.grid(alpha=0.3)
-    losses.set_title(str(run_dir))
+    losses.set_title(title)
     rates.plot(*series("lr"), color="tab:green")
     rates.set_ylabel("learning rate")
     rates.set_xlabel("step")
     rates.grid(alpha=0.3)
-    figure.tight_layout()
-    out = Path(out) if out is not None else run_dir / "loss.png"
-    figure.savefig(out, dpi=120)
-    plt.close(figure)
-    return out

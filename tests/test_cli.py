@@ -9,9 +9,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 import sample
 import train
+from model.checkpoint import load_for_generation
 from tests.conftest import ROOT, run_cli
 
 
@@ -149,7 +152,7 @@ def test_sample_bad_input(args, message, tiny_checkpoint, capsys):
     (["--strategy", "top-p", "--top-k", "40"], {"top_p": 0.9, "top_k": 40}),
 ])
 def test_flags_tune_the_strategy_named(args, expected):
-    spec = sample.spec_from_args(sample.build_parser().parse_args(["ckpt.pt", *args]))
+    spec = sample.spec_from_args(sample.parse_args(["ckpt.pt", *args]))
     assert {name: getattr(spec, name) for name in expected} == expected
 
 
@@ -186,9 +189,19 @@ def test_explain_and_logprobs(tiny_checkpoint, tmp_path, capsys):
     assert out.count("step ") == 4 and "filtered" in out
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2, 3]
+    # Each step's numbers against a plain forward pass over the prompt and the tokens so far.
+    model, tokenizer, _ = load_for_generation(tiny_checkpoint, torch.device("cpu"))
+    ids = tokenizer.encode("The")
     for record in records:
-        assert len(record["top"]) == 4
-        assert record["top"][0]["logprob"] >= record["logprob"] - 1e-9 or record["token"] == record["top"][0]["token"]
+        with torch.no_grad():
+            logprobs = F.log_softmax(model(torch.tensor([ids]))[0][0, -1], dim=-1)
+        top = logprobs.topk(4)
+        assert [t["token"] for t in record["top"]] == top.indices.tolist()
+        assert [t["logprob"] for t in record["top"]] == pytest.approx(top.values.tolist(), abs=1e-5)
+        assert record["logprob"] == pytest.approx(logprobs[record["token"]].item(), abs=1e-5)
+        assert record["token"] in top.indices[:3].tolist()  # top-k 3 chose it
+        assert record["text"] == tokenizer.decode([record["token"]])
+        ids.append(record["token"])
 
 
 def test_tiktoken_encoding_offline_gives_a_clear_message(tmp_path, tiny_corpus):
@@ -223,3 +236,31 @@ def test_a_reader_that_stops_reading_ends_the_output_quietly(tiny_checkpoint):
     result = subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.stderr == ""  # no "error: [Errno 32] Broken pipe", no traceback
     assert result.stdout.endswith(" 141\n")  # the status of a process stopped by SIGPIPE
+
+
+def test_generate_is_the_default_command(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    flags = ["--prompt", "The", "--max-new-tokens", "8", "--seed", "3"]
+    assert sample.main([str(tiny_checkpoint), *flags]) == 0
+    default = capsys.readouterr().out
+    assert sample.main(["generate", str(tiny_checkpoint), *flags]) == 0
+    assert capsys.readouterr().out == default and default.startswith("The")
+    # A checkpoint file named like a command is reached by its path.
+    named = tmp_path / "compare"
+    named.write_bytes(tiny_checkpoint.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    assert sample.main(["./compare", *flags]) == 0
+    assert capsys.readouterr().out == default
+
+
+def test_a_command_is_one_function(monkeypatch, capsys):
+    def add_echo_command(commands):
+        parser = sample.add_command(commands, "echo", lambda args: print(args.word), help="print a word")
+        parser.add_argument("word")
+
+    monkeypatch.setattr(sample, "COMMANDS", (*sample.COMMANDS, add_echo_command))
+    assert sample.main(["echo", "hello"]) == 0
+    assert capsys.readouterr().out == "hello\n"
+    with pytest.raises(SystemExit):
+        sample.main(["--help"])
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in ("generate", "compare", "echo"))

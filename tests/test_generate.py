@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.decoding import DecodingSpec, parse_strategy
+from model.strategy import DecodingSpec, parse_strategy
 from model.errors import UserError
 from model.generate import Context, TextStream, beam_search, decode_steps, generate
 from model.gpt import GPT

@@ -12,6 +12,7 @@ from model.metrics import (
     bleu,
     distinct_n,
     ends_in_repetition,
+    mean,
     perplexity,
     repetition_rate,
     self_bleu,
@@ -21,6 +22,16 @@ from model.metrics import (
 
 FAST = settings(max_examples=60, deadline=None)
 units = st.integers(min_value=0, max_value=4)  # a small alphabet, so repeats actually happen
+
+
+# ----------------------------------------------------------------------------- mean
+
+
+def test_mean_by_hand():
+    assert mean([1.0, 2.0, 6.0]) == 3.0 and mean(x for x in (0.5, 1.0)) == 0.75
+    assert math.isnan(mean([])) and math.isnan(mean([1.0, math.nan]))  # nothing, or an undefined value
+    assert mean([1.0, math.nan, 2.0], skip_nan=True) == 1.5  # over the values that are defined
+    assert math.isnan(mean([math.nan], skip_nan=True))
 
 
 # ----------------------------------------------------------------------------- perplexity
