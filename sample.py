@@ -553,8 +553,6 @@ def _score_line(name: str, result: TextScore) -> str:
 
 # ----------------------------------------------------------------------------- the command line
 
-
-
 def add_command(commands, name: str, run: Callable[[argparse.Namespace], Any], *, streams_text: bool = False,
                 **parser_options: Any) -> argparse.ArgumentParser:
     """Add the subcommand ``name`` (``parser_options`` as for add_parser: help, description,
