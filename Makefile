@@ -12,7 +12,7 @@ setup: $(STAMP)
 $(STAMP): constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade -c constraints.txt setuptools
-	$(PY) -m pip install --quiet --no-build-isolation -c constraints.txt -e ".[test,plot]"
+	$(PY) -m pip install --quiet --no-build-isolation -c constraints.txt -e ".[test,plot,serve]"
 	rm -f $(VENV)/.installed-*
 	touch $@
 

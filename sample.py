@@ -5,8 +5,9 @@
     echo "Once upon" | python sample.py CKPT --prompt-file - --num-samples 3 --stop $'\\n\\n'  # (bash)
     python sample.py compare out/default/best.pt --out out/compare   # strategies side by side
     python sample.py score out/default/best.pt notes.txt             # bits per byte and perplexity of a text
+    python sample.py serve out/default/best.pt    # the explorer page and an OpenAI-compatible API
 
-Each command is a subcommand (``generate``, ``compare``, ``score``); ``generate`` is the default, so
+Each command is a subcommand (``generate``, ``compare``, ``score``, ``serve``); ``generate`` is the default, so
 ``sample.py CKPT ...`` means ``sample.py generate CKPT ...``. A command is one
 ``add_<name>_command(commands)`` function that adds its parser and the function it runs
 (see `add_command`); `COMMANDS` lists them.
@@ -129,8 +130,18 @@ class Printer:
         self._write(text)
 
     def _write(self, text: str) -> None:
-        self.out.write(text)
+        write_text(self.out, text)
         self.out.flush()
+
+
+def write_text(out: TextIO, text: str) -> None:
+    """out.write(text), with a one-line error when out's encoding cannot show the text."""
+    try:
+        out.write(text)
+    except UnicodeEncodeError as e:
+        unshown = ascii(e.object[e.start : e.end])  # ascii(): the message goes to a stream like this one
+        raise UserError(f"the output's encoding ({e.encoding}) cannot show {unshown}; print to a UTF-8 terminal "
+                        "or set PYTHONIOENCODING=utf-8") from None
 
 
 def print_explanation(sample: Sample, tokenizer: Tokenizer, out=None) -> None:
@@ -138,12 +149,12 @@ def print_explanation(sample: Sample, tokenizer: Tokenizer, out=None) -> None:
     under the model and after the strategy's filtering, and the token chosen."""
     out = out or sys.stdout
     for step, detail in enumerate(sample.details, start=1):
-        out.write(f"step {step}: chose {_show(tokenizer, detail.token)}  "
-                  f"(p={math.exp(detail.logprob):.3f}, after filtering {math.exp(detail.filtered_logprob):.3f})\n")
-        out.write(f"    {'token':<16} {'p':>7} {'filtered':>9}\n")
+        write_text(out, f"step {step}: chose {_show(tokenizer, detail.token)}  "
+                   f"(p={math.exp(detail.logprob):.3f}, after filtering {math.exp(detail.filtered_logprob):.3f})\n")
+        write_text(out, f"    {'token':<16} {'p':>7} {'filtered':>9}\n")
         for token, raw, filtered in detail.top:
             mark = "  <- chosen" if token == detail.token else ""
-            out.write(f"    {_show(tokenizer, token):<16} {math.exp(raw):>7.3f} {math.exp(filtered):>9.3f}{mark}\n")
+            write_text(out, f"    {_show(tokenizer, token):<16} {math.exp(raw):>7.3f} {math.exp(filtered):>9.3f}{mark}\n")
 
 
 def write_logprobs(samples: list[Sample], tokenizer: Tokenizer, out: TextIO) -> None:
@@ -175,7 +186,8 @@ def add_generate_command(commands) -> None:
         "for bits per byte of a text: python sample.py score CKPT FILE (see python sample.py score --help).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("checkpoint", help="a .pt file written by train.py (e.g. out/default/best.pt)")
+    parser.add_argument("checkpoint", help="a .pt file written by train.py (e.g. out/default/best.pt), or a "
+                        "Hugging Face GPT-2 folder (config.json, model.safetensors, vocab.json, merges.txt)")
     parser.add_argument("--prompt", action="append", help="prompt text (repeatable: several prompts run as one "
                         "batch); an empty prompt starts a new document")
     parser.add_argument("--prompt-file", action="append", help="read a prompt from a file, '-' for stdin; the whole "
@@ -275,7 +287,8 @@ def add_compare_command(commands) -> None:
         "ended on end-of-text or a stop string; tok/s = generated tokens per second. "
         "Example: python sample.py compare out/default/best.pt -s greedy -s top-p:p=0.9 --out out/compare",
     )
-    parser.add_argument("checkpoint", help="a .pt file written by train.py (e.g. out/default/best.pt)")
+    parser.add_argument("checkpoint", help="a .pt file written by train.py (e.g. out/default/best.pt), or a "
+                        "Hugging Face GPT-2 folder (config.json, model.safetensors, vocab.json, merges.txt)")
     parser.add_argument("-s", "--strategy", action="append", help="a strategy spec (repeatable), e.g. greedy, "
                         "beam:n=4, temperature:t=0.7, top-k:k=40, top-p:p=0.9,t=0.8, min-p:p=0.05, typical:p=0.95, "
                         "or a bare name with sample.py's defaults (top-k is top-k:k=40) "
@@ -338,7 +351,10 @@ def run_compare(args: argparse.Namespace, out=None) -> Comparison:
             tokenizer.check_encodable(prompt, "prompt")
         prompts = given
     else:
-        data_dir = args.data_dir or payload["config"]["train"]["data_dir"]
+        data_dir = args.data_dir or payload["config"]["train"].get("data_dir")
+        if data_dir is None:  # a GPT-2 folder
+            raise UserError(f"{args.checkpoint} is a model folder without a dataset of its own: pass --data-dir with "
+                            "a corpus prepared with --tokenizer gpt2:FOLDER (or give prompts with --prompt)")
         if not Path(data_dir).is_dir():
             whose = "--data-dir" if args.data_dir else "the checkpoint's dataset"
             raise UserError(f"{whose} {data_dir} is not a folder; pass --data-dir with the dataset the model was "
@@ -553,6 +569,60 @@ def _score_line(name: str, result: TextScore) -> str:
 
 # ----------------------------------------------------------------------------- the command line
 
+# ----------------------------------------------------------------------------- serve
+
+def add_serve_command(commands) -> None:
+    parser = add_command(
+        commands, "serve", run_serve, prog="sample.py serve", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="serve the explorer page and an OpenAI-compatible API (needs the serve extra)",
+        description="Serve a checkpoint on a local web server: the explorer page at / and an "
+        "OpenAI-compatible API at /v1 (completions, models) plus /v1/distribution. Needs the serve extra.",
+    )
+    parser.add_argument("checkpoint", help="a .pt file written by train.py (e.g. out/default/best.pt), or a "
+                        "Hugging Face GPT-2 folder")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 opens the server "
+                        "to the network, without any authentication")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
+    parser.add_argument("--max-concurrent", type=int, default=4, help="requests that use the model at once")
+    parser.add_argument("--max-waiting", type=int, default=16, help="requests that may wait for a turn; "
+                        "beyond them the answer is 503 with Retry-After")
+    parser.add_argument("--max-tokens", type=int, default=512, help="the largest max_tokens a request may ask for")
+    parser.add_argument("--window", choices=WINDOW_MODES, default="exact", help="past the context length, as in "
+                        "sample.py --window")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads of each model step; concurrent requests "
+                        "already run side by side, and small models step fastest on one thread")
+    parser.add_argument("--access-log", action="store_true", help="print one line per request")
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    try:
+        from model.serve import ServeSettings, create_app, listen, serve_forever
+    except ImportError as e:
+        raise UserError(f"serving needs the serve extra (pip install -e '.[serve]'): {e}") from None
+    settings = ServeSettings(Path(args.checkpoint).parent.name + "/" + Path(args.checkpoint).stem,
+                             max_tokens=args.max_tokens, max_concurrent=args.max_concurrent,
+                             max_waiting=args.max_waiting, window=args.window)
+    if args.threads < 1:
+        raise UserError(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    model, tokenizer, _ = load_for_generation(args.checkpoint, resolve_device(args.device))
+    sock = listen(args.host, args.port)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {args.host}: anyone who can reach this machine can use the server; "
+              "there is no authentication", file=sys.stderr)
+    host, port = sock.getsockname()[:2]
+    print(f"serving {args.checkpoint} as '{settings.model_name}' at http://{host}:{port}/ "
+          f"(API: http://{host}:{port}/v1); Ctrl-C stops", flush=True)
+    try:
+        serve_forever(create_app(model, tokenizer, settings), sock, access_log=args.access_log)
+    except KeyboardInterrupt:  # uvicorn has already shut down cleanly, then passes Ctrl-C on
+        pass
+    print("stopped", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- the commands
+
 def add_command(commands, name: str, run: Callable[[argparse.Namespace], Any], *, streams_text: bool = False,
                 **parser_options: Any) -> argparse.ArgumentParser:
     """Add the subcommand ``name`` (``parser_options`` as for add_parser: help, description,
@@ -563,7 +633,7 @@ def add_command(commands, name: str, run: Callable[[argparse.Namespace], Any], *
     return parser
 
 
-COMMANDS = (add_generate_command, add_compare_command, add_score_command)
+COMMANDS = (add_generate_command, add_compare_command, add_score_command, add_serve_command)
 DEFAULT_COMMAND = "generate"
 
 

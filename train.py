@@ -40,9 +40,14 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from model import distributed
-from model.checkpoint import copy_checkpoint, load_checkpoint, remove_stale_temporaries, save_checkpoint
+from model.checkpoint import (
+    copy_checkpoint, load_checkpoint, load_initial_weights, remove_stale_temporaries, save_checkpoint,
+    source_model_config,
+)
 from model.cli import run_cli
-from model.config import Config, ModelConfig, TrainConfig, config_differences, config_tables, load_config
+from model.config import (
+    Config, ModelConfig, TrainConfig, config_differences, config_tables, given_keys, load_config,
+)
 from model.data import (
     check_batch_fits, check_split_length, open_split, read_meta, read_windows, sample_starts, to_device,
 )
@@ -57,6 +62,7 @@ from model.perf import flops_per_token, peak_flops
 
 # Independent random streams, each seeded with (train.seed, stream, ...): see stream_seed.
 BATCH_STREAM, EVAL_STREAM, DROPOUT_STREAM = 0, 1, 2
+RESUME_EXTRA = ("scaler", "train_seconds", "evaluated")  # what train.py keeps in a checkpoint's extra
 
 
 def stream_seed(*numbers: int) -> int:
@@ -75,11 +81,11 @@ def learning_rate_at(step: int, cfg: TrainConfig, time_fraction: float | None = 
     if step < cfg.warmup_iters:
         return cfg.learning_rate * (step + 1) / cfg.warmup_iters
     if time_fraction is not None:
-        progress = time_fraction
+        decayed = time_fraction
     else:
         decay_iters = cfg.lr_decay_iters or cfg.max_iters
-        progress = (step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
-    cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))  # 1 -> 0
+        decayed = (step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(decayed, 1.0)))  # 1 -> 0
     return cfg.min_lr + cosine * (cfg.learning_rate - cfg.min_lr)
 
 
@@ -126,6 +132,57 @@ def check_same_model(checkpoint: dict, cfg: Config) -> None:
             + "; ".join(f"model.{d}" for d in differences)
             + ". Resume with the checkpoint's model settings (leave out --config), or train into a new out_dir"
         )
+
+
+# Model settings that may differ from train.init_from's: they do not change the weights.
+FREE_MODEL_KEYS = ("block_size", "dropout", "attention")
+
+
+def adopt_init_shape(cfg: Config, given: set[str]) -> Config:
+    """With train.init_from the model's shape is that of the weights there: every model key
+    the config leaves out is taken from them, and one it sets (``given``: section.key
+    names) to another value is an error. block_size may be smaller (the position table
+    is cropped); dropout and attention are free."""
+    source = source_model_config(cfg.train.init_from)
+    conflicts = [
+        f"model.{key} = {getattr(cfg.model, key)!r} but init_from has {getattr(source, key)!r}"
+        for key in sorted(k.removeprefix("model.") for k in given if k.startswith("model."))
+        if key not in FREE_MODEL_KEYS and getattr(cfg.model, key) != getattr(source, key)
+    ]
+    if conflicts:
+        raise UserError(f"train.init_from {cfg.train.init_from} fixes the model's shape: {'; '.join(conflicts)}; "
+                        "leave those keys out of the config")
+    block_size = cfg.model.block_size if "model.block_size" in given else source.block_size
+    if block_size > source.block_size:
+        raise UserError(f"model.block_size {block_size} exceeds the {source.block_size} positions of "
+                        f"train.init_from {cfg.train.init_from}")
+    model = dataclasses.replace(source, block_size=block_size, dropout=cfg.model.dropout,
+                                attention=cfg.model.attention)
+    return dataclasses.replace(cfg, model=model)
+
+
+def initial_model(cfg: Config, meta: dict, resuming: bool) -> GPT:
+    """The network training starts from: fresh weights, or those of train.init_from
+    (unless resuming: the checkpoint has newer ones). The dataset must be tokenized with
+    the tokenizer of those weights, and the config must have their shape (adopt_init_shape)."""
+    if not cfg.train.init_from or resuming:
+        return GPT(cfg.model)
+    source, tokenizer_state = load_initial_weights(cfg.train.init_from, cfg.model.block_size)
+    free = {key: getattr(cfg.model, key) for key in FREE_MODEL_KEYS}
+    differences = config_differences(dataclasses.asdict(dataclasses.replace(source.config, **free)),
+                                     dataclasses.asdict(cfg.model))
+    if differences:
+        raise UserError(f"the model config differs from train.init_from's (init_from -> config): "
+                        + "; ".join(f"model.{d}" for d in differences))
+    if tokenizer_state != meta["tokenizer"]:
+        raise UserError(f"{cfg.train.data_dir} was prepared with the {meta.get('tokenizer_name', '?')} tokenizer, "
+                        f"not the one of train.init_from {cfg.train.init_from}; prepare the corpus with "
+                        "--tokenizer gpt2:FOLDER (for a GPT-2 folder) or that checkpoint's tokenizer")
+    if dataclasses.asdict(source.config) == dataclasses.asdict(cfg.model):
+        return source
+    model = GPT(cfg.model)  # other dropout or attention path: the same weights
+    model.load_state_dict(source.state_dict())
+    return model
 
 
 class Batches:
@@ -252,7 +309,7 @@ class StopSignals:
 
 
 @dataclasses.dataclass
-class Progress:
+class RunState:
     """Where training stands; what a checkpoint must carry to go on exactly."""
 
     step: int = 0  # optimiser steps done
@@ -261,8 +318,8 @@ class Progress:
     evaluated: bool = False  # whether the evaluation at ``step`` was done (and logged)
 
 
-class Window:
-    """Training statistics since the last metrics line: mean loss, gradient norm, speed."""
+class Tally:
+    """Training statistics since the last metrics line: summed loss and gradient norm, speed."""
 
     def __init__(self):
         self.steps, self.loss, self.grad_norm, self.seconds = 0, 0.0, 0.0, 0.0
@@ -274,13 +331,56 @@ class Window:
         self.seconds += seconds
 
 
-def train(cfg: Config, *, progress: bool = True, checkpoint: dict | None = None) -> dict[str, Any]:
+@dataclasses.dataclass
+class Run:
+    """Everything the loop works with, built once by ``setup``."""
+
+    cfg: Config  # vocab_size resolved from the data
+    ddp: Distributed
+    device: torch.device
+    precision: Precision
+    model: GPT  # the network itself: what is saved, clipped and counted
+    train_model: torch.nn.Module  # what steps run through: the model, compiled and/or wrapped in DDP
+    eval_model: torch.nn.Module  # the model, compiled when asked, never wrapped in DDP
+    optimizer: Optimizers
+    scaler: torch.amp.GradScaler
+    splits: dict[str, np.ndarray]
+    batches: Batches
+    micro_batch: int
+    tokenizer: dict[str, Any]  # the dataset's tokenizer state, saved in every checkpoint
+    out_dir: Path
+    log: Callable[[str], None]
+    flops_per_token: float
+    peak_flops: float | None  # one device's peak FLOP/s; None: unknown, no MFU
+    started: float  # time.perf_counter() at the start of the loop
+    byte_lengths: torch.Tensor  # UTF-8 bytes per token id, for bits per byte (model/score.py)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.train.batch_size * self.cfg.model.block_size
+
+
+@dataclasses.dataclass
+class Result:
+    """What a finished (or stopped) run reports."""
+
+    step: int
+    train_loss: float | None  # from the last evaluation; None when there was none
+    val_loss: float | None
+    val_bpb: float | None  # the last evaluation's val loss in bits per byte
+    best_val_loss: float
+    interrupted: str | None  # the signal that stopped the run, or None when it finished
+    out_dir: str
+    num_params: int
+    device: str
+
+
+def train(cfg: Config, *, progress: bool = True, checkpoint: dict | None = None) -> Result:
     """Run one training job, alone or as one process of a torchrun job.
 
-    checkpoint: a payload from load_checkpoint to resume from (model, optimiser, step,
-    best val loss, schedule position); its model config must equal ``cfg.model``.
-    Returns the final losses, the step reached, ``interrupted`` (the signal's name, or
-    None), where the checkpoints are, and the trained ``model``.
+    progress: show a progress bar (rank 0 only). checkpoint: a payload from
+    load_checkpoint to resume from (model, optimiser, step, best val loss, schedule
+    position); its model config must equal ``cfg.model``.
     """
     ddp = distributed.from_environment()
     device = distributed.device_for_process(cfg.train.device, ddp)
@@ -291,14 +391,62 @@ def train(cfg: Config, *, progress: bool = True, checkpoint: dict | None = None)
         distributed.stop(ddp)
 
 
-def _train(cfg: Config, ddp: Distributed, device: torch.device, progress: bool, checkpoint: dict | None) -> dict:
+def _train(cfg: Config, ddp: Distributed, device: torch.device, progress: bool, checkpoint: dict | None) -> Result:
+    run, state = setup(cfg, ddp, device, progress, checkpoint)
+    tc = run.cfg.train
+    bar = tqdm(total=None if tc.max_seconds else tc.max_iters, initial=state.step, desc="train", unit="step",
+               disable=not progress, dynamic_ncols=True)
+    losses: dict[str, float] = {}
+    tally = Tally()
+    with StopSignals() as signals:
+        while True:
+            finished = state.step >= tc.max_iters or (tc.max_seconds > 0 and state.train_seconds >= tc.max_seconds)
+            if (finished or state.step % tc.eval_interval == 0) and not state.evaluated:
+                losses = evaluate_and_save(run, state, tally)
+                tally = Tally()
+            if finished:
+                break
+
+            step_started = time.perf_counter()
+            lr = learning_rate_at(state.step, tc, time_fraction(tc, state))
+            run.optimizer.set_lr_factor(lr / tc.learning_rate)  # every optimiser's peak follows the schedule
+            torch.manual_seed(stream_seed(tc.seed, DROPOUT_STREAM, state.step, ddp.rank))
+            loss, grad_norm = train_step(run.train_model, run.model, run.optimizer, run.scaler,
+                                         run.batches.at(state.step), tc, device, run.precision)
+            seconds = time.perf_counter() - step_started
+            if not math.isfinite(loss) or (not math.isfinite(grad_norm) and not run.scaler.is_enabled()):
+                bar.close()
+                raise UserError(divergence_message(state.step, loss, grad_norm, lr, run.precision, run.out_dir))
+            tally.add(loss, grad_norm, seconds)
+            # Every process must stop after the same step and follow the same clock.
+            interrupted, state.train_seconds = ddp.agree_max(
+                [float(signals.received is not None), state.train_seconds + seconds], device
+            )
+            state.step += 1
+            state.evaluated = False
+            show_step(bar, run, tally, loss, lr, losses.get("val_bpb"))
+            if interrupted:
+                save(run, state, "last.pt")
+                bar.close()
+                run.log(f"stopped by {signals.received or 'a signal to another process'} after step {state.step}: "
+                        f"saved {run.out_dir / 'last.pt'}; continue with --resume")
+                return result(run, state, losses, interrupted=signals.received or "signal")
+    bar.close()
+    run.log(f"done at step {state.step}: best val loss {state.best_val:.4f} in {run.out_dir / 'best.pt'}, "
+            f"latest in {run.out_dir / 'last.pt'}")
+    return result(run, state, losses, interrupted=None)
+
+
+def setup(cfg: Config, ddp: Distributed, device: torch.device, progress: bool,
+          checkpoint: dict | None) -> tuple[Run, RunState]:
+    """Check the data against the config, build the model and optimiser (from the
+    checkpoint when resuming), prepare out_dir and log what will run."""
     tc = cfg.train
     meta = read_meta(tc.data_dir)
     cfg = resolve_vocab_size(cfg, meta)
     if checkpoint is not None:
         check_same_model(checkpoint, cfg)
     splits = {split: open_split(tc.data_dir, split, meta) for split in ("train", "val")}
-    byte_lengths = token_byte_lengths(tokenizer_from_state(meta["tokenizer"]), cfg.model.vocab_size).to(device)
     for split, tokens in splits.items():
         check_split_length(tokens, cfg.model.block_size, split)
     check_batch_fits(splits["train"], tc.batch_size, cfg.model.block_size, "train")
@@ -306,155 +454,135 @@ def _train(cfg: Config, ddp: Distributed, device: torch.device, progress: bool, 
 
     torch.manual_seed(tc.seed)  # the same initial weights in every process
     use_tensor_cores(device)
-    raw_model = GPT(cfg.model).to(device)
-    optimizer = build_optimizers(raw_model, tc, device)
+    model = initial_model(cfg, meta, resuming=checkpoint is not None).to(device)
+    optimizer = build_optimizers(model, tc, device)
     precision = Precision.for_device(device)
     scaler = precision.grad_scaler()
-    state = Progress()
-    if checkpoint is not None:
-        if checkpoint["optimizer"] is None:
-            raise UserError("cannot resume: the checkpoint has no optimizer state (an export for sampling)")
-        raw_model.load_state_dict(checkpoint["model"])
-        try:
-            optimizer.load_state_dict(checkpoint["optimizer"])
-        except ValueError as error:  # e.g. saved with optimizer = "adamw", resumed with "muon"
-            raise UserError(f"cannot resume: {error}; resume with the checkpoint's train.optimizer") from None
-        extra = checkpoint["extra"]  # empty in checkpoints of the first train.py: start those afresh
-        if extra.get("scaler"):  # empty when saved without fp16 scaling (CPU, bf16)
-            scaler.load_state_dict(extra["scaler"])
-        state = Progress(checkpoint["step"], checkpoint["best_val_loss"], extra.get("train_seconds", 0.0),
-                         extra.get("evaluated", True))
+    state = RunState() if checkpoint is None else resume_from(checkpoint, model, optimizer, scaler)
 
     log = (tqdm.write if progress else print) if ddp.is_main else (lambda message: None)
     batches = Batches(splits["train"], cfg, ddp, micro_batch)
-    model: torch.nn.Module = raw_model
+    eval_model: torch.nn.Module = model
     if tc.compile:
         def trial(compiled: torch.nn.Module) -> None:
             with precision.autocast():
                 _, loss = compiled(*to_device(batches.at(state.step)[0], device))
             loss.backward()
-            raw_model.zero_grad(set_to_none=True)
-        model = compile_model(raw_model, trial, log)
-    train_model = model
+            model.zero_grad(set_to_none=True)
+        eval_model = compile_model(model, trial, log)
+    train_model = eval_model
     if ddp.enabled:
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        train_model = DistributedDataParallel(eval_model, device_ids=[device.index] if device.type == "cuda" else None)
 
     out_dir = Path(tc.out_dir)
-    metrics_path = out_dir / "metrics.jsonl"
     if ddp.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out_dir)
         if checkpoint is None:
             clear_earlier_run(out_dir)
-        start_metrics(metrics_path, state.step if checkpoint is not None else None)
+        start_metrics(out_dir / "metrics.jsonl", state.step if checkpoint is not None else None)
 
-    tokens_per_step = tc.batch_size * cfg.model.block_size
-    flops_token = flops_per_token(cfg.model, raw_model.num_params())
     peak, peak_source = peak_flops(device, tc.peak_tflops)
+    run = Run(cfg, ddp, device, precision, model, train_model, eval_model, optimizer, scaler, splits, batches,
+              micro_batch, meta["tokenizer"], out_dir, log, flops_per_token(cfg.model, model.num_params()), peak,
+              time.perf_counter(),
+              token_byte_lengths(tokenizer_from_state(meta["tokenizer"]), cfg.model.vocab_size).to(device))
     log(
-        f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {cfg.model.n_layer} layers, {cfg.model.n_head} "
+        f"model: {model.num_params() / 1e6:.2f}M parameters, {cfg.model.n_layer} layers, {cfg.model.n_head} "
         f"heads, width {cfg.model.n_embd}, context {cfg.model.block_size}, vocab {cfg.model.vocab_size}, "
         f"{cfg.model.position} positions, {cfg.model.norm} | data: {len(splits['train']):,} train / "
         f"{len(splits['val']):,} val tokens"
     )
     log(
-        f"batch: {tc.batch_size} x {cfg.model.block_size} = {tokens_per_step:,} tokens per step = {ddp.world_size} "
-        f"process(es) x {micro_steps} micro-step(s) x {micro_batch} sequences | device {device} "
+        f"batch: {tc.batch_size} x {cfg.model.block_size} = {run.tokens_per_step:,} tokens per step = "
+        f"{ddp.world_size} process(es) x {micro_steps} micro-step(s) x {micro_batch} sequences | device {device} "
         f"({str(precision.dtype).removeprefix('torch.')}) | MFU against {peak_source}, "
-        f"{flops_token / 1e6:.1f} MFLOP per token"
+        f"{run.flops_per_token / 1e6:.1f} MFLOP per token"
     )
     if checkpoint is not None:
         log(f"resumed from step {state.step} (best val loss {state.best_val:.4f})")
+    return run, state
 
-    def save(name: str) -> None:
-        if ddp.is_main:
-            save_checkpoint(
-                out_dir / name, model=raw_model, optimizer=optimizer, config=cfg.to_dict(),
-                tokenizer=meta["tokenizer"], step=state.step, best_val_loss=state.best_val,
-                extra={"scaler": scaler.state_dict(), "train_seconds": state.train_seconds,
-                       "evaluated": state.evaluated},
-            )
 
-    def mfu(tokens_per_s: float) -> float | None:
-        return flops_token * tokens_per_s / (peak * ddp.world_size) if peak else None
+def resume_from(checkpoint: dict, model: GPT, optimizer: Optimizers,
+                scaler: torch.amp.GradScaler) -> RunState:
+    """Load a checkpoint's weights, optimiser and scaler state; where its run stood."""
+    if checkpoint["optimizer"] is None:
+        raise UserError("cannot resume: the checkpoint has no optimizer state (an export for sampling)")
+    extra = checkpoint["extra"]
+    missing = [key for key in RESUME_EXTRA if key not in extra]
+    if missing:
+        raise UserError(f"cannot resume: the checkpoint lacks what train.py saves to go on ({', '.join(missing)})")
+    model.load_state_dict(checkpoint["model"])
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise UserError(f"cannot resume: the checkpoint's optimizer state does not fit the model ({error})") from None
+    if extra["scaler"]:  # empty when saved without fp16 scaling (CPU, bf16)
+        scaler.load_state_dict(extra["scaler"])
+    return RunState(checkpoint["step"], checkpoint["best_val_loss"], extra["train_seconds"], extra["evaluated"])
 
-    def time_fraction() -> float | None:
-        return state.train_seconds / tc.max_seconds if tc.max_seconds else None
 
-    started = time.perf_counter()
+def time_fraction(tc: TrainConfig, state: RunState) -> float | None:
+    """The share of a time budget spent (None without one): where its LR schedule stands."""
+    return state.train_seconds / tc.max_seconds if tc.max_seconds else None
 
-    def evaluate_and_save(window: Window) -> dict[str, float]:
-        losses = estimate_loss(model, splits, cfg, micro_batch, ddp, device, precision, byte_lengths)
-        window_loss = ddp.sum(torch.tensor(window.loss, dtype=torch.float64, device=device)).item() / ddp.world_size
-        tokens_per_s = window.steps * tokens_per_step / window.seconds if window.steps else None
-        record = {
-            "step": state.step, "lr": learning_rate_at(state.step, tc, time_fraction()),
-            "train_loss": losses["train"], "val_loss": losses["val"], "val_bpb": losses["val_bpb"],
-            "loss": window_loss / window.steps if window.steps else None,
-            "grad_norm": window.grad_norm / window.steps if window.steps else None,
-            "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s) if tokens_per_s else None,
-            "train_seconds": state.train_seconds, "elapsed_s": time.perf_counter() - started,
-        }
-        state.evaluated = True
-        if ddp.is_main:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-        log(f"step {state.step:>6}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
+
+def mfu(run: Run, tokens_per_s: float) -> float | None:
+    """Model FLOPs utilisation: model FLOP/s over the peak of every device in the run."""
+    return run.flops_per_token * tokens_per_s / (run.peak_flops * run.ddp.world_size) if run.peak_flops else None
+
+
+def save(run: Run, state: RunState, name: str) -> None:
+    """Write ``out_dir/name`` (rank 0 only): weights, optimiser, config, tokenizer, run state."""
+    if run.ddp.is_main:
+        save_checkpoint(
+            run.out_dir / name, model=run.model, optimizer=run.optimizer, config=run.cfg.to_dict(),
+            tokenizer=run.tokenizer, step=state.step, best_val_loss=state.best_val,
+            extra={"scaler": run.scaler.state_dict(), "train_seconds": state.train_seconds,
+                   "evaluated": state.evaluated},
+        )
+
+
+def evaluate_and_save(run: Run, state: RunState, tally: Tally) -> dict[str, float]:
+    """Measure train and val loss, append a metrics line (with the tally of the steps
+    since the last one), save last.pt and, when val improved, best.pt as a copy of it."""
+    tc, ddp = run.cfg.train, run.ddp
+    losses = estimate_loss(run.eval_model, run.splits, run.cfg, run.micro_batch, ddp, run.device, run.precision,
+                           run.byte_lengths)
+    tally_loss = ddp.sum(torch.tensor(tally.loss, dtype=torch.float64, device=run.device)).item() / ddp.world_size
+    tokens_per_s = tally.steps * run.tokens_per_step / tally.seconds if tally.steps else None
+    record = {
+        "step": state.step, "lr": learning_rate_at(state.step, tc, time_fraction(tc, state)),
+        "train_loss": losses["train"], "val_loss": losses["val"], "val_bpb": losses["val_bpb"],
+        "loss": tally_loss / tally.steps if tally.steps else None,
+        "grad_norm": tally.grad_norm / tally.steps if tally.steps else None,
+        "tokens_per_s": tokens_per_s, "mfu": mfu(run, tokens_per_s) if tokens_per_s else None,
+        "train_seconds": state.train_seconds, "elapsed_s": time.perf_counter() - run.started,
+    }
+    state.evaluated = True
+    if ddp.is_main:
+        with (run.out_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+    run.log(f"step {state.step:>6}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
             f"({losses['val_bpb']:.4f} bits per byte)")
-        if state.step > 0:
-            improved = losses["val"] < state.best_val
-            state.best_val = min(state.best_val, losses["val"])
-            save("last.pt")
-            if improved and ddp.is_main:
-                copy_checkpoint(out_dir / "last.pt", out_dir / "best.pt")
-        return losses
+    if state.step > 0:
+        improved = losses["val"] < state.best_val
+        state.best_val = min(state.best_val, losses["val"])
+        save(run, state, "last.pt")
+        if improved and ddp.is_main:
+            copy_checkpoint(run.out_dir / "last.pt", run.out_dir / "best.pt")
+    return losses
 
-    bar = tqdm(total=None if tc.max_seconds else tc.max_iters, initial=state.step, desc="train", unit="step",
-               disable=not progress, dynamic_ncols=True)
-    losses: dict[str, float] = {}
-    window = Window()
-    with StopSignals() as signals:
-        while True:
-            finished = state.step >= tc.max_iters or (tc.max_seconds > 0 and state.train_seconds >= tc.max_seconds)
-            if (finished or state.step % tc.eval_interval == 0) and not state.evaluated:
-                losses = evaluate_and_save(window)
-                window = Window()
-            if finished:
-                break
 
-            step_started = time.perf_counter()
-            lr = learning_rate_at(state.step, tc, time_fraction())
-            optimizer.set_lr_factor(lr / tc.learning_rate)  # every optimiser's peak follows the schedule
-            torch.manual_seed(stream_seed(tc.seed, DROPOUT_STREAM, state.step, ddp.rank))
-            loss, grad_norm = train_step(train_model, raw_model, optimizer, scaler, batches.at(state.step), tc,
-                                         device, precision)
-            seconds = time.perf_counter() - step_started
-            if not math.isfinite(loss) or (not math.isfinite(grad_norm) and not scaler.is_enabled()):
-                bar.close()
-                raise UserError(divergence_message(state.step, loss, grad_norm, lr, precision, out_dir))
-            window.add(loss, grad_norm, seconds)
-            # Every process must stop after the same step and follow the same clock.
-            interrupted, state.train_seconds = ddp.agree_max(
-                [float(signals.received is not None), state.train_seconds + seconds], device
-            )
-            state.step += 1
-            state.evaluated = False
-            rate = window.steps * tokens_per_step / window.seconds
-            utilisation = mfu(rate)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", val_bpb=f"{losses['val_bpb']:.3f}" if losses else "-",
-                            lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}",
-                            mfu=f"{utilisation:.1%}" if utilisation else "-", refresh=False)
-            if interrupted:
-                save("last.pt")
-                bar.close()
-                log(f"stopped by {signals.received or 'a signal to another process'} after step {state.step}: "
-                    f"saved {out_dir / 'last.pt'}; continue with --resume")
-                return result(cfg, state, losses, raw_model, interrupted=signals.received or "signal")
-    bar.close()
-    log(f"done at step {state.step}: best val loss {state.best_val:.4f} in {out_dir / 'best.pt'}, "
-        f"latest in {out_dir / 'last.pt'}")
-    return result(cfg, state, losses, raw_model, interrupted=None)
+def show_step(bar: tqdm, run: Run, tally: Tally, loss: float, lr: float, val_bpb: float | None) -> None:
+    """The progress bar's step: loss, learning rate, speed and MFU since the last metrics line."""
+    rate = tally.steps * run.tokens_per_step / tally.seconds
+    utilisation = mfu(run, rate)
+    bar.update(1)
+    bar.set_postfix(loss=f"{loss:.3f}", val_bpb=f"{val_bpb:.3f}" if val_bpb is not None else "-",
+                    lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}",
+                    mfu=f"{utilisation:.1%}" if utilisation else "-", refresh=False)
 
 
 def divergence_message(step: int, loss: float, grad_norm: float, lr: float, precision: Precision,
@@ -472,12 +600,10 @@ def divergence_message(step: int, loss: float, grad_norm: float, lr: float, prec
             f"{checkpoint}")
 
 
-def result(cfg: Config, state: Progress, losses: dict, model: GPT, interrupted: str | None) -> dict[str, Any]:
-    return {
-        "train_loss": losses.get("train"), "val_loss": losses.get("val"), "val_bpb": losses.get("val_bpb"),
-        "best_val_loss": state.best_val,
-        "step": state.step, "interrupted": interrupted, "out_dir": cfg.train.out_dir, "model": model,
-    }
+def result(run: Run, state: RunState, losses: dict[str, float], interrupted: str | None) -> Result:
+    return Result(state.step, losses.get("train"), losses.get("val"), losses.get("val_bpb"), state.best_val,
+                  interrupted,
+                  run.cfg.train.out_dir, run.model.num_params(), str(run.device))
 
 
 def start_metrics(path: Path, resumed_step: int | None) -> None:
@@ -580,6 +706,8 @@ def run(args: argparse.Namespace) -> None:
         cfg = load_config(args.config, overrides)
         if not args.overwrite:
             check_fresh_out_dir(Path(cfg.train.out_dir))
+    if cfg.train.init_from and (args.config is not None or not args.resume):  # a resumed config has the shape
+        cfg = adopt_init_shape(cfg, given_keys(args.config, overrides))
     train(cfg, progress=not args.no_progress, checkpoint=checkpoint)
 
 

@@ -1,6 +1,8 @@
-"""Sampling speed: the KV cache against full recomputation, inside and past the window.
+"""Sampling speed: the KV cache against full recomputation, and our token loop against
+Hugging Face transformers' generate() on the same weights.
 
     python bench/sample_speed.py [--vocab 65] [--repeats 3] [--device cpu] [--out bench/results/sample_speed.json]
+        [--hf-python /work/venv-hf/bin/python] [--hf-vocabs 65,50304]
 
 A GPT of 6 layers, 6 heads, width 384 and block_size 256 with random weights (speed
 does not depend on what the weights say), batch 1, fp32. It measures, in one run:
@@ -13,6 +15,12 @@ does not depend on what the weights say), batch 1, fp32. It measures, in one run
   holds that many tokens, with the cache (one decode step) and without (one forward
   pass over the whole context).
 
+* tokens/s of our token loop and of transformers' ``GPT2LMHeadModel.generate()`` with
+  its KV cache, built from the same weights (bench/hf_side.py, run by --hf-python, a
+  separate venv with transformers: it is never a dependency of the project), 255 new
+  tokens, plain sampling, for each vocabulary of --hf-vocabs; the two sides alternate,
+  one run each per repeat. Without that Python the comparison is skipped with a note.
+
 Figures are medians over --repeats runs. The machine is shared: compare numbers from
 the same run only.
 """
@@ -23,7 +31,10 @@ import argparse
 import json
 import platform
 import statistics
+import subprocess
+import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -34,19 +45,20 @@ from model.gpt import GPT
 from model.strategy import DecodingSpec
 
 ROOT = Path(__file__).resolve().parents[1]
+SHAPE = dict(block_size=256, n_layer=6, n_head=6, n_embd=384)
+TINY = dict(block_size=32, n_layer=2, n_head=2, n_embd=32)  # --tiny: a smoke run of every code path
 
 
-def build_model(vocab_size: int, device: str) -> GPT:
+def build_model(vocab_size: int, device: str, shape: dict = SHAPE) -> GPT:
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=vocab_size, block_size=256, n_layer=6, n_head=6, n_embd=384)
-    return GPT(cfg).to(device).eval()
+    return GPT(ModelConfig(vocab_size=vocab_size, dropout=0.0, **shape)).to(device).eval()
 
 
-def tokens_per_second(model, new_tokens: int, window: str, repeats: int) -> float:
+def tokens_per_second(model, new_tokens: int, window: str, repeats: int, first_seed: int = 0) -> float:
     """The token loop (model, strategy, sampling), without stopping at end-of-text:
     random weights would end samples at random lengths."""
     rates = []
-    for repeat in range(repeats):
+    for repeat in range(first_seed, first_seed + repeats):
         started = time.perf_counter()
         steps = sum(1 for _ in decode_steps(model, [[0]], DecodingSpec(), new_tokens, [repeat], window=window))
         rates.append(steps / (time.perf_counter() - started))
@@ -68,27 +80,89 @@ def ms_per_token(model, context_length: int, cached: bool, repeats: int) -> floa
     return 1000 * statistics.median(times)
 
 
+class HuggingFaceSide:
+    """bench/hf_side.py in its own venv, holding a GPT2LMHeadModel with our model's weights."""
+
+    def __init__(self, python: str, model: GPT, folder: Path):
+        weights = folder / f"weights_{model.config.vocab_size}.pt"
+        probe = torch.randint(model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            logits = model(probe)[0]
+        torch.save({"config": asdict(model.config), "state_dict": model.state_dict(), "probe": probe,
+                    "logits": logits}, weights)
+        self.process = subprocess.Popen([python, str(ROOT / "bench" / "hf_side.py"), str(weights)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        ready = self.process.stdout.readline().split()
+        if ready[:1] != ["ready"]:
+            raise SystemExit(f"bench/hf_side.py did not start under {python}")
+        self.logit_difference = float(ready[1])  # the same weights give the same logits
+
+    def tokens_per_second(self, new_tokens: int, seed: int) -> float:
+        self.process.stdin.write(f"{new_tokens} {seed} {torch.get_num_threads()}\n")
+        self.process.stdin.flush()
+        return float(self.process.stdout.readline())
+
+    def close(self) -> None:
+        self.process.stdin.write("\n")
+        self.process.stdin.close()
+        self.process.wait()
+
+
+def compare_with_transformers(python: str, vocabs: list[int], shape: dict, new_tokens: int, repeats: int) -> dict:
+    """Our token loop and transformers' generate(), alternating, one run each per repeat."""
+    results = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for vocab in vocabs:
+            model = build_model(vocab, "cpu", shape)
+            hf = HuggingFaceSide(python, model, Path(folder))
+            try:
+                tokens_per_second(model, 8, "exact", 1)  # warm up both
+                hf.tokens_per_second(8, 0)
+                ours, theirs = [], []
+                for repeat in range(repeats):
+                    ours.append(tokens_per_second(model, new_tokens, "exact", 1, first_seed=repeat))
+                    theirs.append(hf.tokens_per_second(new_tokens, repeat))
+            finally:
+                hf.close()
+            results[vocab] = {"ours": statistics.median(ours), "transformers": statistics.median(theirs),
+                              "runs": {"ours": ours, "transformers": theirs},
+                              "max_abs_logit_difference": hf.logit_difference}
+            row = results[vocab]
+            print(f"vocab {vocab}: ours {row['ours']:.0f} tokens/s, transformers {row['transformers']:.0f} "
+                  f"({row['ours'] / row['transformers']:.2f}x; same weights: logits differ by at most "
+                  f"{hf.logit_difference:.2g})", flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vocab", type=int, default=65, help="vocabulary size (65: tinyshakespeare's characters)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per figure; the median is reported")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--hf-python", default="/work/venv-hf/bin/python", help="a Python with transformers for "
+                        "the comparison with its generate(); skipped with a note when it does not exist")
+    parser.add_argument("--hf-vocabs", default="65,50304", help="vocabulary sizes of the comparison, comma-separated")
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer width-32 model with block 32 and few "
+                        "tokens: a smoke run of every measurement, not a measurement")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "sample_speed.json")
     args = parser.parse_args()
+    shape = TINY if args.tiny else SHAPE
+    block = shape["block_size"]
+    inside, past = block - 1, 2 * block - 12  # 255 and 500 for block 256
 
-    model = build_model(args.vocab, args.device)
+    model = build_model(args.vocab, args.device, shape)
     tokens_per_second(model, 20, "exact", 1)  # warm up
 
     throughput = {}
-    for new_tokens in (255, 500):
+    for new_tokens in (inside, past):
         for window in ("exact", "shift", "none"):
-            if new_tokens == 255 and window == "shift":
+            if new_tokens == inside and window == "shift":
                 continue  # inside the window, shift and exact run the same steps
             rate = tokens_per_second(model, new_tokens, window, args.repeats)
             throughput[f"{new_tokens}_{window}"] = rate
             print(f"{new_tokens} tokens, window={window:<5}: {rate:8.1f} tokens/s", flush=True)
     latency = {}
-    for length in (16, 128, 256):
+    for length in (block // 16, block // 2, block):
         latency[length] = {
             "cache": ms_per_token(model, length, True, args.repeats),
             "none": ms_per_token(model, length, False, args.repeats),
@@ -96,24 +170,38 @@ def main() -> None:
         print(f"context {length:>3}: {latency[length]['cache']:6.2f} ms/token with the cache, "
               f"{latency[length]['none']:6.2f} without", flush=True)
 
+    versus = None
+    if args.device != "cpu":
+        print("\n(the comparison with transformers runs on the CPU only)")
+    elif not Path(args.hf_python).exists():
+        print(f"\nskipped the comparison with transformers: {args.hf_python} does not exist (make a venv with "
+              "torch and transformers there, or name one with --hf-python)")
+    else:
+        print()
+        vocabs = [int(v) for v in args.hf_vocabs.split(",")]
+        versus = compare_with_transformers(args.hf_python, vocabs, shape, inside, args.repeats)
+
     print("\n| measure | KV cache | no cache (recompute) | speed-up |\n|---|---|---|---|")
-    print(f"| tokens/s, 255 new tokens (inside the window) | {throughput['255_exact']:.0f} | "
-          f"{throughput['255_none']:.0f} | {throughput['255_exact'] / throughput['255_none']:.1f}x |")
-    print(f"| tokens/s, 500 new tokens, exact window | {throughput['500_exact']:.0f} | "
-          f"{throughput['500_none']:.0f} | {throughput['500_exact'] / throughput['500_none']:.1f}x |")
-    print(f"| tokens/s, 500 new tokens, shift window | {throughput['500_shift']:.0f} | "
-          f"{throughput['500_none']:.0f} | {throughput['500_shift'] / throughput['500_none']:.1f}x |")
+    for new_tokens, what in ((inside, "(inside the window)"), (past, "exact window"), (past, "shift window")):
+        cached = throughput[f"{new_tokens}_{'shift' if 'shift' in what else 'exact'}"]
+        plain = throughput[f"{new_tokens}_none"]
+        print(f"| tokens/s, {new_tokens} new tokens {what} | {cached:.0f} | {plain:.0f} | {cached / plain:.1f}x |")
     for length, row in latency.items():
         print(f"| ms/token at context {length} | {row['cache']:.2f} | {row['none']:.2f} | "
               f"{row['none'] / row['cache']:.1f}x |")
+    if versus:
+        print(f"\n| vocabulary | ours, tokens/s | transformers generate(), tokens/s | ours / transformers |\n"
+              f"|---|---|---|---|")
+        for vocab, row in versus.items():
+            print(f"| {vocab:,} | {row['ours']:.0f} | {row['transformers']:.0f} | "
+                  f"{row['ours'] / row['transformers']:.2f}x |")
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "model": {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256, "vocab_size": args.vocab},
-        "batch_size": 1, "dtype": "float32", "strategy": "sample (t=1)", "device": args.device,
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.processor() or
-        platform.machine(), "repeats": args.repeats,
-        "tokens_per_s": throughput, "ms_per_token": latency,
+        "model": {**shape, "vocab_size": args.vocab}, "batch_size": 1, "dtype": "float32",
+        "strategy": "sample (t=1)", "device": args.device, "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "machine": platform.processor() or platform.machine(), "repeats": args.repeats,
+        "tokens_per_s": throughput, "ms_per_token": latency, "versus_transformers": versus,
     }, indent=2) + "\n")
     print(f"\nwrote {args.out}")
 

@@ -70,12 +70,12 @@ def run_case(name: str, device: str, steps: int, window: int, compile_model: boo
     windows = [r for r in records[2:] if r["tokens_per_s"]]  # records[0]: step 0; records[1]: warm-up window
     tokens_per_s = statistics.median(r["tokens_per_s"] for r in windows)
     mfus = [r["mfu"] for r in windows if r["mfu"] is not None]
-    on_cuda = next(result["model"].parameters()).is_cuda
+    on_cuda = result.device.startswith("cuda")
     peak_bytes = torch.cuda.max_memory_allocated() if on_cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     tokens_per_step = shape["batch_size"] * shape["block_size"]
     return {
         "case": name, **shape, "device": "cuda" if on_cuda else "cpu", "threads": torch.get_num_threads(),
-        "compile": compile_model, "params_M": round(result["model"].num_params() / 1e6, 3),
+        "compile": compile_model, "params_M": round(result.num_params / 1e6, 3),
         "tokens_per_s": round(tokens_per_s), "ms_per_step": round(1000 * tokens_per_step / tokens_per_s, 2),
         "mfu": round(statistics.median(mfus), 4) if mfus else None,
         "peak_memory_MiB": round(peak_bytes / 2**20, 1), "measured_steps": len(windows) * window,

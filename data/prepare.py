@@ -138,8 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="text files, directories (read recursively) or glob patterns; "
                         "default: Python's documentation topics (pydoc_data.topics)")
     parser.add_argument("--tokenizer", default="char",
-                        help="char (one token per character), bpe (byte-level BPE trained here) or "
-                        "tiktoken:NAME (a named tiktoken encoding such as tiktoken:gpt2); default: char")
+                        help="char (one token per character), bpe (byte-level BPE trained here), "
+                        "gpt2:FOLDER (GPT-2's tokenizer from a Hugging Face folder's vocab.json and merges.txt, "
+                        "to fine-tune that model) or tiktoken:NAME (a named tiktoken encoding such as "
+                        "tiktoken:gpt2); default: char")
     parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
                         help=f"target vocabulary for --tokenizer bpe, end-of-text token included "
                         f"(default {DEFAULT_VOCAB_SIZE})")

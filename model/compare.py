@@ -61,7 +61,7 @@ from tqdm import tqdm
 from model import metrics
 from model.data import open_split, read_meta
 from model.errors import UserError
-from model.generate import Context, Sample, TextStream, encode_prompt, generate
+from model.generate import Context, Sample, encode_prompt, finished_sample, generate
 from model.gpt import GPT
 from model.strategy import DecodingSpec, parse_strategy_with_defaults
 from model.score import bits_per_byte, token_byte_lengths
@@ -163,26 +163,6 @@ def val_prompts(
     prompts = [[int(t) for t in tokens[p : p + prompt_tokens]] for p in starts]
     human = [[int(t) for t in tokens[p + prompt_tokens : p + prompt_tokens + max_new_tokens]] for p in starts]
     return prompts, human, starts
-
-
-def end_continuation(tokens: Sequence[int], tokenizer: Tokenizer, stop: Sequence[str], prompt_index: int) -> Sample:
-    """The true continuation as a Sample, ended by generate's rule: at the end-of-text token
-    (kept as its last token), at a stop string (text cut before it), or at its last token.
-    Log-probabilities are filled in later by `score_continuations`."""
-    sample = Sample(prompt_index, 0)
-    stream = TextStream(tokenizer, stop)
-    for token in tokens:
-        sample.tokens.append(int(token))
-        if token == tokenizer.eot_id:
-            sample.finish = "eot"
-            break
-        stream.feed(int(token))
-        if stream.stopped:
-            sample.finish = "stop"
-            break
-    stream.finish()
-    sample.text = stream.text
-    return sample
 
 
 @torch.no_grad()
@@ -329,11 +309,11 @@ def run_comparison(
 ) -> Comparison:
     """Continue every prompt with every strategy of ``grid`` and measure each (one row each).
 
-    A prompt is a text or token ids (see `encode_prompt`). ``human[p]``, if given, are the true next tokens after prompt p (at most
-    ``max_new_tokens`` of them are used); they make the first row. Sample s of prompt p
-    uses seed ``seed + p * num_samples + s`` in every stochastic strategy, so all
-    strategies see the same prompts and seeds. See the module docstring for what is
-    measured how.
+    A prompt is a text or token ids (see `encode_prompt`). ``human[p]``, if given, are the
+    true next tokens after prompt p (at most ``max_new_tokens`` of them are used); they
+    make the first row. Sample s of prompt p uses seed ``seed + p * num_samples + s`` in
+    every stochastic strategy, so all strategies see the same prompts and seeds. See the
+    module docstring for what is measured how.
     """
     if units not in UNITS:
         raise UserError(f"units must be one of {', '.join(UNITS)}, got {units!r}")
@@ -369,7 +349,7 @@ def _generate(model, tokenizer, prompts, spec, num_samples, max_new_tokens, seed
 
 
 def _human_run(model, tokenizer, prompts, human, max_new_tokens, stop, window) -> Run:
-    samples = [end_continuation(list(h)[:max_new_tokens], tokenizer, stop, p) for p, h in enumerate(human)]
+    samples = [finished_sample(list(h)[:max_new_tokens], tokenizer, stop, p) for p, h in enumerate(human)]
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     scores = score_continuations(model, encoded, [s.tokens for s in samples], window=window,
                                  valid_vocab=tokenizer.vocab_size)

@@ -23,6 +23,9 @@ from typing import Any
 from model.errors import UserError
 
 
+ACTIVATIONS = ("gelu", "gelu_tanh")
+
+
 @dataclass
 class ModelConfig:
     """The shape of the GPT (see model/gpt.py)."""
@@ -38,6 +41,8 @@ class ModelConfig:
     attention: str = "sdpa"  # "sdpa" (fused kernel) or "explicit" (scores, mask, softmax, sum)
     position: str = "learned"  # "learned" absolute embeddings (GPT-2) or "rope" (rotary, in attention)
     norm: str = "layernorm"  # "layernorm" (GPT-2) or "rmsnorm" (scale only, no centring, no bias)
+    norm_eps: float = 1e-5  # added to the variance in every norm (GPT-2's config.json: layer_norm_epsilon)
+    activation: str = "gelu"  # the MLP's: "gelu" (exact, erf) or "gelu_tanh" (the tanh approximation, GPT-2's gelu_new)
 
     def validate(self) -> None:
         for name in ("block_size", "n_layer", "n_head", "n_embd", "vocab_multiple"):
@@ -57,6 +62,11 @@ class ModelConfig:
             f"model.position must be 'learned' or 'rope', got {self.position!r}",
         )
         _require(self.norm in ("layernorm", "rmsnorm"), f"model.norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
+        _require(0 < self.norm_eps < 1, f"model.norm_eps must be in (0, 1), got {self.norm_eps}")
+        _require(
+            self.activation in ACTIVATIONS,
+            f"model.activation must be one of {', '.join(map(repr, ACTIVATIONS))}, got {self.activation!r}",
+        )
         _require(
             self.position != "rope" or (self.n_embd // self.n_head) % 2 == 0,
             f"model.position 'rope' rotates pairs of features: the head size n_embd / n_head "
@@ -99,6 +109,7 @@ class TrainConfig:
     eval_iters: int = 20  # batches (of batch_size sequences) per split in one evaluation
     compile: bool = False  # torch.compile the model (falls back to plain PyTorch if it cannot)
     peak_tflops: float = 0.0  # one device's peak, for MFU; 0: a built-in estimate (see model/perf.py)
+    init_from: str = ""  # start from these weights: a Hugging Face GPT-2 folder or a checkpoint of this project
 
     def validate(self) -> None:
         for name in ("batch_size", "max_iters", "eval_interval", "eval_iters"):
@@ -196,6 +207,11 @@ def config_from_dict(tables: dict[str, dict[str, Any]], source: str = "config") 
             values[key] = _coerce(f"{section}.{key}", value, known[key].type)
         parts[section] = cls(**values)
     return Config(**parts).validate()
+
+
+def given_keys(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> set[str]:
+    """The ``section.key`` names a config file and overrides set explicitly (not left at a default)."""
+    return {f"{section}.{key}" for section, table in config_tables(path, overrides).items() for key in table}
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -1,8 +1,8 @@
 """The token loop: context -> logits -> decoding strategy -> next token -> append -> repeat.
 
-The prompt goes through the model once (prefill); each later step feeds only the new
-token, whose keys and values are appended to a preallocated KV cache, so a step costs
-O(context) instead of re-running the whole context.
+The prompt goes through the model once (``prefill``); each later step (``decode_step``)
+feeds only the new token, whose keys and values are appended to a preallocated KV
+cache, so a step costs O(context) instead of re-running the whole context.
 
 A model with learned absolute positions sees at most ``block_size`` tokens. Past that,
 the reference behaviour (``window="none"``, no cache) crops the context to its last
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import codecs
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -44,22 +45,23 @@ WINDOW_MODES = ("exact", "shift", "none")
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
 
 
-def use_decoding_layout(model: GPT) -> None:
-    """Store each CPU Linear weight in the memory order that makes one-token steps fast.
+def prefill(model: GPT, window: torch.Tensor, cache: KVCache | None, pad: torch.Tensor | None) -> torch.Tensor:
+    """Run a window of tokens (B, T) through the model in one pass: the phase that
+    reads a prompt, or restarts a window. An (empty) cache is filled with the keys and
+    values of all T positions. Returns the logits (B, V) of the token after the window;
+    the LM head runs on the last position only, as no other position's logits are needed."""
+    if cache is not None and cache.length:
+        raise ValueError("prefill starts from an empty cache")
+    return model(window, cache=cache, pad=pad, last_only=True)[0][:, -1]
 
-    A decode step multiplies one vector by every weight matrix, so its speed is the
-    speed of streaming the weights from memory. On the CPU, that matrix-vector product
-    runs about twice as fast when the matrix is contiguous along its longer side
-    (measured here, e.g. 137 vs 261 us for the 384 -> 1536 MLP weight). nn.Linear
-    keeps (out, in) row-major; for the layers that widen (out > in) this keeps the same
-    values and shape, as a transposed view of an (in, out) contiguous tensor. Values,
-    state_dict and results are unchanged; only the memory order is.
-    """
-    for module in model.modules():
-        if (isinstance(module, torch.nn.Linear) and module is not model.lm_head  # tied to the embedding
-                and module.weight.device.type == "cpu" and module.out_features > module.in_features
-                and module.weight.is_contiguous()):
-            module.weight.data = module.weight.data.t().contiguous().t()
+
+def decode_step(model: GPT, token: torch.Tensor, cache: KVCache, pad: torch.Tensor | None) -> torch.Tensor:
+    """Feed one new token per row (B, 1) after the cached positions: the phase that makes
+    each generated token. Attention reads the cached keys and values, the cache grows by
+    one position, and the step costs O(context). Returns the next token's logits (B, V)."""
+    if token.size(1) != 1:
+        raise ValueError(f"a decode step feeds one token per row, got {token.size(1)}")
+    return model(token, cache=cache, pad=pad, last_only=True)[0][:, -1]
 
 
 class Context:
@@ -67,8 +69,7 @@ class Context:
 
     Rows are left-padded to a common length; ``pad[b]`` counts row b's padding.
     ``window_start`` is the index in ``tokens`` of the first token the model sees.
-    On the CPU the model's weights are put in their decoding layout first (see
-    use_decoding_layout: the memory order changes, nothing else).
+    The model is only read, never changed.
     """
 
     def __init__(self, model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, window: str,
@@ -77,7 +78,6 @@ class Context:
             raise UserError(f"window must be one of {', '.join(WINDOW_MODES)}, got {window!r}")
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token (use the end-of-text token for 'nothing')")
-        use_decoding_layout(model)
         self.model = model
         self.window = window
         self.block_size = model.config.block_size
@@ -96,19 +96,26 @@ class Context:
         self.precision = Precision.for_device(device)
         self.cache = None
         if window != "none":
-            self.cache = KVCache(model.config, len(prompts), self.block_size, device, self.precision.dtype)
+            self.cache = KVCache(model.config, len(prompts), self.block_size, device, self._cache_dtype(model))
+
+    def _cache_dtype(self, model: GPT) -> torch.dtype:
+        """What attention's keys and values come out as: the autocast type, else the weights' type."""
+        if self.precision.dtype != torch.float32:
+            return self.precision.dtype
+        return next(model.parameters()).dtype
 
     @torch.no_grad()
     def next_logits(self) -> torch.Tensor:
         """Float32 logits (B, V) of the next token after everything appended so far."""
         if self.cache is None or self.length - self.window_start > self.block_size:
             self._slide()
-        start = self.window_start + (self.cache.length if self.cache is not None else 0)
-        new = self.tokens[:, start : self.length]
         pad = (self.pad - self.window_start).clamp(min=0) if self.padded else None
         with self.precision.autocast():
-            logits, _ = self.model(new, cache=self.cache, pad=pad, last_only=True)
-        logits = logits[:, -1, :].float()
+            if self.cache is None or self.cache.length == 0:
+                logits = prefill(self.model, self.tokens[:, self.window_start : self.length], self.cache, pad)
+            else:
+                logits = decode_step(self.model, self.tokens[:, self.length - 1 : self.length], self.cache, pad)
+        logits = logits.float()
         if self.valid_vocab is not None and self.valid_vocab < logits.size(-1):
             logits[:, self.valid_vocab :] = float("-inf")  # ids the tokenizer does not have (vocab padding)
         return logits
@@ -238,10 +245,11 @@ class TextStream:
         if self.stopped:
             return ""
         self.text += self._decoder.decode(self.tokenizer.token_bytes(token))
-        for stop in self.stop:
-            at = self.text.find(stop, max(0, self.emitted - len(stop) + 1))
-            if at != -1:
-                self.text, self.stopped = self.text[:at], True
+        # One token can complete several stop strings: the text ends before the earliest.
+        found = [self.text.find(stop, max(0, self.emitted - len(stop) + 1)) for stop in self.stop]
+        found = [at for at in found if at != -1]
+        if found:
+            self.text, self.stopped = self.text[: min(found)], True
         return self._emit(len(self.text) if self.stopped else len(self.text) - self._held_back())
 
     def finish(self) -> str:
@@ -338,6 +346,7 @@ def generate(
     if not 0 <= seed <= MAX_SEED - rows + 1:
         raise UserError(f"the seed must be in [0, {MAX_SEED - rows + 1}] (row r uses seed + r, at most {MAX_SEED}), "
                         f"got {seed}")
+    check_batch_fits(model, spec.num_beams if spec.is_beam else rows, max_new_tokens)  # beams: one prompt at a time
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     if spec.is_beam:
         if num_samples != 1:
@@ -374,6 +383,33 @@ def generate(
     return samples
 
 
+def check_batch_fits(model: GPT, rows: int, max_new_tokens: int) -> None:
+    """Refuse, before anything is allocated, a batch whose KV cache and token buffer
+    alone would not fit in the memory of the model's device (an absurd number of
+    samples would otherwise end in an allocator error, or in the machine swapping)."""
+    cfg = model.config
+    parameter = next(model.parameters())
+    cache = 2 * cfg.n_layer * cfg.block_size * cfg.n_embd * parameter.element_size()
+    tokens = 8 * (cfg.block_size + min(max_new_tokens, 1024))
+    needed, available = rows * (cache + tokens), _device_memory(parameter.device)
+    if available is not None and needed > available:
+        raise UserError(f"a batch of {rows:,} rows needs about {needed / 2**30:,.1f} GiB for its KV cache and "
+                        f"tokens, more than the {available / 2**30:,.1f} GiB of memory of the {parameter.device.type}; "
+                        "ask for fewer samples or prompts")
+
+
+def _device_memory(device: torch.device) -> int | None:
+    """Total memory of the device in bytes, or None where it is not known."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    if device.type == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, ValueError, OSError):  # not a POSIX system
+            return None
+    return None
+
+
 def _token_details(step: Step, raw: torch.Tensor, top: int, greedy: bool) -> list[TokenDetail]:
     tokens = step.tokens[:, None]
     if greedy:  # the argmax is chosen with probability 1: log 1 = 0 for it, log 0 for the rest
@@ -391,11 +427,13 @@ def _token_details(step: Step, raw: torch.Tensor, top: int, greedy: bool) -> lis
     ]
 
 
-def _take(sample: Sample, stream: TextStream, token: int, logprob: float, eot_id: int, on_text, row: int) -> None:
+def _take(sample: Sample, stream: TextStream, token: int, logprob: float | None, eot_id: int, on_text,
+          row: int) -> None:
     """Add one token to a sample and pass its printable text on; the end-of-text token or
     a stop string sets how the sample finished."""
     sample.tokens.append(token)
-    sample.logprobs.append(logprob)
+    if logprob is not None:
+        sample.logprobs.append(logprob)
     if token == eot_id:
         sample.finish = "eot"
         return
@@ -506,10 +544,19 @@ def _search_is_over(finished: list[Beam], live: list[Beam], n: int, max_new_toke
 
 
 def _finish_beam(beam: Beam, prompt_index: int, tokenizer: Tokenizer, stop, on_text, on_done) -> Sample:
+    return finished_sample(beam.tokens, tokenizer, stop, prompt_index, logprobs=beam.logprobs, on_text=on_text,
+                           on_done=on_done)
+
+
+def finished_sample(tokens: Sequence[int], tokenizer: Tokenizer, stop: Sequence[str] = (), prompt_index: int = 0,
+                    *, logprobs: Sequence[float] | None = None, on_text=None, on_done=None) -> Sample:
+    """The sample that ``tokens`` make, ended by the rule every sample of generate follows:
+    at the end-of-text token (kept as its last token), at a stop string (the text cut
+    before it), or after its last token. ``logprobs``, one per token, are recorded when given."""
     stream = TextStream(tokenizer, stop)
     sample = Sample(prompt_index, 0)
-    for token, logprob in zip(beam.tokens, beam.logprobs):
-        _take(sample, stream, token, logprob, tokenizer.eot_id, on_text, prompt_index)
+    for token, logprob in zip(tokens, logprobs if logprobs is not None else [None] * len(tokens)):
+        _take(sample, stream, int(token), logprob, tokenizer.eot_id, on_text, prompt_index)
         if sample.finish != "length":
             break
     _close(sample, stream, on_text, on_done, prompt_index)

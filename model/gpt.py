@@ -50,41 +50,6 @@ def causal_mask(T: int, S: int, device=None) -> torch.Tensor:
     return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
 
 
-class Linear(nn.Linear):
-    """nn.Linear, with a faster path for a few rows on a multi-core CPU (one-token decoding).
-
-    Multiplying one token's vector by a weight matrix is bound by reading the weights
-    from memory, and PyTorch's CPU kernel for it runs on one core. Split into column
-    blocks, one per thread, and computed as one batched product, every core streams
-    its share of the weights: about 1.5x faster for this model's shapes on the 2-core
-    machine here. The values are those of nn.Linear up to float rounding. With
-    gradients on (training), many rows, or off the CPU, it is plain nn.Linear.
-    """
-
-    MAX_ROWS = 16  # beyond this the ordinary matrix product already keeps every core busy
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parts = torch.get_num_threads()
-        if (parts > 1 and x.device.type == "cpu" and not torch.is_grad_enabled()
-                and x.numel() <= self.MAX_ROWS * self.in_features and self.out_features % parts == 0):
-            return self._blocked(x.reshape(-1, self.in_features), parts).view(*x.shape[:-1], self.out_features)
-        return super().forward(x)
-
-    def _blocked(self, rows: torch.Tensor, parts: int) -> torch.Tensor:
-        """rows (R, in) @ weight.T (+ bias) as ``parts`` column blocks, without copying the weight."""
-        out, inp, block = self.out_features, self.in_features, self.out_features // parts
-        if self.weight.stride(0) == 1:  # stored as (in, out): see generate.use_decoding_layout
-            blocks = self.weight.t().view(inp, parts, block).transpose(0, 1)  # (parts, in, block)
-        else:  # stored as (out, in)
-            blocks = self.weight.view(parts, block, inp).transpose(1, 2)  # (parts, in, block)
-        stacked = rows.expand(parts, *rows.shape)  # (parts, R, in), no copy
-        if self.bias is None:
-            y = torch.bmm(stacked, blocks)
-        else:
-            y = torch.baddbmm(self.bias.view(parts, 1, block), stacked, blocks)
-        return y.transpose(0, 1).reshape(rows.size(0), out)  # (R, out)
-
-
 ROPE_BASE = 10000.0  # wavelengths of the rotary pairs run from 2*pi to about 2*pi*ROPE_BASE positions
 
 
@@ -120,8 +85,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(cfg.n_embd, eps=1e-5)
-    return nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
 
 
 class KVCache:
@@ -170,8 +135,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head = cfg.n_head
         self.dropout = cfg.dropout
         self.use_sdpa = cfg.attention == "sdpa"
-        self.qkv = Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # queries, keys, values in one matmul
-        self.proj = Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # queries, keys, values in one matmul
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(
@@ -209,16 +174,21 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: widen 4x, GELU, project back."""
+    """Position-wise feed-forward: widen 4x, GELU, project back.
+
+    GELU is exact (x * Phi(x), with the error function) or, with activation "gelu_tanh",
+    the tanh approximation GPT-2 was trained with (its gelu_new); the two differ by up
+    to about 5e-4, enough to matter for matching GPT-2's logits."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.fc = Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.proj = Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"
+        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x))))
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):

@@ -1,9 +1,11 @@
 """Tokenizers: text <-> token ids.
 
-Three kinds, one interface (:class:`Tokenizer`):
+Four kinds, one interface (:class:`Tokenizer`):
 
     char              one token per distinct character of the training corpus
     bpe               byte-level BPE trained here (:func:`train_bpe`), run by tiktoken
+    gpt2:<folder>     GPT-2's byte-level BPE read from a Hugging Face folder's vocab.json
+                      and merges.txt (:class:`GPT2Tokenizer`), run by tiktoken
     tiktoken:<name>   a named tiktoken encoding (gpt2, cl100k_base, ...)
 
 Every tokenizer has one extra token, end-of-text (``eot_id``), that the data pipeline
@@ -49,6 +51,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 import heapq
 import os
 import tempfile
@@ -281,6 +284,109 @@ def _check_ranks(ranks: dict[bytes, int], source: str = "BPE ranks") -> None:
         raise UserError(
             f"{source}: all 256 single bytes must be tokens; missing {len(missing)}, e.g. byte {missing[0]}"
         )
+
+
+def _gpt2_byte_symbols() -> dict[str, int]:
+    """GPT-2's printable stand-in for each byte in vocab.json and merges.txt: the bytes
+    of '!'..'~', '\xa1'..'\xac' and '\xae'..'\xff' stand for themselves; the other 68
+    (space, controls, ...) get the characters 256, 257, ... in byte order (the
+    bytes_to_unicode table of GPT-2's encoder.py)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    symbols = {chr(b): b for b in printable}
+    others = [b for b in range(256) if b not in set(printable)]
+    symbols.update({chr(256 + n): b for n, b in enumerate(others)})
+    return symbols
+
+
+GPT2_VOCAB_FILE, GPT2_MERGES_FILE = "vocab.json", "merges.txt"
+
+
+class GPT2Tokenizer(BPETokenizer):
+    """GPT-2's own byte-level BPE (50,257 tokens, end-of-text 50256), run by tiktoken.
+
+    Built from a Hugging Face GPT-2 folder's ``vocab.json`` (token -> id) and
+    ``merges.txt`` (the merges in priority order), the same content as OpenAI's
+    ``encoder.json`` and ``vocab.bpe`` under other names. A GPT-2 token's id is its
+    merge rank: ids 0-255 are the single bytes (in GPT-2's order, not byte order) and
+    id 256 + i is what merge i makes, so tiktoken runs GPT-2's BPE from these ranks.
+    The split pattern is GPT-2's too (GPT2_SPLIT_PATTERN), so encodings equal
+    tiktoken's own gpt2 encoding. The state carries the ranks: a checkpoint of a
+    fine-tuned GPT-2 samples without the folder.
+    """
+
+    name = "gpt2"
+
+    @classmethod
+    def from_files(cls, vocab_path: str | os.PathLike[str], merges_path: str | os.PathLike[str]) -> GPT2Tokenizer:
+        """Read and cross-check vocab.json and merges.txt; every problem is a one-line UserError."""
+        vocab_path, merges_path = Path(vocab_path), Path(merges_path)
+        vocab = _read_json_object(vocab_path)
+        symbols = _gpt2_byte_symbols()
+
+        def to_bytes(token: str, source: Path) -> bytes:
+            try:
+                return bytes(symbols[c] for c in token)
+            except KeyError as unknown:
+                raise UserError(f"{source}: {token!r} has {unknown} that stands for no byte in GPT-2's "
+                                "encoding") from None
+
+        eot = vocab.pop(EOT_TEXT, None)
+        ranks = {to_bytes(token, vocab_path): rank for token, rank in vocab.items()}
+        if len(ranks) != len(vocab) or not all(isinstance(r, int) for r in ranks.values()):
+            raise UserError(f"{vocab_path}: ids must be integers, one token each")
+        _check_ranks(ranks, str(vocab_path))
+        if eot != len(ranks):
+            raise UserError(f"{vocab_path}: {EOT_TEXT} must have id {len(ranks)} (after the {len(ranks)} "
+                            f"other tokens), found {eot}")
+        token_at = {rank: token for token, rank in ranks.items()}
+        merges = _read_merges(merges_path)
+        if len(merges) != len(ranks) - 256:
+            raise UserError(f"{merges_path} has {len(merges):,} merges but {vocab_path} has {len(ranks):,} tokens: "
+                            f"{len(ranks) - 256:,} merges expected (the files are not from the same tokenizer)")
+        for i, (first, second) in enumerate(merges):
+            if to_bytes(first, merges_path) + to_bytes(second, merges_path) != token_at[256 + i]:
+                raise UserError(f"{merges_path}, merge {i + 1} ({first} {second}) does not make token "
+                                f"{256 + i} of {vocab_path}: the files are not from the same tokenizer")
+        return cls(ranks)
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike[str]) -> GPT2Tokenizer:
+        folder = Path(folder)
+        return cls.from_files(folder / GPT2_VOCAB_FILE, folder / GPT2_MERGES_FILE)
+
+    def state(self) -> dict[str, Any]:
+        return {"kind": "gpt2", "ranks": self.rank_file_text()}
+
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a JSON object (token -> id)")
+    return data
+
+
+def _read_merges(path: Path) -> list[tuple[str, str]]:
+    """The merges of merges.txt: one "first second" per line after the "#version" header."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise UserError(f"{path} not found") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 (byte offset {e.start})") from None
+    merges = []
+    for number, line in enumerate(lines, start=1):
+        if (number == 1 and line.startswith("#version")) or not line:
+            continue
+        parts = line.split(" ")
+        if len(parts) != 2:
+            raise UserError(f"{path}, line {number}: expected two tokens separated by a space, got {line!r}")
+        merges.append((parts[0], parts[1]))
+    return merges
 
 
 class TiktokenTokenizer(_TiktokenBacked):
@@ -518,7 +624,7 @@ def fit_tokenizer(
     vocab_size: int | None,
     progress: bool = False,
 ) -> Tokenizer:
-    """Build the tokenizer ``spec`` names: "char", "bpe" or "tiktoken:<encoding name>".
+    """Build the tokenizer ``spec`` names: "char", "bpe", "gpt2:<folder>" or "tiktoken:<encoding name>".
 
     ``chunks()`` returns a fresh iterable over the corpus text; char and bpe read it
     once, tiktoken not at all. ``vocab_size`` is required for bpe (at least
@@ -533,9 +639,12 @@ def fit_tokenizer(
         return BPETokenizer(train_bpe(chunks(), vocab_size, progress=progress))
     if spec.startswith("tiktoken:"):
         return TiktokenTokenizer(spec.removeprefix("tiktoken:"))
+    if spec.startswith("gpt2:"):
+        return GPT2Tokenizer.from_folder(spec.removeprefix("gpt2:"))
     names = ", ".join(tiktoken.list_encoding_names())
     raise UserError(
-        f"unknown tokenizer {spec!r}; use 'char', 'bpe' or 'tiktoken:<name>' with <name> one of {names}"
+        f"unknown tokenizer {spec!r}; use 'char', 'bpe', 'gpt2:<folder with vocab.json and merges.txt>' or "
+        f"'tiktoken:<name>' with <name> one of {names}"
     )
 
 
@@ -549,6 +658,8 @@ def tokenizer_from_state(state: dict[str, Any]) -> Tokenizer:
             return BPETokenizer.from_rank_file_text(state["ranks"], source="saved BPE ranks")
         if kind == "tiktoken":
             return TiktokenTokenizer(state["encoding"])
+        if kind == "gpt2":
+            return GPT2Tokenizer.from_rank_file_text(state["ranks"], source="saved GPT-2 ranks")
     except KeyError as missing:
         raise UserError(f"saved {kind} tokenizer state lacks {missing}") from None
-    raise UserError(f"saved tokenizer state has unknown kind {kind!r}; expected 'char', 'bpe' or 'tiktoken'")
+    raise UserError(f"saved tokenizer state has unknown kind {kind!r}; expected 'char', 'bpe', 'gpt2' or 'tiktoken'")

@@ -78,3 +78,13 @@ def tiny_checkpoint(tiny_dataset, tmp_path_factory) -> Path:
     ])
     train(cfg, progress=False)
     return out / "best.pt"
+
+
+@pytest.fixture
+def two_threads():
+    """torch on two threads for one test (the suite runs on one, above), then back: the
+    multi-core paths a user's machine takes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)

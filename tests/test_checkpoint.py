@@ -34,12 +34,9 @@ def test_compiled_model_checkpoint_loads_into_a_plain_one(tmp_path, tiny_model):
     compiled = torch.compile(tiny_model)  # wrapping alone renames every parameter "_orig_mod.*"
     assert all(k.startswith("_orig_mod.") for k in compiled.state_dict())
     save(tmp_path / "c.pt", compiled)
-    # and a file written by other code that kept the prefix loads too
-    torch.save({"format": FORMAT, "version": 1, "model": compiled.state_dict(), "config": CONFIG}, tmp_path / "raw.pt")
-    for name in ("c.pt", "raw.pt"):
-        loaded = model_from_checkpoint(load_checkpoint(tmp_path / name)).eval()
-        idx = torch.randint(37, (1, 8))
-        assert torch.equal(loaded(idx)[0], tiny_model(idx)[0])
+    loaded = model_from_checkpoint(load_checkpoint(tmp_path / "c.pt")).eval()
+    idx = torch.randint(37, (1, 8))
+    assert torch.equal(loaded(idx)[0], tiny_model(idx)[0])
 
 
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, tiny_model, monkeypatch):
@@ -96,5 +93,73 @@ def test_missing_truncated_and_foreign_files(tmp_path, tiny_model):
 
 def test_weights_load_into_the_right_shape(tmp_path):
     model = GPT(tiny_config(n_layer=1))
-    save_checkpoint(tmp_path / "c.pt", model=model, config={"model": vars(tiny_config(n_layer=1))}, tokenizer={})
+    save_checkpoint(tmp_path / "c.pt", model=model, config={"model": vars(tiny_config(n_layer=1))}, tokenizer=TOKENIZER)
     assert model_from_checkpoint(load_checkpoint(tmp_path / "c.pt")).config.n_layer == 1
+
+
+def spoil(payload: dict, damage: str) -> None:
+    """Damage a checkpoint's payload the way a hand-edited or foreign file would be."""
+    if damage.startswith("no "):
+        del payload[damage.removeprefix("no ")]
+    elif damage == "tokenizer None":
+        payload["tokenizer"] = None
+    elif damage == "unknown config key":
+        payload["config"]["model"]["n_layers"] = payload["config"]["model"].pop("n_layer")
+    elif damage == "config not matching weights":
+        payload["config"]["model"]["n_layer"] = 3
+    elif damage == "wider config":
+        payload["config"]["model"]["n_embd"] = 32
+    elif damage in ("nan", "inf"):
+        payload["model"]["blocks.1.mlp.fc.weight"][0, 0] = float(damage)
+
+
+DAMAGES = {  # damage -> what the one line must say
+    "no model": "is not a whole checkpoint: it lacks model",
+    "no config": "is not a whole checkpoint: it lacks config",
+    "no tokenizer": "is not a whole checkpoint: it lacks tokenizer",
+    "tokenizer None": "has no tokenizer state (its tokenizer is None)",
+    "unknown config key": "config: unknown key model.n_layers; did you mean 'n_layer'?",
+    "config not matching weights": "its config does not match its weights (missing blocks.2.ln_1.weight;",
+    "wider config": "its config does not match its weights (wte.weight is (37, 16), the config needs (37, 32);",
+    "nan": "has NaN or infinite weights (in blocks.1.mlp.fc.weight and maybe more)",
+    "inf": "has NaN or infinite weights (in blocks.1.mlp.fc.weight and maybe more)",
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_checkpoint_is_refused_on_load_naming_the_problem(damage, tmp_path, tiny_model):
+    path = tmp_path / "c.pt"
+    save(path, tiny_model)
+    payload = torch.load(path, weights_only=True)
+    spoil(payload, damage)
+    torch.save(payload, path)
+    with pytest.raises(UserError) as info:
+        load_checkpoint(path)
+    assert str(info.value).startswith(str(path)) and DAMAGES[damage] in str(info.value)
+
+
+def damaged_run_checkpoint(source, out, damage: str):
+    """A copy of a trained run's checkpoint as out/last.pt, damaged."""
+    payload = torch.load(source, weights_only=True)
+    if damage in ("nan", "inf"):
+        next(iter(payload["model"].values())).view(-1)[0] = float(damage)
+    else:
+        spoil(payload, damage)
+    out.mkdir()
+    torch.save(payload, out / "last.pt")
+    return out / "last.pt"
+
+
+@pytest.mark.parametrize("damage", ["no tokenizer", "tokenizer None", "unknown config key", "config not matching weights",
+                                    "nan"])
+def test_sample_and_resume_refuse_a_damaged_checkpoint_in_one_line(damage, tiny_checkpoint, tmp_path, capsys):
+    import sample
+    import train
+    from tests.test_cli import one_line_error
+
+    path = damaged_run_checkpoint(tiny_checkpoint, tmp_path / "run", damage)
+    expected = DAMAGES[damage].split(" (in ")[0] if damage == "nan" else DAMAGES[damage].split(" (missing")[0]
+    assert sample.main([str(path), "--max-new-tokens", "3", "--device", "cpu"]) == 2
+    assert expected in one_line_error(capsys.readouterr().err)
+    assert train.main(["--no-progress", "--resume", f"out_dir={tmp_path / 'run'}", "max_iters=70"]) == 2
+    assert expected in one_line_error(capsys.readouterr().err)

@@ -18,12 +18,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sample
+from model.generate import finished_sample
 from model import metrics
 from model.compare import (
     DEFAULT_GRID,
     ROW_FIELDS,
     draw_prompt_starts,
-    end_continuation,
     parse_grid,
     row_metrics,
     run_comparison,
@@ -131,12 +131,12 @@ def test_human_rows_are_the_validation_text_after_each_prompt(tiny_dataset):
 
 def test_a_continuation_ends_like_a_generated_sample():
     ids = CHARS.encode("ab c\nba")
-    at_eot = end_continuation(ids[:3] + [CHARS.eot_id] + ids[3:], CHARS, (), 0)
+    at_eot = finished_sample(ids[:3] + [CHARS.eot_id] + ids[3:], CHARS, (), 0)
     assert (at_eot.tokens, at_eot.text, at_eot.finish) == (ids[:3] + [CHARS.eot_id], "ab ", "eot")
-    at_stop = end_continuation(ids, CHARS, ["c\n"], 2)
+    at_stop = finished_sample(ids, CHARS, ["c\n"], 2)
     # The token that completes the stop string is kept, its text is not (as in generate).
     assert (at_stop.tokens, at_stop.text, at_stop.finish, at_stop.prompt_index) == (ids[:5], "ab ", "stop", 2)
-    whole = end_continuation(ids, CHARS, ["x"], 0)
+    whole = finished_sample(ids, CHARS, ["x"], 0)
     assert (whole.tokens, whole.text, whole.finish) == (ids, "ab c\nba", "length")
 
 

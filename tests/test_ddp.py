@@ -24,6 +24,7 @@ import torch
 import torch.multiprocessing as mp
 
 import train
+from model.checkpoint import load_checkpoint
 from model.config import load_config
 from tests.conftest import ROOT
 
@@ -57,8 +58,10 @@ def worker(rank: int, world_size: int, port: int, args: list[str], out: str) -> 
         return real_no_sync(self)
 
     torch.nn.parallel.DistributedDataParallel.no_sync = counting_no_sync
-    result = train.train(load_config(None, args), progress=False)
-    torch.save({"params": result["model"].state_dict(), "no_sync": len(no_sync_calls)}, f"{out}/rank{rank}.pt")
+    models, real_build_optimizers = [], train.build_optimizers  # every rank's model, to compare their weights
+    train.build_optimizers = lambda model, *more: models.append(model) or real_build_optimizers(model, *more)
+    train.train(load_config(None, args), progress=False)
+    torch.save({"params": models[0].state_dict(), "no_sync": len(no_sync_calls)}, f"{out}/rank{rank}.pt")
 
 
 def run_ddp(tmp_path, args: list[str], world_size: int = 2) -> list[dict]:
@@ -74,12 +77,13 @@ def records(out) -> list[dict]:
 @pytest.mark.parametrize("micro", [pytest.param(0, marks=pytest.mark.slow), 2])  # 0: 4 sequences at once per
 # process (slow suite only: the default one keeps the variant that also covers no_sync); 2: two micro-steps of 2
 def test_two_gloo_processes_match_one_process(micro, tiny_dataset, tmp_path):
-    single = train.train(load_config(None, overrides(tiny_dataset, tmp_path / "single")), progress=False)
+    train.train(load_config(None, overrides(tiny_dataset, tmp_path / "single")), progress=False)
+    single = load_checkpoint(tmp_path / "single" / "last.pt")["model"]
     ranks = run_ddp(tmp_path, overrides(tiny_dataset, tmp_path / "ddp", f"micro_batch_size={micro}"))
 
     for name, tensor in ranks[0]["params"].items():
         assert torch.equal(tensor, ranks[1]["params"][name]), f"ranks out of sync at {name}"
-    for name, tensor in single["model"].state_dict().items():
+    for name, tensor in single.items():
         torch.testing.assert_close(ranks[0]["params"][name], tensor, atol=1e-5, rtol=1e-4)
 
     one, two = records(tmp_path / "single"), records(tmp_path / "ddp")  # rank 0 alone wrote these

@@ -69,6 +69,6 @@ def test_training_reports_validation_bits_per_byte(tiny_dataset, tmp_path):
     result = train.train(train.load_config(None, run_args(tiny_dataset, tmp_path, "max_iters=2",
                                                            "eval_interval=2")[1:]), progress=False)
     last = records(tmp_path)[-1]
-    assert last["val_bpb"] == result["val_bpb"]
+    assert last["val_bpb"] == result.val_bpb
     # TINY_TEXT is ASCII, one byte a token but for the end-of-text token (none): a little above nats / ln 2
     assert last["val_loss"] / math.log(2) <= last["val_bpb"] < 1.02 * last["val_loss"] / math.log(2)

@@ -154,26 +154,3 @@ def test_rope_model_is_causal_and_both_attention_paths_agree(attention):
     other = GPT(tiny_config(position="rope", attention="explicit" if attention == "sdpa" else "sdpa")).eval()
     other.load_state_dict(model.state_dict())
     torch.testing.assert_close(other(idx)[0], model(idx)[0], atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("parts", [2, 3])
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("column_major", [False, True])
-def test_blocked_linear_equals_nn_linear(parts, bias, column_major):
-    from model.gpt import Linear
-
-    torch.manual_seed(7)
-    layer = Linear(24, 36, bias=bias)
-    if column_major:  # the decoding layout: same values, stored as (in, out)
-        layer.weight.data = layer.weight.data.t().contiguous().t()
-    x = torch.randn(3, 1, 24)
-    expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(parts)  # the blocked path splits the columns into one block per thread
-    try:
-        with torch.no_grad():
-            blocked = layer(x)
-    finally:
-        torch.set_num_threads(threads)
-    assert blocked.shape == (3, 1, 36)
-    torch.testing.assert_close(blocked, expected, atol=1e-6, rtol=1e-5)

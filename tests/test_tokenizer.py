@@ -412,7 +412,8 @@ def test_fit_tokenizer_builds_each_kind(corpus, monkeypatch):
 
 
 def test_fit_tokenizer_errors():
-    valid_forms = r"use 'char', 'bpe' or 'tiktoken:<name>' with <name> one of .*gpt2"
+    valid_forms = (r"use 'char', 'bpe', 'gpt2:<folder with vocab.json and merges.txt>' or 'tiktoken:<name>' "
+                   r"with <name> one of .*gpt2")
     with pytest.raises(UserError, match=rf"unknown tokenizer 'word'; {valid_forms}"):
         fit_tokenizer("word", lambda: ["x"], None)
     with pytest.raises(UserError, match="bpe tokenizer needs a vocab_size"):

@@ -1,0 +1,78 @@
+"""The Hugging Face side of bench/sample_speed.py, run by the Python of a separate venv
+that has transformers (never a dependency of the project).
+
+    /work/venv-hf/bin/python bench/hf_side.py WEIGHTS.pt
+
+WEIGHTS.pt holds {"config": ModelConfig fields, "state_dict": our GPT's weights, "probe":
+token ids, "logits": our logits for them}. This builds a GPT2LMHeadModel with the same
+weights (exact GELU, LayerNorm eps 1e-5, as our model), prints "ready" and the largest
+difference of its logits from ours on the probe, then answers one line per request on stdin, "TOKENS SEED THREADS", with the
+tokens/s of one ``generate()`` call (its KV cache on, plain sampling at temperature 1,
+no end-of-text stop, batch 1, from a one-token prompt); an empty line ends it.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+
+def gpt2_from(saved: dict) -> GPT2LMHeadModel:
+    cfg = saved["config"]
+    model = GPT2LMHeadModel(GPT2Config(
+        vocab_size=cfg["vocab_size"], n_positions=cfg["block_size"], n_embd=cfg["n_embd"], n_layer=cfg["n_layer"],
+        n_head=cfg["n_head"], activation_function="gelu", layer_norm_epsilon=1e-5, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
+    ))
+    ours = saved["state_dict"]
+    theirs = {"transformer.wte.weight": ours["wte.weight"], "transformer.wpe.weight": ours["wpe.weight"],
+              "transformer.ln_f.weight": ours["ln_f.weight"], "transformer.ln_f.bias": ours["ln_f.bias"]}
+    for i in range(cfg["n_layer"]):
+        a, b = f"blocks.{i}.", f"transformer.h.{i}."
+        for norm in ("ln_1", "ln_2"):
+            theirs[b + norm + ".weight"], theirs[b + norm + ".bias"] = ours[a + norm + ".weight"], ours[a + norm + ".bias"]
+        # GPT-2's Conv1D stores (in, out): our nn.Linear weights transposed
+        for mine, hf in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"),
+                         ("mlp.proj", "mlp.c_proj")):
+            theirs[b + hf + ".weight"] = ours[a + mine + ".weight"].t().contiguous()
+            theirs[b + hf + ".bias"] = ours[a + mine + ".bias"]
+    missing, unexpected = model.load_state_dict(theirs, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight" and not k.endswith(".attn.bias")]
+    if missing or unexpected:
+        raise SystemExit(f"weights do not map: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    return model.eval()
+
+
+@torch.inference_mode()
+def tokens_per_second(model: GPT2LMHeadModel, new_tokens: int, seed: int) -> float:
+    torch.manual_seed(seed)
+    prompt = torch.zeros(1, 1, dtype=torch.long)
+    started = time.perf_counter()
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0, top_k=0,
+                         top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, use_cache=True,
+                         eos_token_id=None, pad_token_id=0)
+    elapsed = time.perf_counter() - started
+    assert out.size(1) == 1 + new_tokens, out.shape
+    return new_tokens / elapsed
+
+
+@torch.inference_mode()
+def main() -> None:
+    saved = torch.load(sys.argv[1], weights_only=True)
+    model = gpt2_from(saved)
+    difference = (model(saved["probe"]).logits - saved["logits"]).abs().max().item()
+    print(f"ready {difference:.3g}", flush=True)
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        new_tokens, seed, threads = (int(x) for x in line.split())
+        torch.set_num_threads(threads)
+        print(f"{tokens_per_second(model, new_tokens, seed):.6f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,763 @@
+"""The local server: the explorer page and an OpenAI-compatible completions API.
+
+Everything the model computes here goes through the library that ``sample.py`` uses:
+prompts are encoded by the checkpoint's tokenizer, tokens come from
+`model.generate.decode_steps` (which applies `model.decoding.process_logits` and
+`choose_tokens` with one generator per row seeded ``seed + row``), text from
+`model.generate.TextStream` (stop strings, partial UTF-8 characters), and the kept sets
+of the distribution view from `process_logits` with specs read by `parse_strategy`. The
+page (``model/static/explorer.html``) only draws what these endpoints return.
+
+Endpoints:
+
+    GET  /                   the explorer page (one static file; works offline)
+    GET  /health             liveness, and how many generations run and wait
+    GET  /v1/models          the one model served
+    POST /v1/completions     OpenAI's completions schema, streaming as server-sent events
+    POST /v1/distribution    next-token candidates of one context, raw and per strategy
+
+Every request is validated before any work: a bad one gets a 4xx whose body is one line
+of JSON, ``{"error": {"message": ..., "type": ..., "param": <the field>, "code": null}}``.
+At most ``max_concurrent`` requests use the model at once and at most ``max_waiting``
+more wait for a turn; beyond that the answer is 503 with ``Retry-After``. A stream whose
+client goes away stops at the next token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import difflib
+import json
+import math
+import secrets
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio.to_thread
+import torch
+import torch.nn.functional as F
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from model.decoding import process_logits
+from model.errors import UserError
+from model.generate import MAX_SEED, Context, TextStream, decode_steps, use_decoding_layout
+from model.gpt import GPT
+from model.strategy import DecodingSpec, parse_strategy
+from model.tokenizer import EOT_TEXT, Tokenizer
+
+PAGE = Path(__file__).parent / "static" / "explorer.html"
+MAX_BODY_BYTES = 1 << 20  # a request body larger than this is refused (413) before it is parsed
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_LOGPROBS = 20  # alternatives per token; OpenAI allows 5, vLLM 20
+MAX_CANDIDATES = 200  # candidates per list in the distribution view
+RETRY_AFTER_S = 1
+MAX_CONCURRENT = 32  # generations run in anyio's worker threads, of which there are 40
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeSettings:
+    """What one server allows. ``max_rows`` bounds prompts x n of one request."""
+
+    model_name: str
+    max_tokens: int = 512
+    max_concurrent: int = 4
+    max_waiting: int = 16
+    max_rows: int = 16
+    window: str = "exact"
+
+    def __post_init__(self) -> None:
+        for name in ("max_tokens", "max_concurrent", "max_rows"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_concurrent > MAX_CONCURRENT:
+            raise UserError(f"max_concurrent must be <= {MAX_CONCURRENT}, got {self.max_concurrent}")
+        if self.max_waiting < 0:
+            raise UserError(f"max_waiting must be >= 0, got {self.max_waiting}")
+
+
+class RequestError(Exception):
+    """A request the server refuses: HTTP status, one-line message, the field at fault."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message, self.param, self.status, self.kind, self.headers = message, param, status, kind, headers
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": " ".join(self.message.split()), "type": self.kind, "param": self.param,
+                          "code": None}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+# ----------------------------------------------------------------------------------------
+# Showing tokens.
+
+
+def token_text(tokenizer: Tokenizer, token: int) -> str:
+    """A token as OpenAI's logprobs name it: its text, or ``bytes:\\xe2\\x80`` when its bytes
+    are not whole UTF-8 characters (part of a character split across byte-level tokens)."""
+    data = tokenizer.token_bytes(token)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+
+
+_VISIBLE = {" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5", "\r": "\u240d"}
+
+
+def display_token(tokenizer: Tokenizer, token: int) -> str:
+    """A token made visible for the page: spaces as ␣, newlines as ↵, tabs as ⇥, other
+    control characters as ⟨U+XXXX⟩, bytes that are only part of a character as ⟨hex⟩,
+    end-of-text as ⟨end of text⟩."""
+    if token == tokenizer.eot_id:
+        return "\u27e8end of text\u27e9"
+    data, shown = tokenizer.token_bytes(token), ""
+    while data:
+        try:
+            return shown + _visible_chars(data.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            shown += _visible_chars(data[: e.start].decode("utf-8"))
+            shown += "\u27e8" + " ".join(f"{b:02x}" for b in data[e.start : e.end]) + "\u27e9"
+            data = data[e.end :]
+    return shown
+
+
+def _visible_chars(text: str) -> str:
+    return "".join(_VISIBLE.get(c) or (f"\u27e8U+{ord(c):04X}\u27e9" if ord(c) < 32 or ord(c) == 127 else c)
+                   for c in text)
+
+
+# ----------------------------------------------------------------------------------------
+# Requests: JSON in, a checked job out.
+
+
+@dataclasses.dataclass(frozen=True)
+class CompletionJob:
+    """A validated completions request."""
+
+    prompts: list[list[int]]  # token ids of each prompt (an empty text prompt is the end-of-text token)
+    prompt_texts: list[str]
+    spec: DecodingSpec
+    max_tokens: int
+    n: int
+    seed: int
+    stop: tuple[str, ...]
+    stream: bool
+    logprobs: int | None
+    echo: bool
+    include_usage: bool
+    return_token_ids: bool
+
+    @property
+    def rows(self) -> int:
+        return len(self.prompts) * self.n
+
+
+# Extension fields for the project's other strategies, named as vLLM names them (top_k,
+# min_p, repetition_penalty) and, for typical_p, as text-generation-inference and llama.cpp do.
+_SPEC_FIELDS = ("temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty", "frequency_penalty",
+                "presence_penalty")
+_COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "n", "stop", "seed", "stream", "stream_options", "logprobs",
+                      "echo", "return_token_ids", "user", "best_of", "logit_bias", "suffix", *_SPEC_FIELDS}
+_DISTRIBUTION_FIELDS = {"model", "prompt", "strategies", "top"}
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _is_whole(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_fields(body: dict, known: set[str]) -> None:
+    for name in body:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise RequestError(f"unknown field '{name}'{hint}", name)
+
+
+def _whole(body: dict, name: str, default: int | None, low: int, high: int | None = None,
+           limit_note: str = "") -> int | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not _is_whole(value) or value < low or (high is not None and value > high):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise RequestError(f"{name}={value!r} is invalid; it must be a whole number {bound}{limit_note}", name)
+    return value
+
+
+def _flag(body: dict, name: str) -> bool:
+    value = body.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise RequestError(f"{name}={value!r} must be true or false", name)
+    return value
+
+
+def read_spec(body: dict) -> DecodingSpec:
+    """The DecodingSpec of OpenAI-style sampling fields. Off values as OpenAI clients send
+    them (top_p 1, top_k 0 or -1 as in vLLM, min_p 0, typical_p 1) mean no filter;
+    temperature 0 is greedy decoding."""
+    fields: dict[str, Any] = {}
+    for name in _SPEC_FIELDS:
+        value = body.get(name)
+        if value is None:
+            continue
+        if not _is_number(value) or not math.isfinite(value):
+            raise RequestError(f"{name}={value!r} must be a finite number", name)
+        fields[name] = value
+    if "top_k" in fields:
+        if not _is_whole(fields["top_k"]):
+            raise RequestError(f"top_k={fields['top_k']!r} must be a whole number (0 or -1: off)", "top_k")
+        if fields["top_k"] in (0, -1):
+            del fields["top_k"]
+    for name, off in (("top_p", 1), ("min_p", 0), ("typical_p", 1)):
+        if fields.get(name) == off:
+            del fields[name]
+    try:
+        return DecodingSpec(**fields)
+    except UserError as error:
+        message = str(error).split(" | ")[0]
+        param = message.partition("=")[0]
+        raise RequestError(message, param if param in _SPEC_FIELDS else None) from None
+
+
+def read_prompts(value: object, tokenizer: Tokenizer, block_size: int) -> tuple[list[list[int]], list[str]]:
+    """OpenAI's prompt forms: a string, a list of strings, a list of token ids, a list of
+    lists of token ids. Returns (token ids, text) per prompt. A prompt longer than the
+    model's context is refused: the model could not see its beginning."""
+    if value is None:
+        value = ""
+    if isinstance(value, str):
+        items, kind = [value], "text"
+    elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        items, kind = value, "text"
+    elif isinstance(value, list) and value and all(_is_whole(v) for v in value):
+        items, kind = [value], "ids"
+    elif isinstance(value, list) and value and all(isinstance(v, list) and v and all(_is_whole(t) for t in v)
+                                                    for v in value):
+        items, kind = value, "ids"
+    else:
+        raise RequestError("prompt must be a string, a list of strings, a list of token ids or a list of "
+                           "non-empty lists of token ids", "prompt")
+    ids, texts = [], []
+    for index, item in enumerate(items):
+        name = "prompt" if len(items) == 1 else f"prompt[{index}]"
+        if kind == "text":
+            unknown = tokenizer.unknown_characters(item)
+            if unknown:
+                raise RequestError(tokenizer._unknown_characters_message(unknown, name), "prompt")
+            encoded, text = tokenizer.encode(item) or [tokenizer.eot_id], item
+        else:
+            bad = [t for t in item if not 0 <= t < tokenizer.vocab_size]
+            if bad:
+                raise RequestError(f"{name} has token id {bad[0]}, outside this model's vocabulary "
+                                   f"[0, {tokenizer.vocab_size})", "prompt")
+            encoded, text = list(item), tokenizer.decode(item)
+        if len(encoded) > block_size:
+            raise RequestError(f"{name} is {len(encoded)} tokens; this model reads at most {block_size} "
+                               "(its context length)", "prompt")
+        ids.append(encoded)
+        texts.append(text)
+    return ids, texts
+
+
+def read_stop(value: object) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    stops = [value] if isinstance(value, str) else value
+    if (not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops)
+            or len(stops) > MAX_STOP_STRINGS):
+        raise RequestError(f"stop must be a non-empty string or a list of at most {MAX_STOP_STRINGS} of them", "stop")
+    return tuple(stops)
+
+
+def completion_job(body: dict, settings: ServeSettings, tokenizer: Tokenizer, block_size: int) -> CompletionJob:
+    """Check a completions request field by field; the first problem is a RequestError."""
+    _check_fields(body, _COMPLETION_FIELDS)
+    _check_model(body, settings)
+    for name, allowed in (("best_of", (None, 1)), ("suffix", (None, "")), ("logit_bias", (None, {}))):
+        if body.get(name) not in allowed:
+            raise RequestError(f"{name} is not supported by this server", name)
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise RequestError("user must be a string", "user")
+    prompts, texts = read_prompts(body.get("prompt"), tokenizer, block_size)
+    max_tokens = _whole(body, "max_tokens", min(16, settings.max_tokens), 0, settings.max_tokens,
+                        " (this server's --max-tokens)")
+    n = _whole(body, "n", 1, 1, settings.max_rows // len(prompts) or 1)
+    if len(prompts) * n > settings.max_rows:
+        raise RequestError(f"{len(prompts)} prompts x n={n} is more than this server's {settings.max_rows} "
+                           "completions per request", "prompt")
+    seed = _whole(body, "seed", None, 0, MAX_SEED - len(prompts) * n + 1)
+    if seed is None:
+        seed = secrets.randbelow(2**31)
+    stream = _flag(body, "stream")
+    options = body.get("stream_options")
+    if options is not None and (not stream or not isinstance(options, dict) or set(options) - {"include_usage"}
+                                or not isinstance(options.get("include_usage", False), bool)):
+        raise RequestError("stream_options must be {\"include_usage\": true|false}, with stream true",
+                           "stream_options")
+    return CompletionJob(
+        prompts=prompts, prompt_texts=texts, spec=read_spec(body), max_tokens=max_tokens, n=n, seed=seed,
+        stop=read_stop(body.get("stop")), stream=stream, logprobs=_whole(body, "logprobs", None, 0, MAX_LOGPROBS),
+        echo=_flag(body, "echo"), include_usage=bool((options or {}).get("include_usage")),
+        return_token_ids=_flag(body, "return_token_ids"),
+    )
+
+
+def _check_model(body: dict, settings: ServeSettings) -> None:
+    model = body.get("model")
+    if model is not None and model != settings.model_name:
+        raise RequestError(f"model '{model}' is not served here; this server serves '{settings.model_name}'",
+                           "model", status=404, kind="not_found_error")
+
+
+# ----------------------------------------------------------------------------------------
+# Generation: the library's token loop, one event per token.
+
+
+@dataclasses.dataclass
+class TokenEvent:
+    """One row's new token: its printable text (held back while it could still be part of a
+    stop string or of a character) and, when asked for, its logprob entry."""
+
+    row: int
+    token: int
+    token_text: str  # as OpenAI's logprobs name it (see token_text)
+    text: str
+    logprob: float
+    top: dict[str, float] | None
+    offset: int  # where the token's text starts in the row's text (echoed prompt included)
+
+
+@dataclasses.dataclass
+class FinishEvent:
+    row: int
+    text: str  # the rest of the row's text that was held back
+    reason: str  # "stop" (end-of-text or a stop string) or "length"
+
+
+def completion_events(model: GPT, tokenizer: Tokenizer, job: CompletionJob,
+                      window: str = "exact") -> Iterator[list[TokenEvent | FinishEvent]]:
+    """The events of each decoding step, as `model.generate.generate` would produce its text:
+    rows prompt-major (row = prompt index x n + sample), row r sampling with seed + r, a
+    row ending at the end-of-text token (not in its text), a stop string (cut off) or
+    ``max_tokens``. Stop iterating at any time to stop generating."""
+    rows = [job.prompts[r // job.n] for r in range(job.rows)]
+    streams = [TextStream(tokenizer, job.stop) for _ in rows]
+    offsets = [len(job.prompt_texts[r // job.n]) if job.echo else 0 for r in range(job.rows)]
+    live = set(range(job.rows))
+    if job.max_tokens == 0:
+        yield [FinishEvent(r, "", "length") for r in range(job.rows)]
+        return
+    steps = decode_steps(model, rows, job.spec, job.max_tokens, [job.seed + r for r in range(job.rows)],
+                         window=window, valid_vocab=tokenizer.vocab_size)
+    for step in steps:
+        raw = F.log_softmax(step.logits, dim=-1)
+        chosen = raw.gather(1, step.tokens[:, None]).squeeze(1).tolist()
+        top = _top_logprobs(raw, job.logprobs, tokenizer) if job.logprobs else None
+        events: list[TokenEvent | FinishEvent] = []
+        for row, token in enumerate(step.tokens.tolist()):
+            if row not in live:
+                continue
+            stream = streams[row]
+            offset = offsets[row] + len(stream.text)
+            text = "" if token == tokenizer.eot_id else stream.feed(token)
+            events.append(TokenEvent(row, token, token_text(tokenizer, token), text, chosen[row],
+                                     top[row] if top else None, offset))
+            if token == tokenizer.eot_id or stream.stopped:
+                live.discard(row)
+                events.append(FinishEvent(row, stream.finish(), "stop"))
+        yield events
+        if not live:
+            break
+    yield [FinishEvent(row, streams[row].finish(), "length") for row in sorted(live)]
+
+
+def _top_logprobs(raw: torch.Tensor, k: int, tokenizer: Tokenizer) -> list[dict[str, float]]:
+    values, ids = raw.topk(min(k, raw.size(-1)), dim=-1)
+    return [{token_text(tokenizer, t): v for t, v in zip(row_ids, row_values)}
+            for row_ids, row_values in zip(ids.tolist(), values.tolist())]
+
+
+@torch.no_grad()
+def prompt_logprobs(model: GPT, tokenizer: Tokenizer, ids: Sequence[int], k: int) -> dict[str, list]:
+    """OpenAI's logprobs of an echoed prompt: each token's log-probability given the ones
+    before it (none for the first) and the top k alternatives there."""
+    logits, _ = model(torch.tensor([list(ids)], device=next(model.parameters()).device))
+    logits = logits[0].float()
+    logits[:, tokenizer.vocab_size :] = -math.inf
+    raw = F.log_softmax(logits[:-1], dim=-1)
+    chosen = raw.gather(1, torch.tensor(ids[1:], device=raw.device)[:, None]).squeeze(1).tolist()
+    top = _top_logprobs(raw, k, tokenizer) if k else [None] * len(chosen)
+    texts = [tokenizer.decode([t]) if t != tokenizer.eot_id else EOT_TEXT for t in ids]
+    offsets = [sum(len(t) for t in texts[:i]) for i in range(len(ids))]
+    return {"tokens": [token_text(tokenizer, t) for t in ids], "token_logprobs": [None, *chosen],
+            "top_logprobs": [None, *top], "text_offset": offsets}
+
+
+# ----------------------------------------------------------------------------------------
+# The distribution view.
+
+
+def distribution(model: GPT, tokenizer: Tokenizer, ids: Sequence[int], specs: Sequence[tuple[str, DecodingSpec]],
+                 top: int) -> dict[str, Any]:
+    """The next-token distribution after ``ids``: the ``top`` most likely candidates, and for
+    each strategy the set `process_logits` keeps with its renormalised probabilities.
+    A repetition penalty treats the context as seen (as generation treats the prompt);
+    frequency and presence penalties count generated tokens, of which a context has none.
+    ``context_text`` is the context without its end-of-text tokens (what a text box shows)."""
+    context = Context(model, [list(ids)], 0, "exact", tokenizer.vocab_size)
+    logits = context.next_logits()  # (1, V)
+    probs = torch.softmax(logits.double(), dim=-1)[0]
+    entropy = -torch.where(probs > 0, probs * probs.log(), 0.0).sum().item()
+    seen = torch.zeros_like(logits, dtype=torch.bool)
+    seen[0, torch.tensor(list(ids), device=logits.device)] = True
+    counts = torch.zeros_like(logits)
+    strategies = []
+    for text, spec in specs:
+        processed = process_logits(logits, spec, seen=seen, counts=counts)[0]
+        if spec.is_greedy:
+            kept_probs = torch.zeros_like(probs).scatter_(0, processed.argmax()[None], 1.0)
+        else:
+            kept_probs = torch.softmax(processed.double(), dim=-1)
+        kept = (kept_probs > 0).nonzero().squeeze(1)
+        order = kept[kept_probs[kept].argsort(descending=True, stable=True)][:top]
+        strategies.append({
+            "strategy": text, "label": spec.label, "kept_count": int(kept.numel()),
+            "kept_mass": float(probs[kept].sum()),
+            "kept": [_candidate(tokenizer, int(t), float(probs[t]), float(kept_probs[t])) for t in order],
+        })
+    best = probs.argsort(descending=True, stable=True)[:top]
+    return {
+        "prompt_tokens": len(ids), "context_ids": list(ids), "context_text": tokenizer.decode([t for t in ids if t != tokenizer.eot_id]),
+        "context_display": [display_token(tokenizer, t) for t in ids], "entropy_bits": entropy / math.log(2),
+        "candidates": [_candidate(tokenizer, int(t), float(probs[t])) for t in best],
+        "strategies": strategies,
+    }
+
+
+def _candidate(tokenizer: Tokenizer, token: int, prob: float, kept_prob: float | None = None) -> dict[str, Any]:
+    entry = {"id": token, "text": token_text(tokenizer, token), "display": display_token(tokenizer, token),
+             "prob": prob, "logprob": math.log(prob) if prob > 0 else None}
+    if kept_prob is not None:
+        entry["kept_prob"] = kept_prob
+    return entry
+
+
+def distribution_request(body: dict, settings: ServeSettings, tokenizer: Tokenizer, block_size: int):
+    _check_fields(body, _DISTRIBUTION_FIELDS)
+    _check_model(body, settings)
+    prompts, _ = read_prompts(body.get("prompt"), tokenizer, block_size)
+    if len(prompts) != 1:
+        raise RequestError("the distribution view takes one prompt", "prompt")
+    strategies = body.get("strategies", ["greedy", "top-p:p=0.9"])
+    if not isinstance(strategies, list) or len(strategies) > 16:
+        raise RequestError("strategies must be a list of at most 16 strategy specs such as 'top-p:p=0.9'",
+                           "strategies")
+    specs = []
+    for index, text in enumerate(strategies):
+        if not isinstance(text, str):
+            raise RequestError(f"strategies[{index}] must be a string such as 'top-p:p=0.9'", f"strategies[{index}]")
+        try:
+            spec = parse_strategy(text)
+        except UserError as error:
+            raise RequestError(str(error), f"strategies[{index}]") from None
+        if spec.is_beam:
+            raise RequestError(f"strategies[{index}]: beam search has no next-token distribution of its own",
+                               f"strategies[{index}]")
+        specs.append((text, spec))
+    top = _whole(body, "top", 20, 1, MAX_CANDIDATES)
+    return prompts[0], specs, top
+
+
+# ----------------------------------------------------------------------------------------
+# Admission: bounded concurrency with a bounded queue.
+
+
+class Admission:
+    """At most ``slots`` holders at once, at most ``waiting`` more in line; `admit` refuses
+    beyond that. Used from the event loop only (its counters need no lock)."""
+
+    def __init__(self, slots: int, waiting: int):
+        self.slots, self.max_waiting = slots, waiting
+        self.running = self.waiting = 0
+        self._semaphore = asyncio.Semaphore(slots)
+
+    def admit(self) -> Ticket:
+        if self.running + self.waiting >= self.slots + self.max_waiting:
+            raise RequestError(f"the server is busy ({self.running} requests running, {self.waiting} waiting); "
+                               f"retry after {RETRY_AFTER_S} s", status=503, kind="server_busy",
+                               headers={"Retry-After": str(RETRY_AFTER_S)})
+        self.waiting += 1
+        return Ticket(self)
+
+
+class Ticket:
+    """A place in line; ``async with ticket`` waits for a slot and holds it. `close` gives
+    up a place never used (a response that was never sent)."""
+
+    def __init__(self, admission: Admission):
+        self._admission, self._state = admission, "waiting"
+
+    async def __aenter__(self) -> None:
+        await self._admission._semaphore.acquire()  # cancelled while waiting: close() gives the place back
+        self._admission.waiting -= 1
+        self._admission.running += 1
+        self._state = "running"
+
+    async def __aexit__(self, *exc) -> None:
+        self._admission.running -= 1
+        self._admission._semaphore.release()
+        self._state = "done"
+
+    def close(self) -> None:
+        if self._state == "waiting":
+            self._admission.waiting -= 1
+            self._state = "done"
+
+
+class _TicketedStream(StreamingResponse):
+    """A stream that gives its ticket back however it ends, and closes its body (which stops
+    the generation) when the client goes away."""
+
+    def __init__(self, content: AsyncIterator[str], ticket: Ticket):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._ticket = ticket
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+            self._ticket.close()
+
+
+# ----------------------------------------------------------------------------------------
+# The app.
+
+
+class Server:
+    """One model behind the HTTP endpoints (the state of one app; no globals)."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, settings: ServeSettings):
+        use_decoding_layout(model)  # once, before requests share the model
+        self.model, self.tokenizer, self.settings = model.eval(), tokenizer, settings
+        self.block_size = model.config.block_size
+        self.admission = Admission(settings.max_concurrent, settings.max_waiting)
+        self.created = int(time.time())
+        self.generated_tokens = 0  # for /health: shows that work stops when clients leave
+
+    async def _body(self, request: Request) -> dict:
+        size = 0
+        chunks = []
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise RequestError(f"the request body is larger than {MAX_BODY_BYTES} bytes", status=413)
+            chunks.append(chunk)
+        try:
+            body = json.loads(b"".join(chunks))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise RequestError(f"the request body is not valid JSON ({e})") from None
+        if not isinstance(body, dict):
+            raise RequestError("the request body must be a JSON object")
+        return body
+
+    async def page(self, request: Request) -> Response:
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    async def health(self, request: Request) -> Response:
+        a = self.admission
+        return JSONResponse({"status": "ok", "running": a.running, "waiting": a.waiting,
+                             "max_concurrent": a.slots, "max_waiting": a.max_waiting,
+                             "generated_tokens": self.generated_tokens})
+
+    async def models(self, request: Request) -> Response:
+        cfg = self.model.config
+        return JSONResponse({"object": "list", "data": [{
+            "id": self.settings.model_name, "object": "model", "created": self.created, "owned_by": "tinygpt",
+            "max_model_len": cfg.block_size, "vocab_size": self.tokenizer.vocab_size,
+            "tokenizer": self.tokenizer.name, "max_tokens": self.settings.max_tokens,
+        }]})
+
+    async def distribution(self, request: Request) -> Response:
+        ids, specs, top = distribution_request(await self._body(request), self.settings, self.tokenizer,
+                                               self.block_size)
+        ticket = self.admission.admit()
+        try:
+            async with ticket:
+                result = await anyio.to_thread.run_sync(_inference, distribution, self.model, self.tokenizer, ids, specs, top)
+        finally:
+            ticket.close()
+        return JSONResponse({"model": self.settings.model_name, **result})
+
+    async def completions(self, request: Request) -> Response:
+        job = completion_job(await self._body(request), self.settings, self.tokenizer, self.block_size)
+        ticket = self.admission.admit()
+        completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if job.stream:
+            return _TicketedStream(self._sse(job, ticket, completion_id, created), ticket)
+        try:
+            async with ticket:
+                result = await self._collect(job, request)
+        finally:
+            ticket.close()
+        if result is None:  # the client left; nobody reads an answer
+            return Response(status_code=499)
+        choices, generated = result
+        return JSONResponse({"id": completion_id, "object": "text_completion", "created": created,
+                             "model": self.settings.model_name, "choices": choices, "usage": _usage(job, generated)})
+
+    async def _steps(self, job: CompletionJob) -> AsyncIterator[list[TokenEvent | FinishEvent]]:
+        """completion_events, each step computed in a worker thread so the event loop stays
+        free; closing this iterator stops the generation."""
+        events = completion_events(self.model, self.tokenizer, job, self.settings.window)
+        try:
+            while (step := await anyio.to_thread.run_sync(_inference, next, events, None)) is not None:
+                self.generated_tokens += sum(isinstance(e, TokenEvent) for e in step)
+                yield step
+        finally:
+            events.close()
+
+    def _choices(self, job: CompletionJob) -> list[dict[str, Any]]:
+        """The choices before the first token: the echoed prompt (with its logprobs)."""
+        echoed = {p: prompt_logprobs(self.model, self.tokenizer, job.prompts[p], job.logprobs)
+                  for p in range(len(job.prompts))} if job.echo and job.logprobs is not None else {}
+        choices = []
+        for row in range(job.rows):
+            prompt = row // job.n
+            choice = _choice(row, job, job.prompt_texts[prompt] if job.echo else "", echoed.get(prompt))
+            if job.return_token_ids:
+                choice["prompt_token_ids"] = job.prompts[prompt]
+            choices.append(choice)
+        return choices
+
+    async def _collect(self, job: CompletionJob, request: Request) -> tuple[list[dict], int] | None:
+        choices, generated = self._choices(job), 0
+        async with contextlib.aclosing(self._steps(job)) as steps:
+            async for step in steps:
+                if await request.is_disconnected():
+                    return None
+                for event in step:
+                    _apply(choices[event.row], event)
+                    generated += isinstance(event, TokenEvent)
+        return choices, generated
+
+    async def _sse(self, job: CompletionJob, ticket: Ticket, completion_id: str, created: int) -> AsyncIterator[str]:
+        def chunk(choices: list[dict], **extra) -> str:
+            payload = {"id": completion_id, "object": "text_completion", "created": created,
+                       "model": self.settings.model_name, "choices": choices, **extra}
+            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+        generated = 0
+        async with ticket:
+            if job.echo or job.return_token_ids:
+                yield chunk(self._choices(job))
+            async with contextlib.aclosing(self._steps(job)) as steps:
+                async for step in steps:
+                    for event in step:
+                        piece = _choice(event.row, job, "")
+                        _apply(piece, event)
+                        generated += isinstance(event, TokenEvent)
+                        if piece["text"] or piece["finish_reason"] or job.logprobs is not None or job.return_token_ids:
+                            yield chunk([piece])
+        if job.include_usage:
+            yield chunk([], usage=_usage(job, generated))
+        yield "data: [DONE]\n\n"
+
+    def app(self) -> Starlette:
+        routes = [
+            Route("/", self.page), Route("/health", self.health), Route("/v1/models", self.models),
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/distribution", self.distribution, methods=["POST"]),
+        ]
+        return Starlette(routes=routes, exception_handlers={
+            RequestError: lambda request, error: error.response(),
+            HTTPException: lambda request, error: RequestError(
+                str(error.detail), status=error.status_code,
+                kind="not_found_error" if error.status_code == 404 else "invalid_request_error").response(),
+        })
+
+
+def _inference(function, *args):
+    """Run ``function`` in a worker thread under inference mode (a thread-local setting)."""
+    with torch.inference_mode():
+        return function(*args)
+
+
+def _choice(row: int, job: CompletionJob, text: str, logprobs: dict[str, list] | None = None) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": row, "text": text, "logprobs": None, "finish_reason": None}
+    if job.logprobs is not None:
+        choice["logprobs"] = logprobs or {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    if job.return_token_ids:
+        choice["token_ids"] = []
+    return choice
+
+
+def _apply(choice: dict[str, Any], event: TokenEvent | FinishEvent) -> None:
+    """Add one event to a choice in OpenAI's shape."""
+    choice["text"] += event.text
+    if isinstance(event, FinishEvent):
+        choice["finish_reason"] = event.reason
+        return
+    if choice["logprobs"] is not None:
+        logprobs = choice["logprobs"]
+        logprobs["tokens"].append(event.token_text)
+        logprobs["token_logprobs"].append(event.logprob)
+        logprobs["top_logprobs"].append(event.top)
+        logprobs["text_offset"].append(event.offset)
+    if "token_ids" in choice:
+        choice["token_ids"].append(event.token)
+
+
+def _usage(job: CompletionJob, generated: int) -> dict[str, int]:
+    prompt = sum(len(p) for p in job.prompts)
+    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
+
+
+def create_app(model: GPT, tokenizer: Tokenizer, settings: ServeSettings) -> Starlette:
+    """The ASGI app serving ``model``; run it with uvicorn (see `serve_forever`)."""
+    return Server(model, tokenizer, settings).app()
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket, or a UserError saying why not (port in use, unknown host)."""
+    if not 0 <= port <= 65535:
+        raise UserError(f"port {port} is out of range; it must be in [0, 65535] (0: any free port)")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve_forever(app: Starlette, sock: socket.socket, *, access_log: bool = False) -> None:
+    """Run ``app`` on ``sock`` with uvicorn until Ctrl-C or SIGTERM, which stop it cleanly
+    (open streams get a moment to end, then are closed)."""
+    import uvicorn
+
+    config = uvicorn.Config(app, log_level="warning", access_log=access_log, timeout_graceful_shutdown=2)
+    uvicorn.Server(config).run(sockets=[sock])
