@@ -4,9 +4,10 @@
     python sample.py out/default/best.pt --strategy greedy --explain
     echo "Once upon" | python sample.py CKPT --prompt-file - --num-samples 3 --stop $'\\n\\n'  # (bash)
     python sample.py compare out/default/best.pt --out out/compare   # strategies side by side
+    python sample.py score out/default/best.pt notes.txt             # bits per byte and perplexity of a text
     python sample.py serve out/default/best.pt    # the explorer page and an OpenAI-compatible API
 
-Each command is a subcommand (``generate``, ``compare``); ``generate`` is the default, so
+Each command is a subcommand (``generate``, ``compare``, ``score``, ``serve``); ``generate`` is the default, so
 ``sample.py CKPT ...`` means ``sample.py generate CKPT ...``. A command is one
 ``add_<name>_command(commands)`` function that adds its parser and the function it runs
 (see `add_command`); `COMMANDS` lists them.
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
 
 import torch
+from tqdm import tqdm
 
 from model.checkpoint import load_for_generation
 from model.cli import read_user_text, run_cli
@@ -41,6 +43,7 @@ from model.device import resolve_device
 from model.errors import UserError
 from model.generate import WINDOW_MODES, Sample, generate
 from model.plot import MatplotlibMissing, save_chart
+from model.score import TextScore, score_tokens, token_byte_lengths, windows
 from model.strategy import DecodingSpec, parse_strategy_with_defaults, strategy_kind
 from model.tokenizer import Tokenizer
 
@@ -179,7 +182,8 @@ def add_generate_command(commands) -> None:
         commands, "generate", run_generate, streams_text=True, prog="sample.py [generate]",
         help="generate text with a decoding strategy of your choice (the default command)",
         description="Generate text from a checkpoint with a decoding strategy of your choice. To compare "
-        "strategies side by side instead: python sample.py compare CKPT (see python sample.py compare --help).",
+        "strategies side by side instead: python sample.py compare CKPT (see python sample.py compare --help); "
+        "for bits per byte of a text: python sample.py score CKPT FILE (see python sample.py score --help).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("checkpoint", help="a .pt file written by train.py (e.g. out/default/best.pt), or a "
@@ -275,6 +279,7 @@ def add_compare_command(commands) -> None:
         "the same seeds, and each gets a row of metrics next to a 'human' row, the true continuations from the "
         "validation split.",
         epilog="Metrics: ppl = perplexity of the text under the model (per token, raw distribution); "
+        "bpb = the same in bits per UTF-8 byte of text (compares across tokenizers); "
         "dist-n = distinct n-grams / all n-grams over one sample per prompt, averaged over samples; "
         "rep = share of samples ending in a loop (a phrase of >= 3 units repeated at the end); "
         "self-BLEU = BLEU-4 of each sample against the others of its prompt (lower = more diverse); "
@@ -383,6 +388,7 @@ def run_compare(args: argparse.Namespace, out=None) -> Comparison:
 COLUMNS = (
     ("strategy", "strategy", "{}"),
     ("ppl", "perplexity", "{:.2f}"),
+    ("bpb", "bits_per_byte", "{:.3f}"),
     ("dist-1", "distinct_1", "{:.3f}"),
     ("dist-2", "distinct_2", "{:.3f}"),
     ("dist-3", "distinct_3", "{:.3f}"),
@@ -503,8 +509,65 @@ def _draw_comparison(figure, rows: Sequence[dict[str, Any]], title: str) -> None
     ax.grid(True, which="both", alpha=0.3)
 
 
-# ----------------------------------------------------------------------------- the command line
+# ----------------------------------------------------------------------------- score
 
+def add_score_command(commands) -> None:
+    parser = add_command(
+        commands, "score", run_score, prog="sample.py score",
+        help="bits per byte and perplexity of text files under a checkpoint",
+        description="Bits per byte and perplexity of text files under a checkpoint, scored in windows of the "
+        "model's context (see model/score.py).",
+    )
+    parser.add_argument("checkpoint", type=Path, help="a .pt file written by train.py")
+    parser.add_argument("files", nargs="+", help="UTF-8 text files to score (- reads standard input)")
+    parser.add_argument("--stride", type=int, default=None, help="tokens each window moves on and scores; "
+                        "past the first window every token has at least block_size - stride tokens of context "
+                        "(default: block_size / 2; block_size = no overlap, fastest)")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default auto)")
+
+
+def run_score(args: argparse.Namespace) -> None:
+    """One line per file (and a total for several): tokens, bytes, bits per byte, perplexity."""
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    device = resolve_device(args.device)
+    model, tokenizer, _ = load_for_generation(args.checkpoint, device)
+    block_size = model.config.block_size
+    stride = args.stride if args.stride is not None else max(1, block_size // 2)
+    if not 1 <= stride <= block_size:
+        raise UserError(f"--stride must be in [1, block_size={block_size}], got {stride}")
+    byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
+    texts = {name: read_user_text(name, "text file") for name in args.files}  # every file found before the work
+    tokens = {}
+    for name, text in texts.items():
+        tokenizer.check_encodable(text, name)
+        tokens[name] = [tokenizer.eot_id, *tokenizer.encode(text)]
+        if len(tokens[name]) < 2:
+            raise UserError(f"{name} is empty: there is nothing to score")
+    total = TextScore()
+    for name, ids in tokens.items():
+        result = TextScore()
+        with tqdm(total=len(windows(len(ids) - 1, block_size, stride)), desc=name, unit="window",
+                  leave=False) as bar:
+            for part in score_tokens(model, ids, byte_lengths, block_size=block_size, stride=stride,
+                                     batch_size=args.batch_size, device=device):
+                result += part
+                bar.update(min(args.batch_size, bar.total - bar.n))
+                bar.set_postfix(bpb=f"{result.bits_per_byte:.4f}" if result.bytes else "-", refresh=False)
+        total += result
+        print(_score_line(name, result))
+    if len(tokens) > 1:
+        print(_score_line("total", total))
+
+
+def _score_line(name: str, result: TextScore) -> str:
+    bpb = f"{result.bits_per_byte:.4f}" if result.bytes else "-"
+    return (f"{name}: {result.tokens:,} tokens, {result.bytes:,} bytes, bits per byte {bpb}, "
+            f"perplexity {result.perplexity:.3f} (per token)")
+
+
+# ----------------------------------------------------------------------------- the command line
 
 # ----------------------------------------------------------------------------- serve
 
@@ -570,7 +633,7 @@ def add_command(commands, name: str, run: Callable[[argparse.Namespace], Any], *
     return parser
 
 
-COMMANDS = (add_generate_command, add_compare_command, add_serve_command)
+COMMANDS = (add_generate_command, add_compare_command, add_score_command, add_serve_command)
 DEFAULT_COMMAND = "generate"
 
 

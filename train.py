@@ -7,7 +7,7 @@
 
 The loop, as a story: read the dataset's meta and memory-map its splits; build the
 model from the config (vocab size from the data); AdamW with weight decay on the 2-D
-weights only. Each step reads its batch (``batch_size`` windows, split over torchrun
+weights only, or Muon for the blocks' matrices beside it (model/optim.py). Each step reads its batch (``batch_size`` windows, split over torchrun
 processes and then into micro-batches whose gradients add up), computes the loss,
 back-propagates, clips the gradient norm and steps at the learning rate of a
 linear-warmup-then-cosine schedule. Every ``eval_interval`` steps it measures train
@@ -56,6 +56,9 @@ from model.device import Precision, use_tensor_cores
 from model.distributed import Distributed, gradient_sync
 from model.errors import UserError
 from model.gpt import GPT
+from model.optim import Optimizers, build_optimizers
+from model.score import bits_per_byte, token_byte_lengths
+from model.tokenizer import tokenizer_from_state
 from model.perf import flops_per_token, peak_flops
 
 # Independent random streams, each seeded with (train.seed, stream, ...): see stream_seed.
@@ -104,22 +107,6 @@ def split_batch(batch_size: int, micro_batch_size: int, world_size: int) -> tupl
             f"of micro_batch_size ({micro}) x {world_size} process(es) = {micro * world_size}"
         )
     return micro, share // micro
-
-
-def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW, decaying only matrices (weights of Linear/Embedding), never biases or norms.
-    The fused kernel (one launch for all parameters) on CUDA. On the CPU the multi-tensor
-    ("foreach") one, which PyTorch does not pick by itself there and which measured faster
-    than the fused one on the CPU (bench/train_speed.py)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(
-        groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-        **({"fused": True} if device.type == "cuda" else {"foreach": True}),
-    )
 
 
 def resolve_vocab_size(cfg: Config, meta: dict) -> Config:
@@ -227,11 +214,13 @@ class Batches:
 @torch.no_grad()
 def estimate_loss(
     model: torch.nn.Module, splits: dict[str, np.ndarray], cfg: Config, micro_batch: int, ddp: Distributed,
-    device: torch.device, precision: Precision,
+    device: torch.device, precision: Precision, byte_lengths: torch.Tensor,
 ) -> dict[str, float]:
     """Mean loss per split over ``eval_iters x batch_size`` windows: the same windows every
     time (their own seeded generator, untouched by training), so evaluations compare like
-    with like. The windows go in micro-batches, shared round-robin among the processes."""
+    with like. The windows go in micro-batches, shared round-robin among the processes.
+    Also "<split>_bpb": the same nats in bits per byte of the text (``byte_lengths``, see
+    model/score.py), which compare across tokenizers."""
     model.eval()
     losses = {}
     for split, tokens in splits.items():
@@ -239,18 +228,22 @@ def estimate_loss(
         starts = sample_starts(len(tokens), cfg.model.block_size, cfg.train.eval_iters * cfg.train.batch_size,
                                generator)
         total = torch.zeros((), dtype=torch.float64, device=device)
+        num_bytes = torch.zeros((), dtype=torch.float64, device=device)
         for chunk in starts.split(micro_batch)[ddp.rank :: ddp.world_size]:
             x, y = to_device(read_windows(tokens, chunk, cfg.model.block_size), device)
             with precision.autocast():
                 _, loss = model(x, y)
             total += loss.double() * len(chunk)  # the loss is a mean over the chunk's tokens
+            num_bytes += byte_lengths[y].sum()
         losses[split] = ddp.sum(total).item() / len(starts)
+        losses[f"{split}_bpb"] = bits_per_byte(losses[split] * len(starts) * cfg.model.block_size,
+                                               ddp.sum(num_bytes).item())
     model.train()
     return losses
 
 
 def train_step(
-    model: torch.nn.Module, raw_model: GPT, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+    model: torch.nn.Module, raw_model: GPT, optimizer: Optimizers, scaler: torch.amp.GradScaler,
     micro_batches: list[tuple[torch.Tensor, torch.Tensor]], cfg: TrainConfig, device: torch.device,
     precision: Precision,
 ) -> tuple[float, float]:
@@ -266,11 +259,10 @@ def train_step(
                 _, loss = model(x, y)
             scaler.scale(loss / count).backward()
         total_loss += loss.detach()
-    scaler.unscale_(optimizer)  # true gradients for the norm (a no-op without fp16 scaling)
+    optimizer.unscale_(scaler)  # true gradients for the norm (a no-op without fp16 scaling)
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.step(scaler)
+    optimizer.zero_grad()
     return total_loss.item() / count, grad_norm.item()
 
 
@@ -352,7 +344,7 @@ class Run:
     model: GPT  # the network itself: what is saved, clipped and counted
     train_model: torch.nn.Module  # what steps run through: the model, compiled and/or wrapped in DDP
     eval_model: torch.nn.Module  # the model, compiled when asked, never wrapped in DDP
-    optimizer: torch.optim.Optimizer
+    optimizer: Optimizers
     scaler: torch.amp.GradScaler
     splits: dict[str, np.ndarray]
     batches: Batches
@@ -363,6 +355,7 @@ class Run:
     flops_per_token: float
     peak_flops: float | None  # one device's peak FLOP/s; None: unknown, no MFU
     started: float  # time.perf_counter() at the start of the loop
+    byte_lengths: torch.Tensor  # UTF-8 bytes per token id, for bits per byte (model/score.py)
 
     @property
     def tokens_per_step(self) -> int:
@@ -376,6 +369,7 @@ class Result:
     step: int
     train_loss: float | None  # from the last evaluation; None when there was none
     val_loss: float | None
+    val_bpb: float | None  # the last evaluation's val loss in bits per byte
     best_val_loss: float
     interrupted: str | None  # the signal that stopped the run, or None when it finished
     out_dir: str
@@ -417,12 +411,14 @@ def _train(cfg: Config, ddp: Distributed, device: torch.device, progress: bool, 
 
             step_started = time.perf_counter()
             lr = learning_rate_at(state.step, tc, time_fraction(tc, state))
-            for group in run.optimizer.param_groups:
-                group["lr"] = lr
+            run.optimizer.set_lr_factor(lr / tc.learning_rate)  # every optimiser's peak follows the schedule
             torch.manual_seed(stream_seed(tc.seed, DROPOUT_STREAM, state.step, ddp.rank))
             loss, grad_norm = train_step(run.train_model, run.model, run.optimizer, run.scaler,
                                          run.batches.at(state.step), tc, device, run.precision)
             seconds = time.perf_counter() - step_started
+            if not math.isfinite(loss) or (not math.isfinite(grad_norm) and not run.scaler.is_enabled()):
+                bar.close()
+                raise UserError(divergence_message(state.step, loss, grad_norm, lr, run.precision, run.out_dir))
             tally.add(loss, grad_norm, seconds)
             # Every process must stop after the same step and follow the same clock.
             interrupted, state.train_seconds = ddp.agree_max(
@@ -430,7 +426,7 @@ def _train(cfg: Config, ddp: Distributed, device: torch.device, progress: bool, 
             )
             state.step += 1
             state.evaluated = False
-            show_step(bar, run, tally, loss, lr)
+            show_step(bar, run, tally, loss, lr, losses.get("val_bpb"))
             if interrupted:
                 save(run, state, "last.pt")
                 bar.close()
@@ -462,7 +458,7 @@ def setup(cfg: Config, ddp: Distributed, device: torch.device, progress: bool,
     torch.manual_seed(tc.seed)  # the same initial weights in every process
     use_tensor_cores(device)
     model = in_memory(lambda: initial_model(cfg, meta, resuming=checkpoint is not None), cfg.model, device)
-    optimizer = make_optimizer(model, tc, device)
+    optimizer = build_optimizers(model, tc, device)
     precision = Precision.for_device(device)
     scaler = precision.grad_scaler()
     state = RunState() if checkpoint is None else resume_from(checkpoint, model, optimizer, scaler)
@@ -492,7 +488,8 @@ def setup(cfg: Config, ddp: Distributed, device: torch.device, progress: bool,
     peak, peak_source = peak_flops(device, tc.peak_tflops)
     run = Run(cfg, ddp, device, precision, model, train_model, eval_model, optimizer, scaler, splits, batches,
               micro_batch, meta["tokenizer"], out_dir, log, flops_per_token(cfg.model, model.num_params()), peak,
-              time.perf_counter())
+              time.perf_counter(),
+              token_byte_lengths(tokenizer_from_state(meta["tokenizer"]), cfg.model.vocab_size).to(device))
     log(
         f"model: {model.num_params() / 1e6:.2f}M parameters, {cfg.model.n_layer} layers, {cfg.model.n_head} "
         f"heads, width {cfg.model.n_embd}, context {cfg.model.block_size}, vocab {cfg.model.vocab_size}, "
@@ -525,7 +522,7 @@ def in_memory(build: Callable[[], GPT], cfg: ModelConfig, device: torch.device) 
         raise UserError(f"the model does not fit in {device} memory: {needed}; choose a smaller model") from None
 
 
-def resume_from(checkpoint: dict, model: GPT, optimizer: torch.optim.Optimizer,
+def resume_from(checkpoint: dict, model: GPT, optimizer: Optimizers,
                 scaler: torch.amp.GradScaler) -> RunState:
     """Load a checkpoint's weights, optimiser and scaler state; where its run stood."""
     if checkpoint["optimizer"] is None:
@@ -569,12 +566,13 @@ def evaluate_and_save(run: Run, state: RunState, tally: Tally) -> dict[str, floa
     """Measure train and val loss, append a metrics line (with the tally of the steps
     since the last one), save last.pt and, when val improved, best.pt as a copy of it."""
     tc, ddp = run.cfg.train, run.ddp
-    losses = estimate_loss(run.eval_model, run.splits, run.cfg, run.micro_batch, ddp, run.device, run.precision)
+    losses = estimate_loss(run.eval_model, run.splits, run.cfg, run.micro_batch, ddp, run.device, run.precision,
+                           run.byte_lengths)
     tally_loss = ddp.sum(torch.tensor(tally.loss, dtype=torch.float64, device=run.device)).item() / ddp.world_size
     tokens_per_s = tally.steps * run.tokens_per_step / tally.seconds if tally.steps else None
     record = {
         "step": state.step, "lr": learning_rate_at(state.step, tc, time_fraction(tc, state)),
-        "train_loss": losses["train"], "val_loss": losses["val"],
+        "train_loss": losses["train"], "val_loss": losses["val"], "val_bpb": losses["val_bpb"],
         "loss": tally_loss / tally.steps if tally.steps else None,
         "grad_norm": tally.grad_norm / tally.steps if tally.steps else None,
         "tokens_per_s": tokens_per_s, "mfu": mfu(run, tokens_per_s) if tokens_per_s else None,
@@ -584,7 +582,8 @@ def evaluate_and_save(run: Run, state: RunState, tally: Tally) -> dict[str, floa
     if ddp.is_main:
         with (run.out_dir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
-    run.log(f"step {state.step:>6}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+    run.log(f"step {state.step:>6}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
+            f"({losses['val_bpb']:.4f} bits per byte)")
     if state.step > 0:
         improved = losses["val"] < state.best_val
         state.best_val = min(state.best_val, losses["val"])
@@ -594,17 +593,34 @@ def evaluate_and_save(run: Run, state: RunState, tally: Tally) -> dict[str, floa
     return losses
 
 
-def show_step(bar: tqdm, run: Run, tally: Tally, loss: float, lr: float) -> None:
+def show_step(bar: tqdm, run: Run, tally: Tally, loss: float, lr: float, val_bpb: float | None) -> None:
     """The progress bar's step: loss, learning rate, speed and MFU since the last metrics line."""
     rate = tally.steps * run.tokens_per_step / tally.seconds
     utilisation = mfu(run, rate)
     bar.update(1)
-    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}",
+    bar.set_postfix(loss=f"{loss:.3f}", val_bpb=f"{val_bpb:.3f}" if val_bpb is not None else "-",
+                    lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}",
                     mfu=f"{utilisation:.1%}" if utilisation else "-", refresh=False)
 
 
+def divergence_message(step: int, loss: float, grad_norm: float, lr: float, precision: Precision,
+                       out_dir: Path) -> str:
+    """Why training stopped on a non-finite number. Under fp16 a non-finite gradient alone
+    is routine (the gradient scaler skips that step and lowers its scale), so only the
+    loss counts there. Nothing is saved after this: the last checkpoint stays as it was."""
+    if precision.dtype == torch.float16:
+        cause = "fp16 overflow in the forward pass (bf16 or fp32 has the range), or too high a learning rate"
+    else:
+        cause = f"too high a learning rate ({lr:.3g} at this step; lower train.learning_rate) or a bad batch"
+    kept = out_dir / "last.pt"
+    checkpoint = f"{kept} is left as it was" if kept.is_file() else "no checkpoint was written"
+    return (f"training diverged at step {step}: loss {loss}, gradient norm {grad_norm}; likely cause: {cause}; "
+            f"{checkpoint}")
+
+
 def result(run: Run, state: RunState, losses: dict[str, float], interrupted: str | None) -> Result:
-    return Result(state.step, losses.get("train"), losses.get("val"), state.best_val, interrupted,
+    return Result(state.step, losses.get("train"), losses.get("val"), losses.get("val_bpb"), state.best_val,
+                  interrupted,
                   run.cfg.train.out_dir, run.model.num_params(), str(run.device))
 
 

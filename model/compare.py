@@ -39,7 +39,8 @@ How the comparison is run, and why:
   num_samples-1), and averaged over s: every row is measured on the same amount of
   text. Self-BLEU compares the samples of one prompt with each other, averaged over
   prompts (none for the human row: one continuation per prompt). Repetition,
-  perplexity, lengths and the end rate are per sample or per token and pool every
+  perplexity, bits per byte (the same nats over the UTF-8 bytes of the tokens, which
+  compare across tokenizers: model/score.py), lengths and the end rate are per sample or per token and pool every
   sample.
 """
 
@@ -63,6 +64,7 @@ from model.errors import UserError
 from model.generate import Context, Sample, encode_prompt, finished_sample, generate
 from model.gpt import GPT
 from model.strategy import DecodingSpec, parse_strategy_with_defaults
+from model.score import bits_per_byte, token_byte_lengths
 from model.tokenizer import Tokenizer
 
 DEFAULT_GRID = (
@@ -75,7 +77,7 @@ WORD = re.compile(r"\w+|[^\w\s]")
 
 # One row of the table: these keys, in this order, in results.json, .csv and .md.
 ROW_FIELDS = (
-    "strategy", "perplexity", "distinct_1", "distinct_2", "distinct_3", "repetition", "self_bleu", "zipf",
+    "strategy", "perplexity", "bits_per_byte", "distinct_1", "distinct_2", "distinct_3", "repetition", "self_bleu", "zipf",
     "mean_tokens", "mean_units", "end_rate", "tokens_per_s", "seconds", "samples",
 )
 
@@ -215,20 +217,22 @@ def text_units(sample: Sample, units: str, eot_id: int) -> list:
 
 
 def row_metrics(
-    units_by_prompt: Sequence[Sequence[Sequence]], samples: Sequence[Sample]
+    units_by_prompt: Sequence[Sequence[Sequence]], samples: Sequence[Sample], byte_lengths: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """The metrics of one table row (see the module docstring for the pooling).
 
     ``units_by_prompt[p][s]`` are the units of sample s of prompt p; every prompt has the
     same number of samples. ``samples`` are the distinct Sample objects behind them (a
     deterministic strategy's one per prompt), which give the token-level numbers.
-    Keys: perplexity, distinct_1..3, repetition, self_bleu, zipf, mean_tokens,
+    ``byte_lengths`` (model.score.token_byte_lengths) gives bits_per_byte (else nan).
+    Keys: perplexity, bits_per_byte, distinct_1..3, repetition, self_bleu, zipf, mean_tokens,
     mean_units, end_rate; nan where a metric has nothing to measure.
     """
     per_draw = [[group[s] for group in units_by_prompt] for s in range(len(units_by_prompt[0]))]
     every_sample = [units for group in units_by_prompt for units in group]
     return {
         "perplexity": metrics.perplexity(list(chain.from_iterable(s.logprobs for s in samples))),
+        "bits_per_byte": _bits_per_byte(samples, byte_lengths),
         **{f"distinct_{n}": metrics.mean((metrics.distinct_n(draw, n) for draw in per_draw), skip_nan=True)
            for n in (1, 2, 3)},
         "repetition": metrics.repetition_rate(every_sample),
@@ -240,6 +244,14 @@ def row_metrics(
         "mean_units": metrics.mean(len(units) for units in every_sample),
         "end_rate": metrics.mean(float(s.finish != "length") for s in samples),
     }
+
+
+def _bits_per_byte(samples: Sequence[Sample], byte_lengths: torch.Tensor | None) -> float:
+    tokens = list(chain.from_iterable(s.tokens for s in samples))
+    num_bytes = int(byte_lengths[tokens].sum()) if byte_lengths is not None and tokens else 0
+    if not num_bytes:
+        return math.nan
+    return bits_per_byte(-math.fsum(chain.from_iterable(s.logprobs for s in samples)), num_bytes)
 
 
 # ----------------------------------------------------------------------------- the comparison
@@ -319,7 +331,8 @@ def run_comparison(
             samples = _generate(model, tokenizer, prompts, spec, num_samples, max_new_tokens, seed, stop, window)
             runs.append(Run(spec.label, spec, samples, time.perf_counter() - started))
             bar.update()
-    rows = [_row(run, len(prompts), num_samples, units, tokenizer.eot_id) for run in runs]
+    byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
+    rows = [_row(run, len(prompts), num_samples, units, tokenizer.eot_id, byte_lengths) for run in runs]
     settings = {
         "num_samples": num_samples, "max_new_tokens": max_new_tokens, "seed": seed, "stop": list(stop),
         "window": window, "units": units, "human_row": human is not None,
@@ -345,7 +358,9 @@ def _human_run(model, tokenizer, prompts, human, max_new_tokens, stop, window) -
     return Run(HUMAN, None, samples, None)
 
 
-def _row(run: Run, num_prompts: int, num_samples: int, units: str, eot_id: int) -> dict[str, Any]:
+def _row(
+    run: Run, num_prompts: int, num_samples: int, units: str, eot_id: int, byte_lengths: torch.Tensor
+) -> dict[str, Any]:
     """One table row. A deterministic strategy's one sample per prompt stands for the
     num_samples identical samples every seed would give; the human row has one per prompt."""
     per_prompt = len(run.samples) // num_prompts
@@ -354,7 +369,7 @@ def _row(run: Run, num_prompts: int, num_samples: int, units: str, eot_id: int) 
         [text_units(sample, units, eot_id) for sample in run.samples[p * per_prompt : (p + 1) * per_prompt]] * copies
         for p in range(num_prompts)
     ]
-    row = {"strategy": run.label, **row_metrics(units_by_prompt, run.samples)}
+    row = {"strategy": run.label, **row_metrics(units_by_prompt, run.samples, byte_lengths)}
     row["tokens_per_s"] = run.tokens_per_s
     row["seconds"] = math.nan if run.seconds is None else run.seconds
     row["samples"] = len(run.samples)

@@ -90,7 +90,18 @@ class TrainConfig:
     min_lr: float = 1e-4  # floor of the cosine decay
     warmup_iters: int = 50
     lr_decay_iters: int = 0  # 0: decay over the whole run (max_iters)
-    weight_decay: float = 0.1  # applied to 2-D weights only
+    weight_decay: float = 0.1  # AdamW's, applied to 2-D weights only
+    optimizer: str = "adamw"  # "adamw": AdamW for everything; "muon": Muon for the blocks' matrices, AdamW for the rest
+    # Muon (torch.optim.Muon; optimizer = "muon"): the 2-D weight matrices inside the
+    # Transformer blocks. Embeddings, the head, biases and norms stay with AdamW at
+    # learning_rate. The schedule scales both optimisers' rates by the same factor.
+    muon_lr: float = 0.02  # peak Muon learning rate (before muon_adjust_lr's shape scaling)
+    muon_momentum: float = 0.95  # Nesterov momentum of Muon
+    muon_weight_decay: float = 0.0  # decoupled weight decay of the Muon matrices (multiplied by the lr)
+    # How Muon scales its rate by a matrix's shape (out x in): "original" (Keller Jordan's,
+    # sqrt(max(1, out / in))) or "match_rms_adamw" (Moonshot's, 0.2 sqrt(max(out, in)): an
+    # update as large as AdamW's, so an AdamW learning rate carries over)
+    muon_adjust_lr: str = "original"
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
@@ -112,6 +123,14 @@ class TrainConfig:
             f"train.min_lr must be in [0, learning_rate={self.learning_rate}], got {self.min_lr}",
         )
         _require(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        _require(self.optimizer in ("adamw", "muon"), f"train.optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
+        _require(self.muon_lr > 0, f"train.muon_lr must be > 0, got {self.muon_lr}")
+        _require(0 <= self.muon_momentum < 1, f"train.muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        _require(self.muon_weight_decay >= 0, f"train.muon_weight_decay must be >= 0, got {self.muon_weight_decay}")
+        _require(
+            self.muon_adjust_lr in ("original", "match_rms_adamw"),
+            f"train.muon_adjust_lr must be 'original' or 'match_rms_adamw', got {self.muon_adjust_lr!r}",
+        )
         _require(self.grad_clip >= 0, f"train.grad_clip must be >= 0, got {self.grad_clip}")
         _require(self.max_seconds >= 0, f"train.max_seconds must be >= 0 (0: no time limit), got {self.max_seconds}")
         _require(self.peak_tflops >= 0, f"train.peak_tflops must be >= 0 (0: estimate it), got {self.peak_tflops}")

@@ -184,6 +184,13 @@ def test_row_metrics_by_hand():
     assert row["end_rate"] == 0.5 and row["mean_tokens"] == 2 and row["mean_units"] == 2
     # Zipf per draw: s=0 counts 1,1,1,1 (flat: 0); s=1 counts 2,2 (flat: 0).
     assert row["zipf"] == pytest.approx(0.0)
+    assert math.isnan(row["bits_per_byte"])  # no byte lengths given
+    # tokens 1 and 2 stand for 1 and 3 bytes, 9 (end-of-text) for none: 1 + 3 + 1 + 0 = 5 bytes
+    lengths = torch.zeros(10, dtype=torch.int64)
+    lengths[1], lengths[2] = 1, 3
+    with_bytes = row_metrics(units, samples, lengths)
+    # total nats 4 ln 2 (= -(ln .5 + ln .5 + ln .25 + 0)) over 5 bytes: 4/5 bit a byte
+    assert with_bytes["bits_per_byte"] == pytest.approx(0.8)
 
 
 # ----------------------------------------------------------------------------- the whole comparison
@@ -271,7 +278,7 @@ def test_given_prompts_have_no_human_row(tiny_checkpoint, tmp_path, capsys):
 def test_table_shows_missing_values_as_a_dash():
     row = dict.fromkeys(ROW_FIELDS, math.nan) | {"strategy": "human", "perplexity": 12.345, "repetition": 0.25}
     header, line = format_table([row]).splitlines()
-    assert header.split()[:3] == ["strategy", "ppl", "dist-1"]
+    assert header.split()[:4] == ["strategy", "ppl", "bpb", "dist-1"]
     assert line.split()[:4] == ["human", "12.35", "-", "-"] and "25.0" in line.split()
 
 

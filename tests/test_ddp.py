@@ -54,8 +54,8 @@ def worker(rank: int, world_size: int, port: int, args: list[str], out: str) -> 
         return real_no_sync(self)
 
     torch.nn.parallel.DistributedDataParallel.no_sync = counting_no_sync
-    models, real_make_optimizer = [], train.make_optimizer  # every rank's model, to compare their weights
-    train.make_optimizer = lambda model, *more: models.append(model) or real_make_optimizer(model, *more)
+    models, real_build_optimizers = [], train.build_optimizers  # every rank's model, to compare their weights
+    train.build_optimizers = lambda model, *more: models.append(model) or real_build_optimizers(model, *more)
     train.train(load_config(None, args), progress=False)
     torch.save({"params": models[0].state_dict(), "no_sync": len(no_sync_calls)}, f"{out}/rank{rank}.pt")
 
