@@ -18,6 +18,7 @@ from model.checkpoint import load_for_generation
 from tests.conftest import ROOT, one_line_error, run_cli
 
 
+@pytest.mark.slow  # the whole path in fresh processes; the default suite covers each step on its own
 def test_prepare_train_sample_end_to_end(tmp_path, tiny_corpus):
     data, out = tmp_path / "data", tmp_path / "out"
     prepared = run_cli("data/prepare.py", str(tiny_corpus), "--out", str(data))
