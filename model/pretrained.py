@@ -25,7 +25,6 @@ weights (bench/gpt2_speed.py measures it).
 
 from __future__ import annotations
 
-import json
 import pickle
 import re
 import warnings
@@ -38,7 +37,7 @@ from safetensors import SafetensorError, safe_open
 from model.config import ModelConfig
 from model.errors import UserError
 from model.gpt import GPT
-from model.tokenizer import GPT2_MERGES_FILE, GPT2_VOCAB_FILE, GPT2Tokenizer
+from model.tokenizer import GPT2_MERGES_FILE, GPT2_VOCAB_FILE, GPT2Tokenizer, read_json_object
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -84,14 +83,7 @@ def gpt2_config(folder: str | Path, block_size: int | None = None) -> ModelConfi
     """The ModelConfig that config.json describes; ``block_size`` below n_positions crops
     the position table (a shorter context, e.g. for fine-tuning on a CPU)."""
     path = Path(folder) / CONFIG_FILE
-    try:
-        hf = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path} not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(hf, dict):
-        raise UserError(f"{path} must hold a JSON object")
+    hf = read_json_object(path)
     model_type = hf.get("model_type")
     if model_type != "gpt2":
         raise UserError(f"{path}: model_type {model_type!r} is not GPT-2; only GPT-2 models (gpt2, gpt2-medium, "

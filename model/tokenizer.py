@@ -320,7 +320,7 @@ class GPT2Tokenizer(BPETokenizer):
     def from_files(cls, vocab_path: str | os.PathLike[str], merges_path: str | os.PathLike[str]) -> GPT2Tokenizer:
         """Read and cross-check vocab.json and merges.txt; every problem is a one-line UserError."""
         vocab_path, merges_path = Path(vocab_path), Path(merges_path)
-        vocab = _read_json_object(vocab_path)
+        vocab = read_json_object(vocab_path, holds=" (token -> id)")
         symbols = _gpt2_byte_symbols()
 
         def to_bytes(token: str, source: Path) -> bytes:
@@ -358,7 +358,9 @@ class GPT2Tokenizer(BPETokenizer):
         return {"kind": "gpt2", "ranks": self.rank_file_text()}
 
 
-def _read_json_object(path: Path) -> dict:
+def read_json_object(path: Path, holds: str = "") -> dict:
+    """The JSON object in ``path``; a missing file, bad JSON or another kind of value is a
+    UserError naming the file (``holds`` says what the object should map)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -366,7 +368,7 @@ def _read_json_object(path: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid JSON ({e})") from None
     if not isinstance(data, dict):
-        raise UserError(f"{path} must hold a JSON object (token -> id)")
+        raise UserError(f"{path} must hold a JSON object{holds}")
     return data
 
 

@@ -457,6 +457,7 @@ def one_line_error(result) -> str:
     return lines[0]
 
 
+@pytest.mark.slow  # a fresh sample.py process
 def test_sample_cli_refuses_an_absurd_number_of_samples_in_one_line(tiny_checkpoint):
     result = run_cli("sample.py", str(tiny_checkpoint), "--num-samples", "1000000000", "--max-new-tokens", "5",
                      timeout=60)
@@ -464,6 +465,7 @@ def test_sample_cli_refuses_an_absurd_number_of_samples_in_one_line(tiny_checkpo
     assert result.stdout == ""
 
 
+@pytest.mark.slow  # a fresh sample.py process
 def test_sample_cli_says_in_one_line_when_stdout_cannot_show_the_text(tiny_checkpoint, tmp_path):
     # A byte-level tokenizer takes any prompt; an ASCII stdout cannot show a Japanese one.
     payload = load_checkpoint(tiny_checkpoint)
