@@ -69,7 +69,8 @@ def wait_for(process: subprocess.Popen, text: str, timeout: float = 120) -> list
     raise AssertionError(f"no {text!r} in the output: {''.join(lines)}{process.stderr.read()}")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)])  # slow: same path
+@pytest.mark.slow  # real training processes signalled and killed: the slow suite (.ci/run runs it)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_saves_and_exits_cleanly_then_resume_finishes(sig, tiny_dataset, tmp_path):
     process = start_training(tiny_dataset, tmp_path, "max_iters=1000000", "eval_interval=20")
     wait_for(process, "step     20:")  # a checkpoint exists and training is under way
@@ -93,6 +94,7 @@ def test_a_signal_saves_and_exits_cleanly_then_resume_finishes(sig, tiny_dataset
     assert load_checkpoint(tmp_path / "last.pt")["step"] == finish
 
 
+@pytest.mark.slow
 def test_kill_9_during_a_save_leaves_the_previous_checkpoint(tiny_dataset, tmp_path):
     # The child's torch.save writes half a file and hangs from its second call on (the
     # first is the step-5 evaluation's last.pt; best.pt is a copy made without torch.save):
@@ -122,7 +124,7 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint(tiny_dataset, tmp_p
     assert not list(tmp_path.glob(".*.pt.*.tmp"))  # the dead save's leftover was cleared
 
 
-@pytest.mark.slow  # many real processes; the default suite keeps the kill during a save
+@pytest.mark.slow  # many real processes killed at random moments
 def test_kill_9_at_random_moments_always_leaves_a_loadable_checkpoint(tiny_dataset, tmp_path):
     # Saving after every step makes a save in progress a likely place for the kill to land.
     delays = random.Random(0).sample([0.05, 0.2, 0.4, 0.7, 1.0, 1.5], 2)
