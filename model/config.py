@@ -102,6 +102,9 @@ class TrainConfig:
     # sqrt(max(1, out / in))) or "match_rms_adamw" (Moonshot's, 0.2 sqrt(max(out, in)): an
     # update as large as AdamW's, so an AdamW learning rate carries over)
     muon_adjust_lr: str = "original"
+    # The number type of Muon's Newton-Schulz iteration: "auto" (bfloat16 on CUDA, float32
+    # on other devices), "bfloat16" (torch.optim.Muon's own choice) or "float32"
+    muon_precision: str = "auto"
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
@@ -130,6 +133,10 @@ class TrainConfig:
         _require(
             self.muon_adjust_lr in ("original", "match_rms_adamw"),
             f"train.muon_adjust_lr must be 'original' or 'match_rms_adamw', got {self.muon_adjust_lr!r}",
+        )
+        _require(
+            self.muon_precision in ("auto", "bfloat16", "float32"),
+            f"train.muon_precision must be 'auto', 'bfloat16' or 'float32', got {self.muon_precision!r}",
         )
         _require(self.grad_clip >= 0, f"train.grad_clip must be >= 0, got {self.grad_clip}")
         _require(self.max_seconds >= 0, f"train.max_seconds must be >= 0 (0: no time limit), got {self.max_seconds}")
