@@ -44,7 +44,7 @@ class ModelConfig:
     norm_eps: float = 1e-5  # added to the variance in every norm (GPT-2's config.json: layer_norm_epsilon)
     activation: str = "gelu"  # the MLP's: "gelu" (exact, erf), "gelu_tanh" (GPT-2's gelu_new) or "relu2" (relu(x)^2)
     qk_norm: bool = False  # RMS-normalise each head's queries and keys (no learned scale) before their dot products
-    zero_init_proj: bool = False  # attn.proj and mlp.proj (into the residual) start at zero: blocks start as the identity
+    zero_init_proj: bool = False  # attn.proj and mlp.proj start at zero, so every block starts as the identity
     tie_head: bool = True  # the LM head shares the token embedding's matrix (GPT-2); false: a matrix of its own
     logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap), bounded by the cap; 0: off
 
