@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -41,30 +42,6 @@ from model.gpt import KVCache  # noqa: E402
 from model.pretrained import load_gpt2  # noqa: E402
 from model.strategy import DecodingSpec  # noqa: E402
 from tests.gpt2_folders import hf_config, hf_weights, pair_merges, write_folder  # noqa: E402
-
-# Runs in the Python that has transformers: loads the folder, then times generate() once
-# per line read from stdin ("SEED"), answering with the seconds taken.
-HF_WORKER = r"""
-import json, resource, sys, time, torch
-torch.set_num_threads(int(sys.argv[2]))
-from transformers import GPT2LMHeadModel
-def vm(key):
-    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key + ":"))
-before = vm("VmRSS")
-model = GPT2LMHeadModel.from_pretrained(sys.argv[1], torch_dtype=torch.float32).eval()
-import transformers
-print(json.dumps({"load_peak_bytes": vm("VmHWM") - before, "version": transformers.__version__}), flush=True)
-new = int(sys.argv[3])
-prompt = torch.zeros(1, 1, dtype=torch.long)
-for line in sys.stdin:
-    torch.manual_seed(int(line))
-    with torch.inference_mode():
-        started = time.perf_counter()
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=0, top_p=1.0,
-                             temperature=1.0, max_new_tokens=new, min_new_tokens=new, pad_token_id=0, use_cache=True)
-        seconds = time.perf_counter() - started
-    print(json.dumps({"seconds": seconds, "tokens": out.shape[1] - 1}), flush=True)
-"""
 
 # Runs in a fresh process of this project: the peak memory of loading the folder.
 LOAD_PROBE = r"""
@@ -116,19 +93,25 @@ def bf16_logit_difference(fp32_model, bf16_model, vocab: int, length: int = 64) 
 
 
 class HFWorker:
+    """bench/hf_side.py in the venv that has transformers, holding GPT2LMHeadModel loaded
+    from the folder with from_pretrained."""
+
     def __init__(self, python: str, folder: Path, threads: int, new_tokens: int):
-        self.process = subprocess.Popen([python, "-c", HF_WORKER, str(folder), str(threads), str(new_tokens)],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen([python, str(ROOT / "bench" / "hf_side.py"), str(folder)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                        env={**os.environ, "OMP_NUM_THREADS": str(threads)})
         self.info = json.loads(self.process.stdout.readline())
+        self.request = f"{new_tokens} {{seed}} {threads}\n"
 
     def tokens_per_second(self, seed: int) -> float:
-        self.process.stdin.write(f"{seed}\n")
+        self.process.stdin.write(self.request.format(seed=seed))
         self.process.stdin.flush()
-        answer = json.loads(self.process.stdout.readline())
+        answer = float(self.process.stdout.readline())
         self.idle_wait_s = wait_until_idle(self.process.pid)
-        return answer["tokens"] / answer["seconds"]
+        return answer
 
     def close(self) -> None:
+        self.process.stdin.write("\n")
         self.process.stdin.close()
         self.process.wait(timeout=60)
 

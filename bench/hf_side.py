@@ -1,22 +1,29 @@
-"""The Hugging Face side of bench/sample_speed.py, run by the Python of a separate venv
-that has transformers (never a dependency of the project).
+"""The Hugging Face side of bench/sample_speed.py and bench/gpt2_speed.py, run by the
+Python of a separate venv that has transformers (never a dependency of the project).
 
-    /work/venv-hf/bin/python bench/hf_side.py WEIGHTS.pt
+    /work/venv-hf/bin/python bench/hf_side.py WEIGHTS.pt     # bench/sample_speed.py
+    /work/venv-hf/bin/python bench/hf_side.py FOLDER         # bench/gpt2_speed.py
 
 WEIGHTS.pt holds {"config": ModelConfig fields, "state_dict": our GPT's weights, "probe":
-token ids, "logits": our logits for them}. This builds a GPT2LMHeadModel with the same
-weights (exact GELU, LayerNorm eps 1e-5, as our model), prints "ready" and the largest
-difference of its logits from ours on the probe, then answers one line per request on stdin, "TOKENS SEED THREADS", with the
-tokens/s of one ``generate()`` call (its KV cache on, plain sampling at temperature 1,
-no end-of-text stop, batch 1, from a one-token prompt); an empty line ends it.
+token ids, "logits": our logits for them}: this builds a GPT2LMHeadModel with the same
+weights (exact GELU, LayerNorm eps 1e-5, as our model). FOLDER is a Hugging Face GPT-2
+folder, loaded with from_pretrained. Either way it prints one JSON line when ready:
+transformers' version, the peak memory the load added, and (for WEIGHTS.pt) the largest
+difference of its logits from ours on the probe. Then it answers one line per request
+on stdin, "TOKENS SEED THREADS", with the tokens/s of one ``generate()`` call (its KV
+cache on, plain sampling at temperature 1, no end-of-text stop, batch 1, from a
+one-token prompt); an empty line ends it.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
+from pathlib import Path
 
 import torch
+import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 
 
@@ -60,12 +67,24 @@ def tokens_per_second(model: GPT2LMHeadModel, new_tokens: int, seed: int) -> flo
     return new_tokens / elapsed
 
 
+def memory(key: str) -> int:
+    """Bytes of this process's VmRSS (resident now) or VmHWM (peak resident)."""
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key + ":"))
+
+
 @torch.inference_mode()
 def main() -> None:
-    saved = torch.load(sys.argv[1], weights_only=True)
-    model = gpt2_from(saved)
-    difference = (model(saved["probe"]).logits - saved["logits"]).abs().max().item()
-    print(f"ready {difference:.3g}", flush=True)
+    source = Path(sys.argv[1])
+    before = memory("VmRSS")
+    ready = {"version": transformers.__version__}
+    if source.is_dir():
+        model = GPT2LMHeadModel.from_pretrained(source, dtype=torch.float32).eval()
+    else:
+        saved = torch.load(source, weights_only=True)
+        model = gpt2_from(saved)
+        ready["logit_difference"] = (model(saved["probe"]).logits - saved["logits"]).abs().max().item()
+    ready["load_peak_bytes"] = memory("VmHWM") - before
+    print(json.dumps(ready), flush=True)
     for line in sys.stdin:
         if not line.strip():
             break

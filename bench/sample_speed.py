@@ -92,10 +92,10 @@ class HuggingFaceSide:
                     "logits": logits}, weights)
         self.process = subprocess.Popen([python, str(ROOT / "bench" / "hf_side.py"), str(weights)],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        ready = self.process.stdout.readline().split()
-        if ready[:1] != ["ready"]:
+        ready = self.process.stdout.readline()
+        if not ready.startswith("{"):
             raise SystemExit(f"bench/hf_side.py did not start under {python}")
-        self.logit_difference = float(ready[1])  # the same weights give the same logits
+        self.logit_difference = json.loads(ready)["logit_difference"]  # the same weights give the same logits
 
     def tokens_per_second(self, new_tokens: int, seed: int) -> float:
         self.process.stdin.write(f"{new_tokens} {seed} {torch.get_num_threads()}\n")
