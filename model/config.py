@@ -23,7 +23,7 @@ from typing import Any
 from model.errors import UserError
 
 
-ACTIVATIONS = ("gelu", "gelu_tanh")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu2")
 
 
 @dataclass
@@ -42,7 +42,11 @@ class ModelConfig:
     position: str = "learned"  # "learned" absolute embeddings (GPT-2) or "rope" (rotary, in attention)
     norm: str = "layernorm"  # "layernorm" (GPT-2) or "rmsnorm" (scale only, no centring, no bias)
     norm_eps: float = 1e-5  # added to the variance in every norm (GPT-2's config.json: layer_norm_epsilon)
-    activation: str = "gelu"  # the MLP's: "gelu" (exact, erf) or "gelu_tanh" (the tanh approximation, GPT-2's gelu_new)
+    activation: str = "gelu"  # the MLP's: "gelu" (exact, erf), "gelu_tanh" (GPT-2's gelu_new) or "relu2" (relu(x)^2)
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys (no learned scale) before their dot products
+    zero_init_proj: bool = False  # attn.proj and mlp.proj start at zero, so every block starts as the identity
+    tie_head: bool = True  # the LM head shares the token embedding's matrix (GPT-2); false: a matrix of its own
+    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap), bounded by the cap; 0: off
 
     def validate(self) -> None:
         for name in ("block_size", "n_layer", "n_head", "n_embd", "vocab_multiple"):
@@ -67,6 +71,7 @@ class ModelConfig:
             self.activation in ACTIVATIONS,
             f"model.activation must be one of {', '.join(map(repr, ACTIVATIONS))}, got {self.activation!r}",
         )
+        _require(self.logit_softcap >= 0, f"model.logit_softcap must be >= 0 (0: off), got {self.logit_softcap}")
         _require(
             self.position != "rope" or (self.n_embd // self.n_head) % 2 == 0,
             f"model.position 'rope' rotates pairs of features: the head size n_embd / n_head "
@@ -102,6 +107,9 @@ class TrainConfig:
     # sqrt(max(1, out / in))) or "match_rms_adamw" (Moonshot's, 0.2 sqrt(max(out, in)): an
     # update as large as AdamW's, so an AdamW learning rate carries over)
     muon_adjust_lr: str = "original"
+    # The number type of Muon's Newton-Schulz iteration: "auto" (bfloat16 on CUDA, float32
+    # on other devices), "bfloat16" (torch.optim.Muon's own choice) or "float32"
+    muon_precision: str = "auto"
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
@@ -130,6 +138,10 @@ class TrainConfig:
         _require(
             self.muon_adjust_lr in ("original", "match_rms_adamw"),
             f"train.muon_adjust_lr must be 'original' or 'match_rms_adamw', got {self.muon_adjust_lr!r}",
+        )
+        _require(
+            self.muon_precision in ("auto", "bfloat16", "float32"),
+            f"train.muon_precision must be 'auto', 'bfloat16' or 'float32', got {self.muon_precision!r}",
         )
         _require(self.grad_clip >= 0, f"train.grad_clip must be >= 0, got {self.grad_clip}")
         _require(self.max_seconds >= 0, f"train.max_seconds must be >= 0 (0: no time limit), got {self.max_seconds}")

@@ -10,7 +10,7 @@ import train
 from model.checkpoint import load_checkpoint
 from model.config import TrainConfig, load_config
 from model.gpt import GPT
-from model.optim import build_optimizers
+from model.optim import MuonWithPrecision, build_optimizers, muon_ns_dtype
 from tests.conftest import tiny_config
 from tests.test_cli import one_line_error
 from tests.test_ddp import overrides as ddp_overrides, records as ddp_records, run_ddp
@@ -74,6 +74,47 @@ def test_a_muon_step_moves_each_matrix_by_its_orthogonalised_gradient():
     assert (step * polar).sum() / (step.norm() * polar.norm()) > 0.93
     singular_values = torch.linalg.svdvals(step)[:rank]
     assert singular_values.min() > 0.6 and singular_values.max() < 1.25
+
+
+def muon_run(optimizer_class, steps: int, **settings) -> list[torch.Tensor]:
+    """Three matrices (wide, tall, square) after ``steps`` steps on fixed random gradients."""
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape, generator=generator)) for shape in ((8, 24), (24, 8), (16, 16))]
+    optimizer = optimizer_class(params, lr=0.05, weight_decay=0.1, **settings)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator)
+        optimizer.step()
+    return [p.detach() for p in params]
+
+
+@pytest.mark.parametrize("adjust_lr_fn", [None, "original", "match_rms_adamw"])
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_muon_in_bfloat16_is_torchs_muon_bit_for_bit(adjust_lr_fn, nesterov):
+    ours = muon_run(MuonWithPrecision, 3, ns_dtype=torch.bfloat16, adjust_lr_fn=adjust_lr_fn, nesterov=nesterov)
+    torchs = muon_run(torch.optim.Muon, 3, adjust_lr_fn=adjust_lr_fn, nesterov=nesterov)
+    for a, b in zip(ours, torchs):
+        assert torch.equal(a, b)
+
+
+def test_muon_in_float32_differs_from_bfloat16_by_bfloat16_rounding_only():
+    """bfloat16 keeps 8 bits of mantissa (relative rounding about 4e-3): the float32
+    iteration lands within a few of those roundings of torch's, and is not the same."""
+    start = muon_run(torch.optim.Muon, 0)
+    in_bf16 = muon_run(torch.optim.Muon, 3)
+    in_fp32 = muon_run(MuonWithPrecision, 3, ns_dtype=torch.float32)
+    for before, a, b in zip(start, in_bf16, in_fp32):
+        moved = (a - before).norm()
+        assert (a - b).norm() < 0.03 * moved
+        assert not torch.equal(a, b)
+
+
+def test_muon_precision_auto_is_bfloat16_on_cuda_only():
+    assert muon_ns_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
+    assert muon_ns_dtype("auto", CPU) == torch.float32
+    assert muon_ns_dtype("bfloat16", CPU) == torch.bfloat16
+    optimizers = build_optimizers(GPT(tiny_config()), TrainConfig(optimizer="muon", muon_precision="bfloat16"), CPU)
+    assert optimizers.optimizers["muon"].ns_dtype == torch.bfloat16
 
 
 def test_muon_resume_n_plus_n_equals_2n_bit_for_bit(tiny_dataset, tmp_path):
@@ -150,6 +191,7 @@ def test_muon_under_two_gloo_processes_matches_one_process(tiny_dataset, tmp_pat
     (["muon_momentum=1.0"], "train.muon_momentum must be in [0, 1)"),
     (["muon_weight_decay=-0.1"], "train.muon_weight_decay must be >= 0"),
     (["muon_adjust_lr=moonshot"], "train.muon_adjust_lr must be 'original' or 'match_rms_adamw'"),
+    (["muon_precision=float16"], "train.muon_precision must be 'auto', 'bfloat16' or 'float32'"),
 ])
 def test_bad_optimizer_settings_are_one_line_errors(args, message, tiny_dataset, tmp_path, capsys):
     assert train.main([f"data_dir={tiny_dataset}", f"out_dir={tmp_path}", "max_iters=1", "device=cpu", *args]) == 2
