@@ -208,6 +208,7 @@ def test_tiktoken_encoding_offline_gives_a_clear_message(tmp_path, tiny_corpus):
     assert str(tmp_path / "empty-cache") in line  # ...and exactly where to put it
 
 
+@pytest.mark.slow  # a subprocess of its own: kept out of the 2-minute default suite
 def test_ctrl_c_stops_sampling_cleanly_and_keeps_the_text(tiny_checkpoint):
     process = subprocess.Popen(
         [sys.executable, "sample.py", str(tiny_checkpoint), "--prompt", "The", "--max-new-tokens", "1000000",
@@ -220,6 +221,7 @@ def test_ctrl_c_stops_sampling_cleanly_and_keeps_the_text(tiny_checkpoint):
     assert (shown + rest).startswith("The") and "Traceback" not in stderr and "interrupted" in stderr
 
 
+@pytest.mark.slow  # a subprocess of its own: kept out of the 2-minute default suite
 def test_a_reader_that_stops_reading_ends_the_output_quietly(tiny_checkpoint):
     # `sample.py ... | head -c 5`: once head exits, the next write fails with a broken pipe
     # (2000 steps of --explain tables are far more than a pipe buffer holds)

@@ -308,6 +308,7 @@ def test_showing_tokens():
     assert token_text(tokenizer, 257) == " a"
 
 
+@pytest.mark.slow  # a subprocess of its own: kept out of the 2-minute default suite
 def test_serve_command_prints_its_url_and_stops_cleanly_on_ctrl_c_even_mid_stream(tiny_checkpoint):
     process = subprocess.Popen([sys.executable, "sample.py", "serve", str(tiny_checkpoint), "--port", "0",
                                 "--device", "cpu", "--max-tokens", "1000000"], cwd=ROOT, stdout=subprocess.PIPE,
