@@ -200,9 +200,10 @@ def test_an_untied_run_trains_saves_and_samples(tiny_dataset, tmp_path, capsys):
     cfg = load_config(None, tiny_run_overrides(tiny_dataset, tmp_path, "tie_head=false", "max_iters=2",
                                                "eval_interval=2", "eval_iters=1", "warmup_iters=0"))
     train.train(cfg, progress=False)
+    model_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("model:"))
+    assert "layernorm, untied head |" in model_line  # the log names the option
     net, _, _ = load_for_generation(tmp_path / "last.pt", torch.device("cpu"))
     assert net.lm_head.weight is not net.wte.weight and not torch.equal(net.lm_head.weight, net.wte.weight)
-    capsys.readouterr()
     assert sample.main([str(tmp_path / "last.pt"), "--prompt", "The", "--max-new-tokens", "4", "--device", "cpu"]) == 0
     assert capsys.readouterr().out.startswith("The")
 
