@@ -508,7 +508,7 @@ def setup(cfg: Config, ddp: Distributed, device: torch.device, progress: bool,
 
 
 def model_options(cfg: ModelConfig) -> str:
-    """The architecture options a model departs from GPT-2 with, for the log line."""
+    """The architecture options a model sets away from their defaults, for the log line."""
     options = [cfg.activation] if cfg.activation != "gelu" else []
     options += ["qk_norm"] * cfg.qk_norm + ["zero_init_proj"] * cfg.zero_init_proj + ["untied head"] * (not cfg.tie_head)
     options += [f"logit_softcap {cfg.logit_softcap:g}"] if cfg.logit_softcap > 0 else []

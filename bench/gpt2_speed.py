@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -41,6 +40,7 @@ from model.generate import decode_steps  # noqa: E402
 from model.gpt import KVCache  # noqa: E402
 from model.pretrained import load_gpt2  # noqa: E402
 from model.strategy import DecodingSpec  # noqa: E402
+from hf_client import HuggingFaceSide  # noqa: E402  (bench/hf_client.py, beside this file)
 from tests.gpt2_folders import hf_config, hf_weights, pair_merges, write_folder  # noqa: E402
 
 # Runs in a fresh process of this project: the peak memory of loading the folder.
@@ -90,30 +90,6 @@ def bf16_logit_difference(fp32_model, bf16_model, vocab: int, length: int = 64) 
     approx = approx.float()
     return {"max_abs": (approx - exact).abs().max().item(), "logit_std": exact.std().item(),
             "top1_agreement": (approx.argmax(-1) == exact.argmax(-1)).float().mean().item()}
-
-
-class HFWorker:
-    """bench/hf_side.py in the venv that has transformers, holding GPT2LMHeadModel loaded
-    from the folder with from_pretrained."""
-
-    def __init__(self, python: str, folder: Path, threads: int, new_tokens: int):
-        self.process = subprocess.Popen([python, str(ROOT / "bench" / "hf_side.py"), str(folder)],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                        env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-        self.info = json.loads(self.process.stdout.readline())
-        self.request = f"{new_tokens} {{seed}} {threads}\n"
-
-    def tokens_per_second(self, seed: int) -> float:
-        self.process.stdin.write(self.request.format(seed=seed))
-        self.process.stdin.flush()
-        answer = float(self.process.stdout.readline())
-        self.idle_wait_s = wait_until_idle(self.process.pid)
-        return answer
-
-    def close(self) -> None:
-        self.process.stdin.write("\n")
-        self.process.stdin.close()
-        self.process.wait(timeout=60)
 
 
 def wait_until_idle(pid: int, quiet_s: float = 0.5, timeout_s: float = 60.0) -> float:
@@ -169,15 +145,16 @@ def main() -> None:
 
         hf = None
         if args.hf_python and Path(args.hf_python).is_file():
-            hf = HFWorker(args.hf_python, folder, args.threads, args.new_tokens)
+            hf = HuggingFaceSide(args.hf_python, folder, args.threads)
         else:
             print(f"note: no transformers comparison (no Python at --hf-python {args.hf_python!r})")
-        our_tokens_per_second(model, 5, 0)  # warm up (and put the weights in their decoding layout)
+        our_tokens_per_second(model, 5, 0)  # warm up
         ours, theirs = [], []
         for repeat in range(args.repeats):  # alternate the sides so both see the same machine
             ours.append(our_tokens_per_second(model, args.new_tokens, repeat))
             if hf is not None:
-                theirs.append(hf.tokens_per_second(repeat))
+                theirs.append(hf.tokens_per_second(args.new_tokens, repeat))
+                wait_until_idle(hf.process.pid)
             print(f"run {repeat + 1}: ours {ours[-1]:.1f} tokens/s" +
                   (f", transformers {theirs[-1]:.1f}" if theirs else ""), flush=True)
         hf_info = hf.info if hf is not None else None

@@ -31,7 +31,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from dataclasses import asdict
@@ -43,6 +42,8 @@ from model.config import ModelConfig
 from model.generate import Context, decode_steps
 from model.gpt import GPT
 from model.strategy import DecodingSpec
+
+from hf_client import HuggingFaceSide  # bench/hf_client.py, beside this file
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = dict(block_size=256, n_layer=6, n_head=6, n_embd=384)
@@ -80,32 +81,15 @@ def ms_per_token(model, context_length: int, cached: bool, repeats: int) -> floa
     return 1000 * statistics.median(times)
 
 
-class HuggingFaceSide:
-    """bench/hf_side.py in its own venv, holding a GPT2LMHeadModel with our model's weights."""
-
-    def __init__(self, python: str, model: GPT, folder: Path):
-        weights = folder / f"weights_{model.config.vocab_size}.pt"
-        probe = torch.randint(model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
-        with torch.no_grad():
-            logits = model(probe)[0]
-        torch.save({"config": asdict(model.config), "state_dict": model.state_dict(), "probe": probe,
-                    "logits": logits}, weights)
-        self.process = subprocess.Popen([python, str(ROOT / "bench" / "hf_side.py"), str(weights)],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        ready = self.process.stdout.readline()
-        if not ready.startswith("{"):
-            raise SystemExit(f"bench/hf_side.py did not start under {python}")
-        self.logit_difference = json.loads(ready)["logit_difference"]  # the same weights give the same logits
-
-    def tokens_per_second(self, new_tokens: int, seed: int) -> float:
-        self.process.stdin.write(f"{new_tokens} {seed} {torch.get_num_threads()}\n")
-        self.process.stdin.flush()
-        return float(self.process.stdout.readline())
-
-    def close(self) -> None:
-        self.process.stdin.write("\n")
-        self.process.stdin.close()
-        self.process.wait()
+def start_transformers_side(python: str, model: GPT, folder: Path) -> HuggingFaceSide:
+    """bench/hf_side.py holding a GPT2LMHeadModel with our model's weights."""
+    weights = folder / f"weights_{model.config.vocab_size}.pt"
+    probe = torch.randint(model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model(probe)[0]
+    torch.save({"config": asdict(model.config), "state_dict": model.state_dict(), "probe": probe,
+                "logits": logits}, weights)
+    return HuggingFaceSide(python, weights, torch.get_num_threads())
 
 
 def compare_with_transformers(python: str, vocabs: list[int], shape: dict, new_tokens: int, repeats: int) -> dict:
@@ -114,7 +98,7 @@ def compare_with_transformers(python: str, vocabs: list[int], shape: dict, new_t
     with tempfile.TemporaryDirectory() as folder:
         for vocab in vocabs:
             model = build_model(vocab, "cpu", shape)
-            hf = HuggingFaceSide(python, model, Path(folder))
+            hf = start_transformers_side(python, model, Path(folder))
             try:
                 tokens_per_second(model, 8, "exact", 1)  # warm up both
                 hf.tokens_per_second(8, 0)
@@ -126,11 +110,11 @@ def compare_with_transformers(python: str, vocabs: list[int], shape: dict, new_t
                 hf.close()
             results[vocab] = {"ours": statistics.median(ours), "transformers": statistics.median(theirs),
                               "runs": {"ours": ours, "transformers": theirs},
-                              "max_abs_logit_difference": hf.logit_difference}
+                              "max_abs_logit_difference": hf.info["logit_difference"]}
             row = results[vocab]
             print(f"vocab {vocab}: ours {row['ours']:.0f} tokens/s, transformers {row['transformers']:.0f} "
                   f"({row['ours'] / row['transformers']:.2f}x; same weights: logits differ by at most "
-                  f"{hf.logit_difference:.2g})", flush=True)
+                  f"{hf.info['logit_difference']:.2g})", flush=True)
     return results
 
 

@@ -319,7 +319,7 @@ class GPT(nn.Module):
         logits = self.lm_head(self.ln_f(x))  # (B, T or 1, V)
         if self.config.logit_softcap > 0:  # a smooth squeeze: |logits| stays below the cap
             cap = self.config.logit_softcap
-            logits = cap * torch.tanh(logits / cap)
+            logits = cap * torch.tanh(logits.float() / cap)  # in fp32 under bf16 autocast too
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))

@@ -41,8 +41,9 @@ def test_train_speed_profile_phases_add_up_to_the_step(tmp_path, capsys):
     assert list(row["phases_ms"]) == list(train_speed.PHASES) and min(row["phases_ms"].values()) > 0
     assert row["phases_sum_ms"] == pytest.approx(sum(row["phases_ms"].values()), abs=1e-2)
     # The phases are the step taken apart: together they are about one whole step, not
-    # more (a phase counted twice) and not much less (a part of the step left out).
-    assert 0.6 * row["step_ms"] <= row["phases_sum_ms"] <= 1.15 * row["step_ms"] + 1
+    # more (a phase counted twice: about 2x) and not much less (the optimizer step left
+    # out: about 0.45x with Muon); the bounds leave room for a busy machine.
+    assert 0.6 * row["step_ms"] <= row["phases_sum_ms"] <= 1.5 * row["step_ms"] + 1
     assert "backward" in capsys.readouterr().out
 
 
