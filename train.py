@@ -493,7 +493,7 @@ def setup(cfg: Config, ddp: Distributed, device: torch.device, progress: bool,
     log(
         f"model: {model.num_params() / 1e6:.2f}M parameters, {cfg.model.n_layer} layers, {cfg.model.n_head} "
         f"heads, width {cfg.model.n_embd}, context {cfg.model.block_size}, vocab {cfg.model.vocab_size}, "
-        f"{cfg.model.position} positions, {cfg.model.norm}{model_options(cfg.model)} | data: {len(splits['train']):,} train / "
+        f"{cfg.model.position} positions, {cfg.model.norm} | data: {len(splits['train']):,} train / "
         f"{len(splits['val']):,} val tokens"
     )
     log(
@@ -505,14 +505,6 @@ def setup(cfg: Config, ddp: Distributed, device: torch.device, progress: bool,
     if checkpoint is not None:
         log(f"resumed from step {state.step} (best val loss {state.best_val:.4f})")
     return run, state
-
-
-def model_options(cfg: ModelConfig) -> str:
-    """The architecture options a model sets away from their defaults, for the log line."""
-    options = [cfg.activation] if cfg.activation != "gelu" else []
-    options += ["qk_norm"] * cfg.qk_norm + ["zero_init_proj"] * cfg.zero_init_proj + ["untied head"] * (not cfg.tie_head)
-    options += [f"logit_softcap {cfg.logit_softcap:g}"] if cfg.logit_softcap > 0 else []
-    return "".join(f", {option}" for option in options)
 
 
 def in_memory(build: Callable[[], GPT], cfg: ModelConfig, device: torch.device) -> GPT:

@@ -23,7 +23,7 @@ from typing import Any
 from model.errors import UserError
 
 
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu2")
+ACTIVATIONS = ("gelu", "gelu_tanh")
 
 
 @dataclass
@@ -42,11 +42,7 @@ class ModelConfig:
     position: str = "learned"  # "learned" absolute embeddings (GPT-2) or "rope" (rotary, in attention)
     norm: str = "layernorm"  # "layernorm" (GPT-2) or "rmsnorm" (scale only, no centring, no bias)
     norm_eps: float = 1e-5  # added to the variance in every norm (GPT-2's config.json: layer_norm_epsilon)
-    activation: str = "gelu"  # the MLP's: "gelu" (exact, erf), "gelu_tanh" (GPT-2's gelu_new) or "relu2" (relu(x)^2)
-    qk_norm: bool = False  # RMS-normalise each head's queries and keys (no learned scale) before their dot products
-    zero_init_proj: bool = False  # attn.proj and mlp.proj start at zero, so every block starts as the identity
-    tie_head: bool = True  # the LM head shares the token embedding's matrix (GPT-2); false: a matrix of its own
-    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap), bounded by the cap; 0: off
+    activation: str = "gelu"  # the MLP's: "gelu" (exact, erf) or "gelu_tanh" (the tanh approximation, GPT-2's gelu_new)
 
     def validate(self) -> None:
         for name in ("block_size", "n_layer", "n_head", "n_embd", "vocab_multiple"):
@@ -71,7 +67,6 @@ class ModelConfig:
             self.activation in ACTIVATIONS,
             f"model.activation must be one of {', '.join(map(repr, ACTIVATIONS))}, got {self.activation!r}",
         )
-        _require(self.logit_softcap >= 0, f"model.logit_softcap must be >= 0 (0: off), got {self.logit_softcap}")
         _require(
             self.position != "rope" or (self.n_embd // self.n_head) % 2 == 0,
             f"model.position 'rope' rotates pairs of features: the head size n_embd / n_head "

@@ -13,12 +13,6 @@ embeddings ("rope", Su et al. 2021), which turn each query and key by angles tha
 with its position, so attention scores depend on relative distance and there is no
 position table; and RMSNorm (Zhang & Sennrich 2019), a LayerNorm without centring or
 bias.
-
-Five more, all off by default, are those of recent small-GPT speed runs (Keller
-Jordan's modded-nanogpt, Karpathy's nanochat): a squared-ReLU MLP (activation "relu2",
-So et al. 2021), queries and keys RMS-normalised per head (qk_norm), residual
-projections that start at zero (zero_init_proj), a head of its own (tie_head false) and
-logits soft-capped by tanh (logit_softcap).
 """
 
 from __future__ import annotations
@@ -141,8 +135,6 @@ class CausalSelfAttention(nn.Module):
         self.n_head = cfg.n_head
         self.dropout = cfg.dropout
         self.use_sdpa = cfg.attention == "sdpa"
-        self.qk_norm = cfg.qk_norm
-        self.norm_eps = cfg.norm_eps
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # queries, keys, values in one matmul
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
@@ -157,19 +149,13 @@ class CausalSelfAttention(nn.Module):
     ) -> torch.Tensor:
         """x: (B, T, C). mask: see explicit_attention. With a cache, x holds only the new
         positions and attends to every cached one too. rotation: (cos, sin) from Rotary for
-        x's positions; keys are cached already rotated (and normalised), as each depends on its
-        own position only."""
+        x's positions; keys are cached already rotated, as each depends on its own position only."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_size): each head attends independently
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if rotation is not None:
             q, k = apply_rotary(q, *rotation), apply_rotary(k, *rotation)
-        if self.qk_norm:
-            # Rotation keeps each pair's length, so normalising before or after it is the
-            # same up to rounding; after (as nanochat) makes what attention sees unit-RMS exactly.
-            q = F.rms_norm(q, (q.size(-1),), eps=self.norm_eps)
-            k = F.rms_norm(k, (k.size(-1),), eps=self.norm_eps)
         if cache is not None:
             k, v = cache.append(layer, k, v)  # (B, nh, S, hs), S = cached + T
         dropout_p = self.dropout if self.training else 0.0
@@ -192,21 +178,17 @@ class MLP(nn.Module):
 
     GELU is exact (x * Phi(x), with the error function) or, with activation "gelu_tanh",
     the tanh approximation GPT-2 was trained with (its gelu_new); the two differ by up
-    to about 5e-4, enough to matter for matching GPT-2's logits. Activation "relu2" is
-    relu(x)^2 instead (So et al. 2021, "Primer"; modded-nanogpt and nanochat use it)."""
+    to about 5e-4, enough to matter for matching GPT-2's logits."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.relu2 = cfg.activation == "relu2"
         self.approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"
         self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
         self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc(x)
-        h = F.relu(h).square() if self.relu2 else F.gelu(h, approximate=self.approximate)
-        return self.dropout(self.proj(h))
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):
@@ -249,28 +231,22 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        if cfg.tie_head:
-            self.lm_head.weight = self.wte.weight  # tied: one matrix reads and writes tokens
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        """Every weight N(0, 0.02) and every bias 0, as GPT-2; an untied head too, so that
-        untying changes nothing else. The residual projections smaller (or zero)."""
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        self.lm_head.weight = self.wte.weight  # tied: one matrix reads and writes tokens
+        self.apply(self._init_weights)
+        residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)
         for block in self.blocks:
-            for proj in (block.attn.proj, block.mlp.proj):
-                if self.config.zero_init_proj:  # each block starts as the identity; proj's gradient is not zero
-                    nn.init.zeros_(proj.weight)
-                else:
-                    nn.init.normal_(proj.weight, mean=0.0, std=residual_std)
+            nn.init.normal_(block.attn.proj.weight, mean=0.0, std=residual_std)
+            nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=residual_std)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def num_params(self) -> int:
-        """Trainable parameters, counting a tied embedding/head matrix once."""
+        """Trainable parameters, counting the tied embedding/head matrix once."""
         return sum(p.numel() for p in self.parameters())
 
     def forward(
@@ -317,9 +293,6 @@ class GPT(nn.Module):
         if last_only:
             x = x[:, -1:, :]
         logits = self.lm_head(self.ln_f(x))  # (B, T or 1, V)
-        if self.config.logit_softcap > 0:  # a smooth squeeze: |logits| stays below the cap
-            cap = self.config.logit_softcap
-            logits = cap * torch.tanh(logits.float() / cap)  # in fp32 under bf16 autocast too
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))

@@ -6,9 +6,9 @@
 ``optimizer = "muon"``: Muon (momentum, then the update orthogonalised by a
 Newton-Schulz iteration, Jordan et al. 2024) for the hidden matrices, the 2-D weights
 inside the Transformer blocks; AdamW, as above, for the rest: the token and position
-embeddings, the head (tied or not, it is outside the blocks), biases and norms, for
-which Muon is not meant. Muon is PyTorch's torch.optim.Muon, with one choice added:
-the number type of its Newton-Schulz iteration (see MuonWithPrecision).
+embeddings, the (tied) head, biases and norms, for which Muon is not meant. Muon is
+PyTorch's torch.optim.Muon, with one choice added: the number type of its
+Newton-Schulz iteration (see MuonWithPrecision).
 
 Each parameter group remembers its peak learning rate, and the schedule sets every
 group to peak x the same factor, so both optimisers warm up and decay together.

@@ -10,8 +10,7 @@ in the PaLM paper (Chowdhery et al. 2022, appendix B):
                                over a context of T = block_size positions, C = n_embd
 
 N counts the weights that multiply: all parameters except the learned position table
-(a lookup). A tied token embedding stays in, as it is also the LM head, a matmul; an
-untied one (tie_head false) is a lookup, and the head's own matrix counts instead.
+(a lookup). The token embedding stays in because it is tied to the LM head, a matmul.
 Causal masking would halve the attention term; like PaLM we do not take that saving.
 """
 
@@ -44,9 +43,7 @@ CPU_FLOPS_PER_CYCLE = 32
 
 def flops_per_token(cfg: ModelConfig, num_params: int) -> float:
     """Training FLOPs (forward + backward) per token; ``num_params`` as GPT.num_params()."""
-    lookups = (cfg.block_size * cfg.n_embd if cfg.position == "learned" else 0) + (
-        0 if cfg.tie_head else cfg.vocab_size * cfg.n_embd)
-    multiplying = num_params - lookups
+    multiplying = num_params - (cfg.block_size * cfg.n_embd if cfg.position == "learned" else 0)
     return 6 * multiplying + 12 * cfg.n_layer * cfg.block_size * cfg.n_embd
 
 

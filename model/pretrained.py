@@ -109,7 +109,6 @@ def gpt2_config(folder: str | Path, block_size: int | None = None) -> ModelConfi
     cfg = ModelConfig(
         **shape, block_size=block_size or n_positions, bias=True, position="learned", norm="layernorm",
         norm_eps=float(eps), activation=ACTIVATIONS[activation], dropout=0.0,
-        tie_head=True, qk_norm=False, zero_init_proj=False, logit_softcap=0.0,  # GPT-2's network, whatever the defaults
     )
     cfg.validate()
     return cfg
