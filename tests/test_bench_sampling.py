@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
 
 HF_PYTHON = Path("/work/venv-hf/bin/python")
 
@@ -44,3 +45,40 @@ def test_decode_fast_path_runs_every_variant(tmp_path):
     assert set(row["tokens_per_s"]) == {"plain", "blocked, gated", "blocked, all", "blocked, no head",
                                         "layout", "layout + blocked", "bf16"}
     assert row["bf16"]["argmax_agreement"] > 0.5  # a bf16 copy of the same model, not another model
+
+
+# A stand-in for the transformers venv's Python: it ignores the script it is given and
+# speaks bench/hf_side.py's protocol, answering each request with TOKENS * 10 + THREADS.
+FAKE_SIDE = """#!/bin/sh
+echo '{"version": "fake", "load_peak_bytes": 1}'
+while read tokens seed threads; do
+    [ -z "$tokens" ] && exit 0
+    echo $((tokens * 10 + threads))
+done
+"""
+
+
+def test_hf_client_speaks_hf_sides_protocol(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    from hf_client import HuggingFaceSide
+
+    python = tmp_path / "python"
+    python.write_text(FAKE_SIDE)
+    python.chmod(0o755)
+    side = HuggingFaceSide(str(python), tmp_path / "weights.pt", threads=2)
+    assert side.info == {"version": "fake", "load_peak_bytes": 1}
+    assert side.tokens_per_second(5, seed=0) == 52.0
+    assert side.tokens_per_second(7, seed=1) == 72.0
+    side.close()
+    assert side.process.returncode == 0  # the empty line ended it
+
+
+def test_hf_client_stops_with_a_message_when_the_side_does_not_start(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    from hf_client import HuggingFaceSide
+
+    python = tmp_path / "python"
+    python.write_text("#!/bin/sh\necho 'No module named transformers' >&2\nexit 1\n")
+    python.chmod(0o755)
+    with pytest.raises(SystemExit, match="did not start under"):
+        HuggingFaceSide(str(python), tmp_path / "weights.pt", threads=1)
