@@ -52,8 +52,9 @@ test-all: setup
 	$(PY) -m pytest -m "slow or not slow"
 
 # compare_speed.py times the comparison on the demo's checkpoint: the demo runs first
-# when out/default/best.pt is not there yet.
-out/default/best.pt:
+# when out/default/best.pt is not there yet. After setup (order-only), so that under
+# make -j the sub-make's demo does not build .venv a second time beside this one.
+out/default/best.pt: | setup
 	$(MAKE) demo
 
 bench: setup out/default/best.pt
