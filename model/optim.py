@@ -161,10 +161,7 @@ class Optimizers:
 
     def load_state_dict(self, state: dict[str, dict[str, Any]]) -> None:
         """Load states saved by state_dict; they must come from the same optimisers. The
-        peak learning rates stay this run's (the config's), not the saved ones. A bare
-        AdamW state (checkpoints of train.py before Muon) loads into the AdamW."""
-        if "param_groups" in state:
-            state = {"adamw": state}
+        peak learning rates stay this run's (the config's), not the saved ones."""
         if set(state) != set(self.optimizers):
             raise ValueError(
                 f"optimizer state is for {', '.join(sorted(state)) or 'nothing'}, "

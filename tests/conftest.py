@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.config import ModelConfig
+from model.config import ModelConfig, TrainConfig, load_config
 
 # The tensors in these tests are tiny: one thread is faster than two fighting over
 # them, and keeps the suite quick on a shared two-core machine.
@@ -34,8 +34,11 @@ def run_cli(*args: str, cwd: Path = ROOT, stdin: str | None = None, timeout: flo
 
 
 def one_line_error(result_or_stderr) -> str:
-    """The single ``error: ...`` line a command printed on stderr (no traceback, nothing else)."""
+    """The single ``error: ...`` line a command printed on stderr (no traceback, nothing else);
+    for a finished process, also that it exited with status 2."""
     stderr = getattr(result_or_stderr, "stderr", result_or_stderr)
+    if hasattr(result_or_stderr, "returncode"):
+        assert result_or_stderr.returncode == 2, stderr
     assert "Traceback" not in stderr
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1, stderr
@@ -54,6 +57,25 @@ def tiny_run_overrides(data_dir: Path, out_dir: Path, *more: str) -> list[str]:
         f"data_dir={data_dir}", f"out_dir={out_dir}", "device=cpu", "block_size=16", "n_layer=2", "n_head=2",
         "n_embd=16", "batch_size=8", "learning_rate=1e-2", "min_lr=1e-3", *more,
     ]
+
+
+def tiny_run(data_dir: Path, out_dir: Path, *more: str) -> TrainConfig:
+    """The config of a very small, fast run on the tiny char dataset (6 steps)."""
+    return load_config(None, tiny_run_overrides(data_dir, out_dir, "max_iters=6", "eval_interval=3", "eval_iters=2",
+                                                "warmup_iters=2", *more))
+
+
+def run_args(data_dir: Path, out_dir: Path, *more: str) -> list[str]:
+    """train.py's arguments for a tiny run without a progress bar."""
+    return ["--no-progress", *tiny_run_overrides(data_dir, out_dir, "eval_iters=1", "warmup_iters=3", *more)]
+
+
+TIMING_KEYS = {"tokens_per_s", "mfu", "train_seconds", "elapsed_s"}  # metrics.jsonl fields that depend on the clock
+
+
+def without_timing(lines: list[dict]) -> list[dict]:
+    """metrics.jsonl records without the fields that differ between two runs of the same training."""
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in lines]
 
 
 def tiny_config(**overrides) -> ModelConfig:

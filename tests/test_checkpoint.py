@@ -10,7 +10,7 @@ import torch
 from model.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint, save_checkpoint
 from model.errors import UserError
 from model.gpt import GPT
-from tests.conftest import tiny_config
+from tests.conftest import one_line_error, tiny_config
 
 CONFIG = {"model": vars(tiny_config()), "train": {}}
 TOKENIZER = {"kind": "char", "chars": "abc"}
@@ -155,7 +155,6 @@ def damaged_run_checkpoint(source, out, damage: str):
 def test_sample_and_resume_refuse_a_damaged_checkpoint_in_one_line(damage, tiny_checkpoint, tmp_path, capsys):
     import sample
     import train
-    from tests.conftest import one_line_error
 
     path = damaged_run_checkpoint(tiny_checkpoint, tmp_path / "run", damage)
     expected = DAMAGES[damage].split(" (in ")[0] if damage == "nan" else DAMAGES[damage].split(" (missing")[0]

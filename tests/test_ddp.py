@@ -100,3 +100,19 @@ def test_torchrun_command_line(tiny_dataset, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("step      8:") == 1  # only rank 0 logs
     assert "2 process(es)" in result.stdout
+
+
+MUON = ["optimizer=muon", "muon_lr=0.05"]
+
+
+@pytest.mark.slow  # 5 s: two spawned processes
+def test_muon_under_two_gloo_processes_matches_one_process(tiny_dataset, tmp_path):
+    train.train(load_config(None, overrides(tiny_dataset, tmp_path / "single", *MUON)), progress=False)
+    single = load_checkpoint(tmp_path / "single" / "last.pt")["model"]
+    ranks = run_ddp(tmp_path, overrides(tiny_dataset, tmp_path / "ddp", *MUON, "micro_batch_size=2"))
+    for name, tensor in ranks[0]["params"].items():
+        assert torch.equal(tensor, ranks[1]["params"][name]), f"ranks out of sync at {name}"
+    for name, tensor in single.items():
+        torch.testing.assert_close(ranks[0]["params"][name], tensor, atol=1e-4, rtol=1e-3)
+    for a, b in zip(records(tmp_path / "single"), records(tmp_path / "ddp")):
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)

@@ -21,7 +21,7 @@ from model.errors import UserError
 from model.generate import Context, TextStream, beam_search, decode_steps, generate
 from model.gpt import GPT
 from model.tokenizer import BPETokenizer, CharTokenizer
-from tests.conftest import ROOT, run_cli, tiny_config
+from tests.conftest import ROOT, one_line_error, run_cli, tiny_config
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz .,\n"
 CHARS = CharTokenizer(ALPHABET)  # 30 characters + end-of-text = 31 tokens
@@ -448,13 +448,6 @@ def test_a_batch_too_large_for_memory_is_refused_before_any_work(model):
     with pytest.raises(UserError, match="a batch of 500,000,000 rows"):  # beams: a batch of num_beams per prompt
         beams = DecodingSpec(num_beams=5 * 10**8)
         generate(model, CHARS, ["a", "b"], beams, max_new_tokens=5)
-
-
-def one_line_error(result) -> str:
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 @pytest.mark.slow  # a fresh sample.py process

@@ -15,8 +15,7 @@ from model.data import open_split, read_meta
 from model.device import Precision
 from model.distributed import Distributed
 from model.gpt import GPT
-from tests.test_cli import one_line_error
-from tests.test_resume import records, run_args
+from tests.conftest import one_line_error, records, run_args
 
 # No clipping and no warmup: the first step at this rate throws the weights far enough that
 # the next loss is ~1e9 and its gradient overflows to inf.

@@ -14,18 +14,7 @@ import torch
 
 import train
 from model.checkpoint import load_checkpoint
-from tests.conftest import ROOT, one_line_error, records, tiny_run_overrides
-
-TIMING_KEYS = {"tokens_per_s", "mfu", "train_seconds", "elapsed_s"}
-
-
-def run_args(tiny_dataset, out, *more: str) -> list[str]:
-    return ["--no-progress", *tiny_run_overrides(tiny_dataset, out, "eval_iters=1", "warmup_iters=3", *more)]
-
-
-def without_timing(lines: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in lines]
-
+from tests.conftest import ROOT, one_line_error, records, run_args, without_timing
 
 def test_n_steps_plus_resume_for_n_more_equals_2n_steps(tiny_dataset, tmp_path):
     # Dropout on, so the random state of every step matters too. The schedule must not

@@ -12,8 +12,7 @@ from model.checkpoint import load_for_generation
 from model.gpt import GPT
 from model.score import TextScore, bits_per_byte, score_tokens, token_byte_lengths, windows
 from model.tokenizer import CharTokenizer, TiktokenTokenizer, fit_tokenizer
-from tests.conftest import TINY_TEXT, tiny_config
-from tests.test_cli import one_line_error
+from tests.conftest import TINY_TEXT, one_line_error, tiny_config
 
 TEXT = "Sphinx of black quartz, judge my vow! Café, naïve, 東京 — and an emoji 🙂.\n" * 3
 

@@ -17,13 +17,7 @@ from model.config import ModelConfig, TrainConfig, config_differences, load_conf
 from model.errors import UserError
 from model.gpt import GPT
 from model.perf import flops_per_token
-from tests.conftest import one_line_error, records, tiny_config, tiny_run_overrides
-
-
-def tiny_run(tiny_dataset, out, *overrides: str):
-    """A config for a very small, fast run on the tiny char dataset."""
-    return load_config(None, tiny_run_overrides(tiny_dataset, out, "max_iters=6", "eval_interval=3", "eval_iters=2",
-                                                "warmup_iters=2", *overrides))
+from tests.conftest import one_line_error, records, tiny_config, tiny_run
 
 
 # --- the learning-rate schedule, worked by hand ------------------------------------------
