@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT
+from tests.conftest import ROOT
 
 import sample
 from live_server import LiveServer

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
 import serve_load  # noqa: E402
