@@ -208,11 +208,19 @@ def test_tiktoken_encoding_offline_gives_a_clear_message(tmp_path, tiny_corpus):
     assert str(tmp_path / "empty-cache") in line  # ...and exactly where to put it
 
 
+def sigint_as_from_a_terminal() -> None:
+    """Run in the child before exec: SIGINT back to its default, so Python turns it into
+    KeyboardInterrupt as it does under a terminal, even where the tests themselves run with
+    SIGINT ignored (a background job), which the child would otherwise inherit."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow  # a subprocess of its own: kept out of the 2-minute default suite
 def test_ctrl_c_stops_sampling_cleanly_and_keeps_the_text(tiny_checkpoint):
     process = subprocess.Popen(
         [sys.executable, "sample.py", str(tiny_checkpoint), "--prompt", "The", "--max-new-tokens", "1000000",
          "--window", "shift"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=sigint_as_from_a_terminal,
     )
     shown = process.stdout.read(40)  # wait until text is streaming
     process.send_signal(signal.SIGINT)
