@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.config import ModelConfig, TrainConfig, load_config
+from model.config import Config, ModelConfig, load_config
 
 # The tensors in these tests are tiny: one thread is faster than two fighting over
 # them, and keeps the suite quick on a shared two-core machine.
@@ -59,7 +59,7 @@ def tiny_run_overrides(data_dir: Path, out_dir: Path, *more: str) -> list[str]:
     ]
 
 
-def tiny_run(data_dir: Path, out_dir: Path, *more: str) -> TrainConfig:
+def tiny_run(data_dir: Path, out_dir: Path, *more: str) -> Config:
     """The config of a very small, fast run on the tiny char dataset (6 steps)."""
     return load_config(None, tiny_run_overrides(data_dir, out_dir, "max_iters=6", "eval_interval=3", "eval_iters=2",
                                                 "warmup_iters=2", *more))
