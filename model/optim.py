@@ -70,7 +70,10 @@ class MuonWithPrecision(torch.optim.Muon):
             for param in group["params"]:
                 if param.grad is None:
                     continue
-                momentum = self.state[param].setdefault("momentum_buffer", torch.zeros_like(param.grad))
+                state = self.state[param]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(param.grad)
+                momentum = state["momentum_buffer"]
                 momentum.lerp_(param.grad, 1 - group["momentum"])
                 update = param.grad.lerp(momentum, group["momentum"]) if group["nesterov"] else momentum
                 update = orthogonalise(update, group["ns_coefficients"], group["ns_steps"], group["eps"],
