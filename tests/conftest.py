@@ -18,6 +18,7 @@ torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+HF_PYTHON = Path("/work/venv-hf/bin/python")  # the dev venv with transformers (README), for the comparisons
 
 TINY_TEXT = (
     "The quick brown fox jumps over the lazy dog.\n"

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, run_cli
+from tests.conftest import HF_PYTHON, ROOT, run_cli
 
-HF_PYTHON = Path("/work/venv-hf/bin/python")
+sys.path.insert(0, str(ROOT / "bench"))
+from hf_client import HuggingFaceSide  # noqa: E402  (bench/hf_client.py)
 
 
 def test_sample_speed_runs_and_skips_transformers_without_its_venv(tmp_path):
@@ -59,9 +59,6 @@ done
 
 
 def test_hf_client_speaks_hf_sides_protocol(tmp_path):
-    sys.path.insert(0, str(ROOT / "bench"))
-    from hf_client import HuggingFaceSide
-
     python = tmp_path / "python"
     python.write_text(FAKE_SIDE)
     python.chmod(0o755)
@@ -74,9 +71,6 @@ def test_hf_client_speaks_hf_sides_protocol(tmp_path):
 
 
 def test_hf_client_stops_with_a_message_when_the_side_does_not_start(tmp_path):
-    sys.path.insert(0, str(ROOT / "bench"))
-    from hf_client import HuggingFaceSide
-
     python = tmp_path / "python"
     python.write_text("#!/bin/sh\necho 'No module named transformers' >&2\nexit 1\n")
     python.chmod(0o755)

@@ -16,7 +16,7 @@ from model.checkpoint import load_checkpoint, load_for_generation
 from model.errors import UserError
 from model.pretrained import gpt2_config, load_gpt2
 from model.tokenizer import EOT_TEXT, GPT2Tokenizer, fit_tokenizer, tokenizer_from_state
-from tests.conftest import ROOT, TINY_TEXT, run_cli
+from tests.conftest import HF_PYTHON, ROOT, TINY_TEXT, run_cli
 from tests.gpt2_folders import TINY_VOCAB_SIZE, hf_config, hf_weights, reference_logits, write_folder, write_tokenizer
 
 sys.path.insert(0, str(ROOT / "data"))
@@ -401,13 +401,13 @@ def test_gpt2_speed_bench_smoke(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not Path("/work/venv-hf/bin/python").exists(), reason="no transformers venv at /work/venv-hf")
+@pytest.mark.skipif(not HF_PYTHON.exists(), reason=f"no transformers venv at {HF_PYTHON}")
 def test_gpt2_speed_bench_against_transformers(tmp_path):
     """The bench's transformers side (bench/hf_side.py, from_pretrained of the folder) answers."""
     out = tmp_path / "gpt2_speed.json"
     result = run_cli("bench/gpt2_speed.py", "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--vocab", "300",
                      "--positions", "16", "--new-tokens", "3", "--repeats", "1", "--threads", "1",
-                     "--hf-python", "/work/venv-hf/bin/python", "--out", str(out), timeout=300)
+                     "--hf-python", str(HF_PYTHON), "--out", str(out), timeout=300)
     assert result.returncode == 0, result.stderr
     results = json.loads(out.read_text())
     assert results["transformers_tokens_per_s"] > 0 and results["transformers_version"]
