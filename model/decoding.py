@@ -25,14 +25,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
 from model.errors import UserError
-
-if TYPE_CHECKING:  # model.strategy imports the parameter checks below
-    from model.strategy import DecodingSpec
+from model.strategy import (
+    DecodingSpec,
+    frequency_presence_problem,
+    min_p_problem,
+    repetition_penalty_problem,
+    temperature_problem,
+    top_k_problem,
+    top_p_problem,
+    typical_p_problem,
+)
 
 # Probabilities computed from float32 logits are only known to a few float32 ulps (eps =
 # 1.19e-7): with logits log([.05, .05, .25, .65]) the top token's probability comes out
@@ -49,80 +55,6 @@ PROBABILITY_TOLERANCE = 2 * torch.finfo(torch.float32).eps
 # apart, so distances within this many nats count as tied; no sampling decision can hinge
 # on a difference that small.
 TYPICAL_TIE_TOLERANCE = 1e-6
-
-# Below this a temperature is greedy decoding in all but name (a logit gap of 1e-4
-# divided by 1e-6 is 100, a probability ratio of e^-100), so the spec asks for 0 instead;
-# the floor also keeps logits / t far from float32 overflow.
-MIN_TEMPERATURE = 1e-6
-
-# Frequency and presence penalties are limited to OpenAI's documented range, [-2, 2].
-MAX_ABS_FREQUENCY_PRESENCE = 2.0
-
-
-# ----------------------------------------------------------------------------------------
-# Parameter checks: each returns a one-line problem description, or None when the value
-# is fine. The filters raise them one at a time; DecodingSpec.validate (model/strategy.py)
-# collects them all.
-
-
-def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _is_whole(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def temperature_problem(t: float) -> str | None:
-    if not _is_number(t) or not math.isfinite(t) or t < 0:
-        return f"temperature={t!r} is invalid; it must be a finite number >= 0 (0 means greedy decoding)"
-    if 0 < t < MIN_TEMPERATURE:
-        return f"temperature={t!r} is below the smallest supported {MIN_TEMPERATURE:g}; use 0 for greedy decoding"
-    return None
-
-
-def top_k_problem(k: int) -> str | None:
-    if not _is_whole(k) or k < 1:
-        return f"top_k={k!r} is invalid; it must be a whole number >= 1"
-    return None
-
-
-def top_p_problem(p: float) -> str | None:
-    if not _is_number(p) or not 0 < p <= 1:
-        return f"top_p={p!r} is out of range; it must be in (0, 1] (1 keeps every token)"
-    return None
-
-
-def min_p_problem(min_p: float) -> str | None:
-    if not _is_number(min_p) or not 0 <= min_p <= 1:
-        return f"min_p={min_p!r} is out of range; it must be in [0, 1] (0 keeps every token)"
-    return None
-
-
-def typical_p_problem(mass: float) -> str | None:
-    if not _is_number(mass) or not 0 < mass <= 1:
-        return f"typical_p={mass!r} is out of range; it must be in (0, 1] (1 keeps every token)"
-    return None
-
-
-def repetition_penalty_problem(penalty: float) -> str | None:
-    if not _is_number(penalty) or not math.isfinite(penalty) or penalty <= 0:
-        return f"repetition_penalty={penalty!r} is invalid; it must be a finite number > 0 (1 means no penalty)"
-    return None
-
-
-def frequency_presence_problem(name: str, value: float) -> str | None:
-    limit = MAX_ABS_FREQUENCY_PRESENCE
-    if not _is_number(value) or not -limit <= value <= limit:
-        return f"{name}={value!r} is out of range; it must be in [{-limit:g}, {limit:g}] (0 means no penalty)"
-    return None
-
-
-def num_beams_problem(n: int) -> str | None:
-    if not _is_whole(n) or n < 1:
-        return f"num_beams={n!r} is invalid; it must be a whole number >= 1"
-    return None
-
 
 def _raise_if(problem: str | None) -> None:
     if problem is not None:

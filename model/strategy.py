@@ -10,18 +10,83 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 
-from model.decoding import (
-    frequency_presence_problem,
-    min_p_problem,
-    num_beams_problem,
-    repetition_penalty_problem,
-    temperature_problem,
-    top_k_problem,
-    top_p_problem,
-    typical_p_problem,
-)
 from model.errors import UserError
+
+
+# Below this a temperature is greedy decoding in all but name (a logit gap of 1e-4
+# divided by 1e-6 is 100, a probability ratio of e^-100), so the spec asks for 0 instead;
+# the floor also keeps logits / t far from float32 overflow.
+MIN_TEMPERATURE = 1e-6
+
+# Frequency and presence penalties are limited to OpenAI's documented range, [-2, 2].
+MAX_ABS_FREQUENCY_PRESENCE = 2.0
+
+
+# ----------------------------------------------------------------------------------------
+# Parameter checks: each returns a one-line problem description, or None when the value
+# is fine. The filters of model/decoding.py raise them one at a time; DecodingSpec.validate
+# collects them all.
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _is_whole(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def temperature_problem(t: float) -> str | None:
+    if not _is_number(t) or not math.isfinite(t) or t < 0:
+        return f"temperature={t!r} is invalid; it must be a finite number >= 0 (0 means greedy decoding)"
+    if 0 < t < MIN_TEMPERATURE:
+        return f"temperature={t!r} is below the smallest supported {MIN_TEMPERATURE:g}; use 0 for greedy decoding"
+    return None
+
+
+def top_k_problem(k: int) -> str | None:
+    if not _is_whole(k) or k < 1:
+        return f"top_k={k!r} is invalid; it must be a whole number >= 1"
+    return None
+
+
+def top_p_problem(p: float) -> str | None:
+    if not _is_number(p) or not 0 < p <= 1:
+        return f"top_p={p!r} is out of range; it must be in (0, 1] (1 keeps every token)"
+    return None
+
+
+def min_p_problem(min_p: float) -> str | None:
+    if not _is_number(min_p) or not 0 <= min_p <= 1:
+        return f"min_p={min_p!r} is out of range; it must be in [0, 1] (0 keeps every token)"
+    return None
+
+
+def typical_p_problem(mass: float) -> str | None:
+    if not _is_number(mass) or not 0 < mass <= 1:
+        return f"typical_p={mass!r} is out of range; it must be in (0, 1] (1 keeps every token)"
+    return None
+
+
+def repetition_penalty_problem(penalty: float) -> str | None:
+    if not _is_number(penalty) or not math.isfinite(penalty) or penalty <= 0:
+        return f"repetition_penalty={penalty!r} is invalid; it must be a finite number > 0 (1 means no penalty)"
+    return None
+
+
+def frequency_presence_problem(name: str, value: float) -> str | None:
+    limit = MAX_ABS_FREQUENCY_PRESENCE
+    if not _is_number(value) or not -limit <= value <= limit:
+        return f"{name}={value!r} is out of range; it must be in [{-limit:g}, {limit:g}] (0 means no penalty)"
+    return None
+
+
+def num_beams_problem(n: int) -> str | None:
+    if not _is_whole(n) or n < 1:
+        return f"num_beams={n!r} is invalid; it must be a whole number >= 1"
+    return None
 
 
 # ----------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from model.decoding import (
-    MIN_TEMPERATURE,
     PROBABILITY_TOLERANCE,
     TYPICAL_TIE_TOLERANCE,
     apply_frequency_presence_penalties,
@@ -31,7 +30,7 @@ from model.decoding import (
     typical_filter,
 )
 from model.errors import UserError
-from model.strategy import DecodingSpec, parse_strategy
+from model.strategy import MIN_TEMPERATURE, DecodingSpec, parse_strategy
 
 INF = math.inf
 FAST = settings(max_examples=60, deadline=None)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.decoding import MIN_TEMPERATURE
+from model.strategy import MIN_TEMPERATURE
 from model.errors import UserError
 from model.strategy import DecodingSpec, parse_strategy, parse_strategy_with_defaults
 
