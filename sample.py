@@ -41,7 +41,9 @@ from model.compare import (
 )
 from model.device import resolve_device
 from model.errors import UserError
-from model.generate import WINDOW_MODES, Sample, generate
+from model.generate import (
+    WINDOW_MODES, Event, Sample, encode_prompt, generate_events, long_prompt_note, new_samples,
+)
 from model.plot import MatplotlibMissing, save_chart
 from model.score import TextScore, score_tokens, token_byte_lengths, windows
 from model.strategy import DecodingSpec, parse_strategy_with_defaults, strategy_kind
@@ -101,6 +103,19 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts or [""]
 
 
+def encode_prompts(tokenizer: Tokenizer, prompts: list[str], block_size: int) -> list[list[int]]:
+    """Each prompt's token ids (`encode_prompt`'s rules); a prompt longer than the context
+    gets `long_prompt_note`'s line on stderr."""
+    encoded = []
+    for index, prompt in enumerate(prompts):
+        name = "prompt" if len(prompts) == 1 else f"prompt {index + 1}"
+        encoded.append(encode_prompt(tokenizer, prompt, name))
+        note = long_prompt_note(encoded[-1], block_size, name)
+        if note:
+            print(f"note: {note}", file=sys.stderr)
+    return encoded
+
+
 class Printer:
     """Streams a lone sample as it comes; prints each of several samples whole as it ends.
     A streamed prompt is printed with the first text that follows it (or when the sample
@@ -112,18 +127,17 @@ class Printer:
         self.out = out or sys.stdout
         self.prompt_printed = False
 
-    def on_text(self, row: int, text: str) -> None:
+    def show(self, event: Event, sample: Sample) -> None:
+        """One event of the stream; ``sample`` is its row with the event already added."""
         if self.streaming:
-            self._stream(text)
-
-    def on_done(self, sample: Sample) -> None:
-        if self.streaming:
-            self._stream("\n")
-            return
-        header = f"--- prompt {sample.prompt_index + 1}, sample {sample.sample_index + 1} ({sample.finish}) ---\n"
-        self._write(header + self.prompts[sample.prompt_index] + sample.text + "\n")
+            self._stream(event.text + ("\n" if event.finish else ""))
+        elif event.finish:
+            header = f"--- prompt {sample.prompt_index + 1}, sample {sample.sample_index + 1} ({sample.finish}) ---\n"
+            self._write(header + self.prompts[sample.prompt_index] + sample.text + "\n")
 
     def _stream(self, text: str) -> None:
+        if not text:
+            return
         if not self.prompt_printed:
             self.prompt_printed = True
             text = self.prompts[0] + text
@@ -144,37 +158,38 @@ def write_text(out: TextIO, text: str) -> None:
                         "or set PYTHONIOENCODING=utf-8") from None
 
 
+def probability(logprob: float) -> str:
+    """A probability for the explain table: three decimals, or two significant digits in
+    scientific form below 0.001 (with a 50k vocabulary most candidates are far below it)."""
+    p = math.exp(logprob)
+    return f"{p:.3f}" if p >= 0.001 or p == 0 else f"{p:.1e}"
+
+
 def print_explanation(sample: Sample, tokenizer: Tokenizer, out=None) -> None:
     """The next-token table of every step: the top candidates with their probability
     under the model and after the strategy's filtering, and the token chosen."""
     out = out or sys.stdout
     for step, detail in enumerate(sample.details, start=1):
-        write_text(out, f"step {step}: chose {_show(tokenizer, detail.token)}  "
-                   f"(p={math.exp(detail.logprob):.3f}, after filtering {math.exp(detail.filtered_logprob):.3f})\n")
-        write_text(out, f"    {'token':<16} {'p':>7} {'filtered':>9}\n")
+        write_text(out, f"step {step}: chose {tokenizer.display(detail.token)}  "
+                   f"(p={probability(detail.logprob)}, after filtering {probability(detail.filtered_logprob)})\n")
+        write_text(out, f"    {'token':<16} {'p':>9} {'filtered':>9}\n")
         for token, raw, filtered in detail.top:
             mark = "  <- chosen" if token == detail.token else ""
-            write_text(out, f"    {_show(tokenizer, token):<16} {math.exp(raw):>7.3f} {math.exp(filtered):>9.3f}{mark}\n")
+            write_text(out, f"    {tokenizer.display(token):<16} {probability(raw):>9} "
+                       f"{probability(filtered):>9}{mark}\n")
 
 
 def write_logprobs(samples: list[Sample], tokenizer: Tokenizer, out: TextIO) -> None:
-    """One JSON line per generated token: its log-probability and the top alternatives."""
+    """One JSON line per generated token: its log-probability and the top alternatives.
+    A token's text is `Tokenizer.token_text` (as in the API's logprobs)."""
     for sample in samples:
         for step, detail in enumerate(sample.details):
             record = {
                 "prompt": sample.prompt_index, "sample": sample.sample_index, "step": step,
-                "token": detail.token, "text": _text(tokenizer, detail.token), "logprob": detail.logprob,
-                "top": [{"token": t, "text": _text(tokenizer, t), "logprob": lp} for t, lp, _ in detail.top],
+                "token": detail.token, "text": tokenizer.token_text(detail.token), "logprob": detail.logprob,
+                "top": [{"token": t, "text": tokenizer.token_text(t), "logprob": lp} for t, lp, _ in detail.top],
             }
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-
-def _text(tokenizer: Tokenizer, token: int) -> str:
-    return tokenizer.token_bytes(token).decode("utf-8", errors="replace")
-
-
-def _show(tokenizer: Tokenizer, token: int) -> str:
-    return repr(_text(tokenizer, token))
 
 
 def add_generate_command(commands) -> None:
@@ -238,19 +253,22 @@ def run_generate(args: argparse.Namespace) -> None:
         raise UserError("--explain and --logprobs follow one token at a time; they do not work with beam search")
     prompts = read_prompts(args)
     model, tokenizer, _ = load_for_generation(args.checkpoint, resolve_device(args.device))
-    for prompt in prompts:
-        tokenizer.check_encodable(prompt, "prompt")
     if args.explain and args.num_samples * len(prompts) > 1:
         raise UserError("--explain shows one sample: use one prompt and --num-samples 1")
     with contextlib.ExitStack() as files:
         # opened before generating, so a bad path is found before the work, not after it
         logprobs = files.enter_context(args.logprobs.open("w", encoding="utf-8")) if args.logprobs else None
+        encoded = encode_prompts(tokenizer, prompts, model.config.block_size)
         printer = Printer(prompts, args.num_samples)
-        samples = generate(
-            model, tokenizer, prompts, spec, max_new_tokens=args.max_new_tokens, num_samples=args.num_samples,
+        events = generate_events(
+            model, tokenizer, encoded, spec, max_new_tokens=args.max_new_tokens, num_samples=args.num_samples,
             seed=args.seed, stop=args.stop, window=args.window, top=args.top if wants_details else 0,
-            on_text=printer.on_text, on_done=printer.on_done,
         )
+        samples = new_samples(len(prompts), args.num_samples)
+        for step in events:
+            for event in step:
+                samples[event.row].add(event)
+                printer.show(event, samples[event.row])
         if args.explain:
             print_explanation(samples[0], tokenizer)
         if logprobs is not None:
@@ -347,8 +365,6 @@ def run_compare(args: argparse.Namespace, out=None) -> Comparison:
     model, tokenizer, payload = load_for_generation(args.checkpoint, resolve_device(args.device))
     human = None
     if given:
-        for prompt in given:
-            tokenizer.check_encodable(prompt, "prompt")
         prompts = given
     else:
         data_dir = args.data_dir or payload["config"]["train"].get("data_dir")

@@ -55,16 +55,15 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from model import metrics
 from model.data import open_split, read_meta
 from model.errors import UserError
-from model.generate import Context, Sample, encode_prompt, finished_sample, generate
+from model.generate import Sample, encode_prompt, generate, replay
 from model.gpt import GPT
 from model.strategy import DecodingSpec, parse_strategy_with_defaults
-from model.score import bits_per_byte, token_byte_lengths
+from model.score import bits_per_byte, score_continuations, token_byte_lengths
 from model.tokenizer import Tokenizer
 
 DEFAULT_GRID = (
@@ -163,37 +162,6 @@ def val_prompts(
     prompts = [[int(t) for t in tokens[p : p + prompt_tokens]] for p in starts]
     human = [[int(t) for t in tokens[p + prompt_tokens : p + prompt_tokens + max_new_tokens]] for p in starts]
     return prompts, human, starts
-
-
-@torch.no_grad()
-def score_continuations(
-    model: GPT, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]], *,
-    window: str = "exact", valid_vocab: int | None = None,
-) -> list[list[float]]:
-    """log p(continuation[t] | prompt, continuation[:t]) under the model's raw distribution,
-    for every token of every continuation (teacher forcing).
-
-    The rows run as one batch through generate's own token loop (`Context`), so each token
-    is scored with exactly the context a generated token at that place would have had
-    (same window mode, same handling of vocabulary padding): the human row's perplexity is
-    measured the way the strategies' is. Every prompt needs at least one token.
-    """
-    steps = max((len(c) for c in continuations), default=0)
-    if steps == 0:
-        return [[] for _ in continuations]
-    context = Context(model, prompts, steps, window, valid_vocab)
-    device = context.tokens.device
-    scores: list[list[float]] = [[] for _ in continuations]
-    for t in range(steps):
-        logprobs = F.log_softmax(context.next_logits(), dim=-1)
-        # A continuation that already ended is fed token 0: its row is never read again.
-        forced = torch.tensor([c[t] if t < len(c) else 0 for c in continuations], device=device)
-        chosen = logprobs.gather(1, forced[:, None]).squeeze(1).tolist()
-        for row, continuation in enumerate(continuations):
-            if t < len(continuation):
-                scores[row].append(chosen[row])
-        context.append(forced)
-    return scores
 
 
 # ----------------------------------------------------------------------------- units and metrics
@@ -349,7 +317,7 @@ def _generate(model, tokenizer, prompts, spec, num_samples, max_new_tokens, seed
 
 
 def _human_run(model, tokenizer, prompts, human, max_new_tokens, stop, window) -> Run:
-    samples = [finished_sample(list(h)[:max_new_tokens], tokenizer, stop, p) for p, h in enumerate(human)]
+    samples = [replay(tokenizer, list(h)[:max_new_tokens], stop, prompt_index=p) for p, h in enumerate(human)]
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     scores = score_continuations(model, encoded, [s.tokens for s in samples], window=window,
                                  valid_vocab=tokenizer.vocab_size)

@@ -294,7 +294,7 @@ def choose_tokens(
         raise ValueError(f"choose_tokens expects logits of shape (B, V), got {tuple(logits.shape)}")
     if spec.is_greedy:
         return greedy_tokens(logits)
-    probs = torch.softmax(logits.float(), dim=-1)
+    probs = sampling_distribution(logits, spec)
     if generators is None:
         return torch.multinomial(probs, num_samples=1).squeeze(-1)
     if len(generators) != probs.shape[0]:
@@ -302,3 +302,65 @@ def choose_tokens(
     return torch.cat(
         [torch.multinomial(row, num_samples=1, generator=generator) for row, generator in zip(probs, generators)]
     )
+
+
+def sampling_distribution(processed: torch.Tensor, spec: DecodingSpec, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The probabilities (same shape, ``dtype``) that the next token is drawn from, given the
+    output of `process_logits`: softmax(processed) when sampling; for greedy decoding 1 at
+    the argmax (ties to the lowest id, as `greedy_tokens`) and 0 elsewhere. This is what
+    `choose_tokens` samples from, what the explain table calls "after filtering" and what
+    the server's distribution view shows as kept. Beam search has no such distribution
+    (its beams are chosen by total score): ValueError."""
+    if spec.is_beam:
+        raise ValueError("beam search has no next-token distribution of its own")
+    if spec.is_greedy:
+        return torch.zeros_like(processed, dtype=dtype).scatter_(-1, greedy_tokens(processed).unsqueeze(-1), 1.0)
+    return torch.softmax(processed.to(dtype), dim=-1)
+
+
+def mask_vocab_padding(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """``logits`` (..., V) with the ids at and past ``vocab_size`` set to -inf: a model whose
+    embedding is padded (GPT-2's 50,257 tokens in 50,304 rows) must never choose, or
+    spread probability over, an id that its tokenizer does not have. A new tensor."""
+    if vocab_size >= logits.size(-1):
+        return logits.clone()
+    return torch.cat([logits[..., :vocab_size], torch.full_like(logits[..., vocab_size:], -math.inf)], dim=-1)
+
+
+class PenaltyState:
+    """What the penalties of a spec need to know of each row, kept up to date step by step.
+
+    ``seen`` (rows x vocab, bool) marks every token of the prompt and of the output (the
+    repetition penalty); ``counts`` (rows x vocab) counts generated tokens only (frequency
+    and presence penalties). Each is None when the spec does not use it, so a spec
+    without penalties costs nothing. Pass them to `process_logits`.
+    """
+
+    def __init__(self, spec: DecodingSpec, prompts: Sequence[Sequence[int]], vocab_size: int,
+                 device: torch.device | str = "cpu"):
+        self.seen = self.counts = None
+        if spec.needs_seen:
+            self.seen = torch.zeros(len(prompts), vocab_size, dtype=torch.bool, device=device)
+            for row, prompt in enumerate(prompts):
+                self.seen[row, torch.as_tensor(list(prompt), dtype=torch.long, device=device)] = True
+        if spec.needs_counts:
+            self.counts = torch.zeros(len(prompts), vocab_size, device=device)
+
+    def add(self, tokens: torch.Tensor) -> None:
+        """Row b generated ``tokens[b]``."""
+        rows = torch.arange(tokens.size(0), device=tokens.device)
+        if self.seen is not None:
+            self.seen[rows, tokens] = True
+        if self.counts is not None:
+            self.counts[rows, tokens] += 1
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Row i continues old row rows[i] (beam search)."""
+        if self.seen is not None:
+            self.seen = self.seen.index_select(0, rows)
+        if self.counts is not None:
+            self.counts = self.counts.index_select(0, rows)
+
+    def process(self, logits: torch.Tensor, spec: DecodingSpec) -> torch.Tensor:
+        """`process_logits` of ``logits`` with this state."""
+        return process_logits(logits, spec, seen=self.seen, counts=self.counts)

@@ -26,15 +26,14 @@ with ``seed + row index``, so a sample never depends on what else is in the batc
 from __future__ import annotations
 
 import codecs
-import math
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from model.decoding import choose_tokens, process_logits
+from model.decoding import PenaltyState, choose_tokens, mask_vocab_padding, sampling_distribution
 from model.device import Precision
 from model.errors import UserError
 from model.gpt import GPT, KVCache
@@ -116,9 +115,7 @@ class Context:
             else:
                 logits = decode_step(self.model, self.tokens[:, self.length - 1 : self.length], self.cache, pad)
         logits = logits.float()
-        if self.valid_vocab is not None and self.valid_vocab < logits.size(-1):
-            logits[:, self.valid_vocab :] = float("-inf")  # ids the tokenizer does not have (vocab padding)
-        return logits
+        return logits if self.valid_vocab is None else mask_vocab_padding(logits, self.valid_vocab)
 
     def _slide(self) -> None:
         """Move the window forward so it holds at most block_size tokens, per the mode."""
@@ -170,14 +167,14 @@ def decode_steps(
     context = Context(model, prompts, max_new_tokens, window, valid_vocab)
     device = context.tokens.device
     generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
-    seen, counts = _penalty_state(spec, prompts, context)
+    penalties = PenaltyState(spec, prompts, model.config.vocab_size, device)
     for _ in range(max_new_tokens):
         logits = context.next_logits()
-        processed = process_logits(logits, spec, seen=seen, counts=counts)
+        processed = penalties.process(logits, spec)
         tokens = choose_tokens(processed, spec, generators)
         yield Step(tokens, logits, processed)
         context.append(tokens)
-        _update_penalty_state(seen, counts, tokens)
+        penalties.add(tokens)
 
 
 def _decode_by_length(model: GPT, prompts: Sequence[Sequence[int]], spec: DecodingSpec, max_new_tokens: int,
@@ -199,29 +196,6 @@ def _decode_by_length(model: GPT, prompts: Sequence[Sequence[int]], spec: Decodi
     for parts in zip(*batches):
         yield Step(*(torch.cat(tensors)[row_order.to(tensors[0].device)]
                      for tensors in zip(*((p.tokens, p.logits, p.processed) for p in parts))))
-
-
-def _penalty_state(spec: DecodingSpec, prompts, context: Context):
-    """``seen`` marks every token of prompt and output (repetition penalty); ``counts``
-    counts generated tokens (frequency and presence penalties). Built only when used."""
-    vocab = context.model.config.vocab_size
-    device = context.tokens.device
-    seen = counts = None
-    if spec.needs_seen:
-        seen = torch.zeros(len(prompts), vocab, dtype=torch.bool, device=device)
-        for row, prompt in enumerate(prompts):
-            seen[row, torch.tensor(prompt, device=device)] = True
-    if spec.needs_counts:
-        counts = torch.zeros(len(prompts), vocab, device=device)
-    return seen, counts
-
-
-def _update_penalty_state(seen, counts, tokens: torch.Tensor) -> None:
-    rows = torch.arange(tokens.size(0), device=tokens.device)
-    if seen is not None:
-        seen[rows, tokens] = True
-    if counts is not None:
-        counts[rows, tokens] += 1
 
 
 class TextStream:
@@ -275,19 +249,37 @@ class TextStream:
         return fragment
 
 
-@dataclass
+@dataclass(frozen=True)
 class TokenDetail:
-    """What the model offered at one step, for explain tables and --logprobs files."""
+    """What the model offered at one step, for explain tables and logprobs."""
 
     token: int  # the token chosen
     logprob: float  # its log-probability under the model's raw distribution
-    filtered_logprob: float  # ... and under the distribution the strategy sampled from
+    filtered_logprob: float  # ... and under the distribution the strategy sampled from (-inf: not kept)
     top: list[tuple[int, float, float]]  # the most likely tokens: (id, raw logprob, filtered logprob)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One token released for one row of a generation, or the end of a row.
+
+    A step of the token loop releases a list of events. Usually that is one per live
+    row; a row may get several in one step (a speculative step that accepts several
+    tokens), each with its own logprob. A row's last event carries ``finish``.
+    """
+
+    row: int  # prompt-major: prompt_index * num_samples + sample_index
+    token: int | None  # None only on the end of a row that got no token (max_new_tokens 0)
+    text: str  # newly printable text (held back while it could be part of a stop string or a character)
+    logprob: float | None  # log p(token) under the model's raw distribution (None: not known, or no token)
+    offset: int  # characters of the row's text before this token's text
+    detail: TokenDetail | None = None  # the top candidates, when asked for (top > 0)
+    finish: str | None = None  # on the row's last event: "eot", "stop" or "length"
 
 
 @dataclass
 class Sample:
-    """One generated continuation."""
+    """One generated continuation, collected from its events (`add`)."""
 
     prompt_index: int
     sample_index: int
@@ -297,14 +289,188 @@ class Sample:
     finish: str = "length"  # "eot", "stop" or "length"
     details: list[TokenDetail] = field(default_factory=list)  # one per token when asked for (top > 0)
 
+    def add(self, event: Event) -> None:
+        if event.token is not None:
+            self.tokens.append(event.token)
+        if event.logprob is not None:
+            self.logprobs.append(event.logprob)
+        if event.detail is not None:
+            self.details.append(event.detail)
+        self.text += event.text
+        if event.finish is not None:
+            self.finish = event.finish
 
-def encode_prompt(tokenizer: Tokenizer, prompt: str | Sequence[int]) -> list[int]:
+
+class RowEnd:
+    """The rule by which every sample ends, for one row: at the end-of-text token (kept as
+    its last token, never in its text), at a stop string (its text cut before it), or
+    after ``max_tokens`` tokens. `take` turns each token into the row's `Event`."""
+
+    def __init__(self, row: int, tokenizer: Tokenizer, stop: Sequence[str], max_tokens: int):
+        self.row, self.eot_id, self.max_tokens = row, tokenizer.eot_id, max_tokens
+        self.stream = TextStream(tokenizer, stop)
+        self.taken = 0
+        self.ended = max_tokens == 0
+
+    def take(self, token: int, logprob: float | None = None, detail: TokenDetail | None = None) -> Event:
+        if self.ended:
+            raise ValueError(f"row {self.row} has ended; it takes no more tokens")
+        offset = len(self.stream.text)
+        self.taken += 1
+        finish = None
+        if token == self.eot_id:
+            text, finish = self.stream.finish(), "eot"
+        else:
+            text = self.stream.feed(token)
+            if self.stream.stopped:
+                finish = "stop"
+            elif self.taken == self.max_tokens:
+                text, finish = text + self.stream.finish(), "length"
+        self.ended = finish is not None
+        return Event(self.row, token, text, logprob, offset, detail, finish)
+
+    def empty_end(self) -> Event:
+        """The end of a row that may take no token at all (max_tokens 0)."""
+        return Event(self.row, None, "", None, 0, None, "length")
+
+
+def replay(tokenizer: Tokenizer, tokens: Sequence[int], stop: Sequence[str] = (), *,
+           logprobs: Sequence[float] | None = None, prompt_index: int = 0) -> Sample:
+    """The sample that ``tokens`` make under the rule every generated sample follows
+    (`RowEnd`): cut at the end-of-text token, at a stop string, or after the last token.
+    The comparison's human row and beam search's result are made this way. ``logprobs``,
+    one per token, are recorded when given."""
+    sample = Sample(prompt_index, 0)
+    for event in _replay_events(0, tokenizer, tokens, stop, logprobs):
+        sample.add(event)
+    return sample
+
+
+def _replay_events(row: int, tokenizer: Tokenizer, tokens: Sequence[int], stop: Sequence[str],
+                   logprobs: Sequence[float] | None) -> list[Event]:
+    end = RowEnd(row, tokenizer, stop, len(tokens))
+    if not tokens:
+        return [end.empty_end()]
+    events = []
+    for token, logprob in zip(tokens, logprobs if logprobs is not None else [None] * len(tokens)):
+        events.append(end.take(int(token), logprob))
+        if end.ended:
+            break
+    return events
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str | Sequence[int], name: str = "prompt") -> list[int]:
     """The token ids generation starts from: a text prompt's encoding, or token ids as
     given (ids cut from a token stream need not survive a trip through text: a byte-level
     BPE prompt can end inside a character). An empty prompt is the end-of-text token,
-    i.e. the beginning of a document."""
-    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(token) for token in prompt]
+    i.e. the beginning of a document.
+
+    The rules every caller shares (sample.py, compare, the server): a text with
+    characters the tokenizer cannot encode and an id outside the vocabulary are each a
+    UserError naming ``name``. A prompt longer than the model's context is not refused:
+    like any long context, it is read through the window (see the module docstring and
+    `long_prompt_note`).
+    """
+    if isinstance(prompt, str):
+        tokenizer.check_encodable(prompt, name)
+        ids = tokenizer.encode(prompt)
+    else:
+        ids = [int(token) for token in prompt]
+        bad = [t for t in ids if not 0 <= t < tokenizer.vocab_size]
+        if bad:
+            raise UserError(f"{name} has token id {bad[0]}, outside this model's vocabulary "
+                            f"[0, {tokenizer.vocab_size})")
     return ids or [tokenizer.eot_id]
+
+
+def long_prompt_note(ids: Sequence[int], block_size: int, name: str = "prompt") -> str | None:
+    """The one line that says what the model sees of a prompt longer than its context
+    (None for a prompt that fits): its last ``block_size`` tokens, as for any context
+    that outgrows the window."""
+    if len(ids) <= block_size:
+        return None
+    return f"{name} is {len(ids):,} tokens, longer than this model's context: it sees the last {block_size:,}"
+
+
+def generate_events(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str | Sequence[int]],
+    spec: DecodingSpec,
+    *,
+    max_new_tokens: int,
+    num_samples: int = 1,
+    seed: int = 0,
+    stop: Sequence[str] = (),
+    window: str = "exact",
+    top: int = 0,
+) -> Iterator[list[Event]]:
+    """The token loop as a stream: the events of each step (see `Event`), until every row
+    has ended. The arguments are checked before this returns; stop iterating (or close
+    the iterator) at any time to stop generating.
+
+    ``num_samples`` continuations of every prompt (a text or token ids, see
+    `encode_prompt`) run as one batch. Row order is prompt-major: row = prompt_index *
+    num_samples + sample_index, and each row samples with its own generator seeded
+    ``seed + row``: every sample of the call has its own random stream (samples of
+    different prompts that shared one would drift into the same text once their prompts
+    left the window), and a row draws exactly what it would draw alone with that seed.
+    A row ends by the rule of `RowEnd`. ``top`` > 0 adds the ``top`` most likely tokens
+    of every step to its events (``detail``). Beam search runs prompt by prompt and
+    releases each prompt's best beam in one step once it is found.
+    """
+    if max_new_tokens < 0:
+        raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if num_samples < 1:
+        raise UserError(f"num_samples must be >= 1, got {num_samples}")
+    if any(s == "" for s in stop):
+        raise UserError("a stop string must not be empty")
+    if spec.is_beam and num_samples != 1:
+        raise UserError("beam search is deterministic: use num_samples 1")
+    if spec.is_beam and top:
+        raise UserError("per-token details follow one token at a time; beam search has none")
+    rows = len(prompts) * num_samples
+    if not 0 <= seed <= MAX_SEED - rows + 1:
+        raise UserError(f"the seed must be in [0, {MAX_SEED - rows + 1}] (row r uses seed + r, at most {MAX_SEED}), "
+                        f"got {seed}")
+    check_batch_memory(model, spec.num_beams if spec.is_beam else rows, max_new_tokens)  # beams: one prompt at a time
+    names = ["prompt" if len(prompts) == 1 else f"prompt {i + 1}" for i in range(len(prompts))]
+    encoded = [encode_prompt(tokenizer, p, name) for p, name in zip(prompts, names)]
+    if spec.is_beam:
+        return _beam_events(model, tokenizer, encoded, spec, max_new_tokens, stop, window)
+    return _sampled_events(model, tokenizer, [encoded[r // num_samples] for r in range(rows)], spec,
+                           max_new_tokens, seed, stop, window, top)
+
+
+def _sampled_events(model: GPT, tokenizer: Tokenizer, rows: list[list[int]], spec: DecodingSpec,
+                    max_new_tokens: int, seed: int, stop: Sequence[str], window: str,
+                    top: int) -> Iterator[list[Event]]:
+    ends = [RowEnd(row, tokenizer, stop, max_new_tokens) for row in range(len(rows))]
+    if max_new_tokens == 0:
+        yield [end.empty_end() for end in ends]
+        return
+    steps = decode_steps(model, rows, spec, max_new_tokens, [seed + row for row in range(len(rows))],
+                         window=window, valid_vocab=tokenizer.vocab_size)
+    for step in steps:
+        raw = F.log_softmax(step.logits, dim=-1)
+        chosen = raw.gather(1, step.tokens[:, None]).squeeze(1).tolist()
+        details = _token_details(step, raw, top, spec) if top > 0 else [None] * len(rows)
+        yield [end.take(token, chosen[row], details[row])
+               for row, (end, token) in enumerate(zip(ends, step.tokens.tolist())) if not end.ended]
+        if all(end.ended for end in ends):
+            return
+
+
+def _beam_events(model: GPT, tokenizer: Tokenizer, prompts: list[list[int]], spec: DecodingSpec,
+                 max_new_tokens: int, stop: Sequence[str], window: str) -> Iterator[list[Event]]:
+    for row, ids in enumerate(prompts):
+        beam = beam_search(model, ids, spec, max_new_tokens, tokenizer.eot_id, window, tokenizer.vocab_size)
+        yield _replay_events(row, tokenizer, beam.tokens, stop, beam.logprobs)
+
+
+def new_samples(num_prompts: int, num_samples: int) -> list[Sample]:
+    """Empty samples in row order, for collecting the events of `generate_events`."""
+    return [Sample(p, s) for p in range(num_prompts) for s in range(num_samples)]
 
 
 def generate(
@@ -319,67 +485,14 @@ def generate(
     stop: Sequence[str] = (),
     window: str = "exact",
     top: int = 0,
-    on_text: Callable[[int, str], None] | None = None,
-    on_done: Callable[[Sample], None] | None = None,
 ) -> list[Sample]:
-    """Generate ``num_samples`` continuations of every prompt (a text or token ids, see
-    `encode_prompt`), all in one batch.
-
-    Row order is prompt-major: row = prompt_index * num_samples + sample_index, and each
-    row samples with its own generator seeded ``seed + row``: every sample of the call
-    has its own random stream (samples of different prompts that shared one would drift
-    into the same text once their prompts left the window), and a row draws exactly
-    what it would draw alone with that seed. A sample ends at the
-    end-of-text token (kept as its last token, never in its text), at a stop string,
-    or after ``max_new_tokens``. ``top`` > 0 records the ``top`` most likely tokens of
-    every step in ``Sample.details``.
-    on_text(row, text) receives printable text as it comes; on_done(sample) each
-    sample as it ends.
-    """
-    if max_new_tokens < 0:
-        raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if num_samples < 1:
-        raise UserError(f"num_samples must be >= 1, got {num_samples}")
-    if any(s == "" for s in stop):
-        raise UserError("a stop string must not be empty")
-    rows = len(prompts) * num_samples
-    if not 0 <= seed <= MAX_SEED - rows + 1:
-        raise UserError(f"the seed must be in [0, {MAX_SEED - rows + 1}] (row r uses seed + r, at most {MAX_SEED}), "
-                        f"got {seed}")
-    check_batch_memory(model, spec.num_beams if spec.is_beam else rows, max_new_tokens)  # beams: one prompt at a time
-    encoded = [encode_prompt(tokenizer, p) for p in prompts]
-    if spec.is_beam:
-        if num_samples != 1:
-            raise UserError("beam search is deterministic: use num_samples 1")
-        return [
-            _finish_beam(beam_search(model, ids, spec, max_new_tokens, tokenizer.eot_id, window, tokenizer.vocab_size),
-                         index, tokenizer, stop, on_text, on_done)
-            for index, ids in enumerate(encoded)
-        ]
-    indices = [(p, s) for p in range(len(prompts)) for s in range(num_samples)]
-    samples = [Sample(p, s) for p, s in indices]
-    streams = [TextStream(tokenizer, stop) for _ in indices]
-    live = set(range(rows))
-    steps = decode_steps(model, [encoded[p] for p, _ in indices], spec, max_new_tokens,
-                         [seed + row for row in range(rows)], window=window, valid_vocab=tokenizer.vocab_size)
-    for step in steps:
-        raw = F.log_softmax(step.logits, dim=-1)
-        chosen = raw.gather(1, step.tokens[:, None]).squeeze(1).tolist()
-        details = _token_details(step, raw, top, spec.is_greedy) if top > 0 else None
-        for row, token in enumerate(step.tokens.tolist()):
-            if row not in live:
-                continue
-            sample, stream = samples[row], streams[row]
-            if details:
-                sample.details.append(details[row])
-            _take(sample, stream, token, chosen[row], tokenizer.eot_id, on_text, row)
-            if sample.finish != "length":
-                live.discard(row)
-                _close(sample, stream, on_text, on_done, row)
-        if not live:
-            break
-    for row in sorted(live):
-        _close(samples[row], streams[row], on_text, on_done, row)
+    """Every sample of `generate_events` (same arguments), collected, in row order."""
+    events = generate_events(model, tokenizer, prompts, spec, max_new_tokens=max_new_tokens,
+                             num_samples=num_samples, seed=seed, stop=stop, window=window, top=top)
+    samples = new_samples(len(prompts), num_samples)  # after the checks: num_samples may be absurd
+    for step in events:
+        for event in step:
+            samples[event.row].add(event)
     return samples
 
 
@@ -410,47 +523,18 @@ def _device_memory(device: torch.device) -> int | None:
     return None
 
 
-def _token_details(step: Step, raw: torch.Tensor, top: int, greedy: bool) -> list[TokenDetail]:
+def _token_details(step: Step, raw: torch.Tensor, top: int, spec: DecodingSpec) -> list[TokenDetail]:
     tokens = step.tokens[:, None]
-    if greedy:  # the argmax is chosen with probability 1: log 1 = 0 for it, log 0 for the rest
-        filtered = torch.full_like(raw, -math.inf).scatter_(1, tokens, 0.0)
-    else:
-        filtered = F.log_softmax(step.processed.float(), dim=-1)
+    filtered = sampling_distribution(step.processed, spec, torch.float64).log()
     top_raw, top_ids = raw.topk(min(top, raw.size(-1)), dim=-1)
     top_filtered = filtered.gather(1, top_ids)
     return [
         TokenDetail(token, logprob, filtered_logprob, list(zip(ids, raws, filts)))
         for token, logprob, filtered_logprob, ids, raws, filts in zip(
-            step.tokens.tolist(), raw.gather(1, tokens).squeeze(1).tolist(),
-            filtered.gather(1, tokens).squeeze(1).tolist(), top_ids.tolist(), top_raw.tolist(), top_filtered.tolist(),
+            step.tokens.tolist(), raw.gather(1, tokens).squeeze(1).tolist(), filtered.gather(1, tokens).squeeze(1).tolist(),
+            top_ids.tolist(), top_raw.tolist(), top_filtered.tolist(),
         )
     ]
-
-
-def _take(sample: Sample, stream: TextStream, token: int, logprob: float | None, eot_id: int, on_text,
-          row: int) -> None:
-    """Add one token to a sample and pass its printable text on; the end-of-text token or
-    a stop string sets how the sample finished."""
-    sample.tokens.append(token)
-    if logprob is not None:
-        sample.logprobs.append(logprob)
-    if token == eot_id:
-        sample.finish = "eot"
-        return
-    fragment = stream.feed(token)
-    if fragment and on_text:
-        on_text(row, fragment)
-    if stream.stopped:
-        sample.finish = "stop"
-
-
-def _close(sample: Sample, stream: TextStream, on_text, on_done, row: int) -> None:
-    rest = stream.finish()
-    if rest and on_text:
-        on_text(row, rest)
-    sample.text = stream.text
-    if on_done:
-        on_done(sample)
 
 
 @dataclass
@@ -488,11 +572,11 @@ def beam_search(
     context = Context(model, [list(prompt)] * n, max_new_tokens, window, valid_vocab)
     beams = [Beam([], 0.0 if i == 0 else float("-inf"), []) for i in range(n)]  # start from one beam
     finished: list[Beam] = []
-    seen, counts = _penalty_state(spec, [prompt] * n, context)
+    penalties = PenaltyState(spec, [prompt] * n, model.config.vocab_size, context.tokens.device)
     for step in range(max_new_tokens):
         logits = context.next_logits()
         raw = F.log_softmax(logits, dim=-1)
-        ranked = F.log_softmax(process_logits(logits, spec, seen=seen, counts=counts), dim=-1)
+        ranked = F.log_softmax(penalties.process(logits, spec), dim=-1)
         totals = torch.tensor([b.score for b in beams], device=logits.device)[:, None] + ranked  # (n, V)
         order = torch.sort(totals.flatten(), descending=True, stable=True).indices[: 2 * n].tolist()
         chosen_rows, chosen_tokens, next_beams = [], [], []
@@ -516,11 +600,10 @@ def beam_search(
             break
         rows = torch.tensor(chosen_rows, device=logits.device)
         context.reorder(rows)
-        seen = seen.index_select(0, rows) if seen is not None else None
-        counts = counts.index_select(0, rows) if counts is not None else None
+        penalties.reorder(rows)
         tokens = torch.tensor(chosen_tokens, device=logits.device)
         context.append(tokens)
-        _update_penalty_state(seen, counts, tokens)
+        penalties.add(tokens)
         beams = next_beams
     candidates = finished + [b for b in beams if b.score > float("-inf")]
     return max(candidates, key=_normalised)
@@ -541,23 +624,3 @@ def _search_is_over(finished: list[Beam], live: list[Beam], n: int, max_new_toke
         return False
     best_live = max(b.score for b in live) / max_new_tokens
     return best_live <= _normalised(finished[-1])
-
-
-def _finish_beam(beam: Beam, prompt_index: int, tokenizer: Tokenizer, stop, on_text, on_done) -> Sample:
-    return finished_sample(beam.tokens, tokenizer, stop, prompt_index, logprobs=beam.logprobs, on_text=on_text,
-                           on_done=on_done)
-
-
-def finished_sample(tokens: Sequence[int], tokenizer: Tokenizer, stop: Sequence[str] = (), prompt_index: int = 0,
-                    *, logprobs: Sequence[float] | None = None, on_text=None, on_done=None) -> Sample:
-    """The sample that ``tokens`` make, ended by the rule every sample of generate follows:
-    at the end-of-text token (kept as its last token), at a stop string (the text cut
-    before it), or after its last token. ``logprobs``, one per token, are recorded when given."""
-    stream = TextStream(tokenizer, stop)
-    sample = Sample(prompt_index, 0)
-    for token, logprob in zip(tokens, logprobs if logprobs is not None else [None] * len(tokens)):
-        _take(sample, stream, int(token), logprob, tokenizer.eot_id, on_text, prompt_index)
-        if sample.finish != "length":
-            break
-    _close(sample, stream, on_text, on_done, prompt_index)
-    return sample

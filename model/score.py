@@ -1,4 +1,5 @@
-"""Bits per byte, and scoring any text under a model in windows of its context.
+"""Log-probabilities of given tokens: bits per byte of any text scored in windows of the
+model's context, teacher-forced continuations, and the logprobs of an echoed prompt.
 
 A loss in nats per token depends on how much text a token holds (one character, or a
 BPE piece of three or four), so a char model's 1.5 and a BPE model's 3.7 say nothing
@@ -31,6 +32,9 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from model.decoding import mask_vocab_padding
+from model.generate import Context
+from model.gpt import GPT
 from model.tokenizer import Tokenizer
 
 
@@ -111,3 +115,43 @@ def score_tokens(
             tokens=int(scored.sum()), nats=float(nats[scored].sum()),
             bytes=int(byte_lengths.to(device)[y][scored].sum()),
         )
+
+
+@torch.no_grad()
+def score_continuations(
+    model: GPT, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]], *,
+    window: str = "exact", valid_vocab: int | None = None,
+) -> list[list[float]]:
+    """log p(continuation[t] | prompt, continuation[:t]) under the model's raw distribution,
+    for every token of every continuation (teacher forcing).
+
+    The rows run as one batch through the token loop's own `Context` (model/generate.py), so each token
+    is scored with exactly the context a generated token at that place would have had
+    (same window mode, same handling of vocabulary padding): the human row's perplexity is
+    measured the way the strategies' is. Every prompt needs at least one token.
+    """
+    steps = max((len(c) for c in continuations), default=0)
+    if steps == 0:
+        return [[] for _ in continuations]
+    context = Context(model, prompts, steps, window, valid_vocab)
+    device = context.tokens.device
+    scores: list[list[float]] = [[] for _ in continuations]
+    for t in range(steps):
+        logprobs = F.log_softmax(context.next_logits(), dim=-1)
+        # A continuation that already ended is fed token 0: its row is never read again.
+        forced = torch.tensor([c[t] if t < len(c) else 0 for c in continuations], device=device)
+        chosen = logprobs.gather(1, forced[:, None]).squeeze(1).tolist()
+        for row, continuation in enumerate(continuations):
+            if t < len(continuation):
+                scores[row].append(chosen[row])
+        context.append(forced)
+    return scores
+
+
+@torch.no_grad()
+def next_token_logprobs(model: GPT, ids: Sequence[int], valid_vocab: int) -> torch.Tensor:
+    """(len(ids) - 1, V) float32: row t is the log-distribution of the token after ids[: t + 1]
+    in one forward pass (ids must fit in the context); ids past ``valid_vocab`` (vocabulary
+    padding) get -inf, as in generation."""
+    logits, _ = model(torch.tensor([list(ids)], device=next(model.parameters()).device))
+    return F.log_softmax(mask_vocab_padding(logits[0, :-1].float(), valid_vocab), dim=-1)

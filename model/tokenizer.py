@@ -90,6 +90,14 @@ BPE_MIN_VOCAB_SIZE = 258
 _MAX_CHARS_SHOWN = 10
 
 
+_VISIBLE = {" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5", "\r": "\u240d"}
+
+
+def _visible_chars(text: str) -> str:
+    return "".join(_VISIBLE.get(c) or (f"\u27e8U+{ord(c):04X}\u27e9" if ord(c) < 32 or ord(c) == 127 else c)
+                   for c in text)
+
+
 class Tokenizer(ABC):
     """Maps text to token ids and back.
 
@@ -122,6 +130,33 @@ class Tokenizer(ABC):
     @abstractmethod
     def state(self) -> dict[str, Any]:
         """Plain data (str/int/list/dict) from which tokenizer_from_state rebuilds this tokenizer."""
+
+    def token_text(self, token_id: int) -> str:
+        """A token as OpenAI's logprobs name it: its text, or ``bytes:\\xe2\\x80`` when its
+        bytes are not whole UTF-8 characters (a character split across byte-level tokens).
+        The end-of-text token is EOT_TEXT. Used by --logprobs files and the API alike."""
+        data = self.token_bytes(token_id)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+
+    def display(self, token_id: int) -> str:
+        """A token made visible, for the explain table and the explorer page: spaces as ␣,
+        newlines as ↵, tabs as ⇥, carriage returns as ␍, other control characters as
+        ⟨U+XXXX⟩, bytes that are only part of a character as ⟨hex bytes⟩, end-of-text as
+        ⟨end of text⟩."""
+        if token_id == self.eot_id:
+            return "\u27e8end of text\u27e9"
+        data, shown = self.token_bytes(token_id), ""
+        while data:
+            try:
+                return shown + _visible_chars(data.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                shown += _visible_chars(data[: e.start].decode("utf-8"))
+                shown += "\u27e8" + " ".join(f"{b:02x}" for b in data[e.start : e.end]) + "\u27e9"
+                data = data[e.end :]
+        return shown
 
     def unknown_characters(self, text: str) -> list[str]:
         """The distinct characters of ``text`` this tokenizer cannot encode, in order of

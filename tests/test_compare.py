@@ -26,14 +26,14 @@ from model.compare import (
     parse_grid,
     row_metrics,
     run_comparison,
-    score_continuations,
     text_units,
     val_prompts,
 )
 from model.data import open_split, read_meta
 from model.strategy import parse_strategy
 from model.errors import UserError
-from model.generate import Sample, finished_sample
+from model.generate import Sample, replay
+from model.score import score_continuations
 from model.gpt import GPT
 from model.tokenizer import CharTokenizer
 from sample import format_table, plot_chart
@@ -129,12 +129,12 @@ def test_human_rows_are_the_validation_text_after_each_prompt(tiny_dataset):
 
 def test_a_continuation_ends_like_a_generated_sample():
     ids = CHARS.encode("ab c\nba")
-    at_eot = finished_sample(ids[:3] + [CHARS.eot_id] + ids[3:], CHARS, (), 0)
+    at_eot = replay(CHARS, ids[:3] + [CHARS.eot_id] + ids[3:])
     assert (at_eot.tokens, at_eot.text, at_eot.finish) == (ids[:3] + [CHARS.eot_id], "ab ", "eot")
-    at_stop = finished_sample(ids, CHARS, ["c\n"], 2)
+    at_stop = replay(CHARS, ids, ["c\n"], prompt_index=2)
     # The token that completes the stop string is kept, its text is not (as in generate).
     assert (at_stop.tokens, at_stop.text, at_stop.finish, at_stop.prompt_index) == (ids[:5], "ab ", "stop", 2)
-    whole = finished_sample(ids, CHARS, ["x"], 0)
+    whole = replay(CHARS, ids, ["x"])
     assert (whole.tokens, whole.text, whole.finish) == (ids, "ab c\nba", "length")
 
 
