@@ -196,19 +196,18 @@ def library_tokens_per_s(checkpoint: str, max_tokens: int, threads: int, repeats
     import torch
 
     from model.checkpoint import load_for_generation
-    from model.serve import ServeSettings, TokenEvent, completion_events, completion_job
+    from model.serve import ServeSettings, completion_events, completion_job
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         model, tokenizer, _ = load_for_generation(checkpoint, torch.device("cpu"))
-        job = completion_job({"prompt": "", "max_tokens": max_tokens, "seed": 1}, ServeSettings("bench"), tokenizer,
-                             model.config.block_size)
+        job = completion_job({"prompt": "", "max_tokens": max_tokens, "seed": 1}, ServeSettings("bench"), tokenizer)
         best = 0.0
         with torch.inference_mode():
             for _ in range(repeats):
                 start = time.perf_counter()
-                tokens = sum(isinstance(e, TokenEvent) for step in completion_events(model, tokenizer, job)
+                tokens = sum(e.token is not None for step in completion_events(model, tokenizer, job, "exact")
                              for e in step)
                 best = max(best, tokens / (time.perf_counter() - start))
         return best

@@ -32,7 +32,6 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from model.decoding import mask_vocab_padding
 from model.generate import Context
 from model.gpt import GPT
 from model.tokenizer import Tokenizer
@@ -118,40 +117,41 @@ def score_tokens(
 
 
 @torch.no_grad()
+def forced_logprobs(
+    model: GPT, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]], *,
+    window: str = "exact", valid_vocab: int | None = None,
+) -> Iterator[torch.Tensor]:
+    """Teacher forcing: yields, for t = 0, 1, ..., the (B, V) log-distribution of the
+    model's raw next token after prompt b and continuation[b][:t].
+
+    The rows run as one batch through the token loop's own `Context` (model/generate.py),
+    so each distribution is computed with exactly the context a generated token at that
+    place would have had (same window mode, same masking of vocabulary padding, a
+    context longer than the model's read through the window). A continuation that has
+    ended is fed token 0; its row is not meaningful after that. Every prompt needs at
+    least one token.
+    """
+    steps = max((len(c) for c in continuations), default=0)
+    if steps == 0:
+        return
+    context = Context(model, prompts, steps, window, valid_vocab)
+    device = context.tokens.device
+    for t in range(steps):
+        yield F.log_softmax(context.next_logits(), dim=-1)
+        context.append(torch.tensor([c[t] if t < len(c) else 0 for c in continuations], device=device))
+
+
 def score_continuations(
     model: GPT, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]], *,
     window: str = "exact", valid_vocab: int | None = None,
 ) -> list[list[float]]:
     """log p(continuation[t] | prompt, continuation[:t]) under the model's raw distribution,
-    for every token of every continuation (teacher forcing).
-
-    The rows run as one batch through the token loop's own `Context` (model/generate.py), so each token
-    is scored with exactly the context a generated token at that place would have had
-    (same window mode, same handling of vocabulary padding): the human row's perplexity is
-    measured the way the strategies' is. Every prompt needs at least one token.
-    """
-    steps = max((len(c) for c in continuations), default=0)
-    if steps == 0:
-        return [[] for _ in continuations]
-    context = Context(model, prompts, steps, window, valid_vocab)
-    device = context.tokens.device
+    for every token of every continuation (`forced_logprobs`): the comparison's human row
+    is scored the way a generated sample's tokens are."""
     scores: list[list[float]] = [[] for _ in continuations]
-    for t in range(steps):
-        logprobs = F.log_softmax(context.next_logits(), dim=-1)
-        # A continuation that already ended is fed token 0: its row is never read again.
-        forced = torch.tensor([c[t] if t < len(c) else 0 for c in continuations], device=device)
-        chosen = logprobs.gather(1, forced[:, None]).squeeze(1).tolist()
+    for t, logprobs in enumerate(forced_logprobs(model, prompts, continuations, window=window,
+                                                 valid_vocab=valid_vocab)):
         for row, continuation in enumerate(continuations):
             if t < len(continuation):
-                scores[row].append(chosen[row])
-        context.append(forced)
+                scores[row].append(logprobs[row, continuation[t]].item())
     return scores
-
-
-@torch.no_grad()
-def next_token_logprobs(model: GPT, ids: Sequence[int], valid_vocab: int) -> torch.Tensor:
-    """(len(ids) - 1, V) float32: row t is the log-distribution of the token after ids[: t + 1]
-    in one forward pass (ids must fit in the context); ids past ``valid_vocab`` (vocabulary
-    padding) get -inf, as in generation."""
-    logits, _ = model(torch.tensor([list(ids)], device=next(model.parameters()).device))
-    return F.log_softmax(mask_vocab_padding(logits[0, :-1].float(), valid_vocab), dim=-1)

@@ -1,12 +1,12 @@
 """The local server: the explorer page and an OpenAI-compatible completions API.
 
 Everything the model computes here goes through the library that ``sample.py`` uses:
-prompts are encoded by the checkpoint's tokenizer, tokens come from
-`model.generate.decode_steps` (which applies `model.decoding.process_logits` and
-`choose_tokens` with one generator per row seeded ``seed + row``), text from
-`model.generate.TextStream` (stop strings, partial UTF-8 characters), and the kept sets
-of the distribution view from `process_logits` with specs read by `parse_strategy`. The
-page (``model/static/explorer.html``) only draws what these endpoints return.
+prompts are read by `model.generate.encode_prompt`, completions are the event stream of
+`model.generate.generate_events` (the same tokens, text, end rule and seeds as the
+CLI), a token's text and glyphs come from the tokenizer (`Tokenizer.token_text`,
+`Tokenizer.display`), and the kept sets of the distribution view from
+`model.decoding.sampling_distribution` with specs read by `parse_strategy`. The page
+(``model/static/explorer.html``) only draws what these endpoints return.
 
 Endpoints:
 
@@ -41,19 +41,19 @@ from typing import Any
 
 import anyio.to_thread
 import torch
-import torch.nn.functional as F
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from model.decoding import process_logits
+from model.decoding import PenaltyState, sampling_distribution
 from model.errors import UserError
-from model.generate import MAX_SEED, Context, TextStream, decode_steps
+from model.generate import MAX_SEED, Context, Event, TokenDetail, encode_prompt, generate_events
+from model.score import forced_logprobs
 from model.gpt import GPT
 from model.strategy import DecodingSpec, parse_strategy
-from model.tokenizer import EOT_TEXT, Tokenizer
+from model.tokenizer import Tokenizer
 
 PAGE = Path(__file__).parent / "static" / "explorer.html"
 MAX_BODY_BYTES = 1 << 20  # a request body larger than this is refused (413) before it is parsed
@@ -97,45 +97,6 @@ class RequestError(Exception):
         body = {"error": {"message": " ".join(self.message.split()), "type": self.kind, "param": self.param,
                           "code": None}}
         return JSONResponse(body, status_code=self.status, headers=self.headers)
-
-
-# ----------------------------------------------------------------------------------------
-# Showing tokens.
-
-
-def token_text(tokenizer: Tokenizer, token: int) -> str:
-    """A token as OpenAI's logprobs name it: its text, or ``bytes:\\xe2\\x80`` when its bytes
-    are not whole UTF-8 characters (part of a character split across byte-level tokens)."""
-    data = tokenizer.token_bytes(token)
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
-
-
-_VISIBLE = {" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5", "\r": "\u240d"}
-
-
-def display_token(tokenizer: Tokenizer, token: int) -> str:
-    """A token made visible for the page: spaces as ␣, newlines as ↵, tabs as ⇥, other
-    control characters as ⟨U+XXXX⟩, bytes that are only part of a character as ⟨hex⟩,
-    end-of-text as ⟨end of text⟩."""
-    if token == tokenizer.eot_id:
-        return "\u27e8end of text\u27e9"
-    data, shown = tokenizer.token_bytes(token), ""
-    while data:
-        try:
-            return shown + _visible_chars(data.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            shown += _visible_chars(data[: e.start].decode("utf-8"))
-            shown += "\u27e8" + " ".join(f"{b:02x}" for b in data[e.start : e.end]) + "\u27e9"
-            data = data[e.end :]
-    return shown
-
-
-def _visible_chars(text: str) -> str:
-    return "".join(_VISIBLE.get(c) or (f"\u27e8U+{ord(c):04X}\u27e9" if ord(c) < 32 or ord(c) == 127 else c)
-                   for c in text)
 
 
 # ----------------------------------------------------------------------------------------
@@ -237,10 +198,10 @@ def read_spec(body: dict) -> DecodingSpec:
         raise RequestError(message, param if param in _SPEC_FIELDS else None) from None
 
 
-def read_prompts(value: object, tokenizer: Tokenizer, block_size: int) -> tuple[list[list[int]], list[str]]:
+def read_prompts(value: object, tokenizer: Tokenizer) -> tuple[list[list[int]], list[str]]:
     """OpenAI's prompt forms: a string, a list of strings, a list of token ids, a list of
-    lists of token ids. Returns (token ids, text) per prompt. A prompt longer than the
-    model's context is refused: the model could not see its beginning."""
+    lists of token ids. Returns (token ids, text) per prompt, by `encode_prompt`'s rules
+    (as sample.py: a prompt longer than the context is read through the window)."""
     if value is None:
         value = ""
     if isinstance(value, str):
@@ -258,22 +219,11 @@ def read_prompts(value: object, tokenizer: Tokenizer, block_size: int) -> tuple[
     ids, texts = [], []
     for index, item in enumerate(items):
         name = "prompt" if len(items) == 1 else f"prompt[{index}]"
-        if kind == "text":
-            unknown = tokenizer.unknown_characters(item)
-            if unknown:
-                raise RequestError(tokenizer._unknown_characters_message(unknown, name), "prompt")
-            encoded, text = tokenizer.encode(item) or [tokenizer.eot_id], item
-        else:
-            bad = [t for t in item if not 0 <= t < tokenizer.vocab_size]
-            if bad:
-                raise RequestError(f"{name} has token id {bad[0]}, outside this model's vocabulary "
-                                   f"[0, {tokenizer.vocab_size})", "prompt")
-            encoded, text = list(item), tokenizer.decode(item)
-        if len(encoded) > block_size:
-            raise RequestError(f"{name} is {len(encoded)} tokens; this model reads at most {block_size} "
-                               "(its context length)", "prompt")
-        ids.append(encoded)
-        texts.append(text)
+        try:
+            ids.append(encode_prompt(tokenizer, item, name))
+        except UserError as error:
+            raise RequestError(str(error), "prompt") from None
+        texts.append(item if kind == "text" else tokenizer.decode(item))
     return ids, texts
 
 
@@ -287,7 +237,7 @@ def read_stop(value: object) -> tuple[str, ...]:
     return tuple(stops)
 
 
-def completion_job(body: dict, settings: ServeSettings, tokenizer: Tokenizer, block_size: int) -> CompletionJob:
+def completion_job(body: dict, settings: ServeSettings, tokenizer: Tokenizer) -> CompletionJob:
     """Check a completions request field by field; the first problem is a RequestError."""
     _check_fields(body, _COMPLETION_FIELDS)
     _check_model(body, settings)
@@ -296,7 +246,7 @@ def completion_job(body: dict, settings: ServeSettings, tokenizer: Tokenizer, bl
             raise RequestError(f"{name} is not supported by this server", name)
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise RequestError("user must be a string", "user")
-    prompts, texts = read_prompts(body.get("prompt"), tokenizer, block_size)
+    prompts, texts = read_prompts(body.get("prompt"), tokenizer)
     max_tokens = _whole(body, "max_tokens", min(16, settings.max_tokens), 0, settings.max_tokens,
                         " (this server's --max-tokens)")
     n = _whole(body, "n", 1, 1, settings.max_rows // len(prompts) or 1)
@@ -328,86 +278,42 @@ def _check_model(body: dict, settings: ServeSettings) -> None:
 
 
 # ----------------------------------------------------------------------------------------
-# Generation: the library's token loop, one event per token.
+# Generation: the library's event stream, in OpenAI's shape.
 
 
-@dataclasses.dataclass
-class TokenEvent:
-    """One row's new token: its printable text (held back while it could still be part of a
-    stop string or of a character) and, when asked for, its logprob entry."""
-
-    row: int
-    token: int
-    token_text: str  # as OpenAI's logprobs name it (see token_text)
-    text: str
-    logprob: float
-    top: dict[str, float] | None
-    offset: int  # where the token's text starts in the row's text (echoed prompt included)
+def completion_events(model: GPT, tokenizer: Tokenizer, job: CompletionJob, window: str) -> Iterator[list[Event]]:
+    """`generate_events` for a job (rows prompt-major, row r seeded seed + r), or a
+    RequestError when generate refuses it (a batch too large for memory)."""
+    try:
+        return generate_events(model, tokenizer, job.prompts, job.spec, max_new_tokens=job.max_tokens,
+                               num_samples=job.n, seed=job.seed, stop=job.stop, window=window,
+                               top=job.logprobs or 0)
+    except UserError as error:
+        raise RequestError(str(error)) from None
 
 
-@dataclasses.dataclass
-class FinishEvent:
-    row: int
-    text: str  # the rest of the row's text that was held back
-    reason: str  # "stop" (end-of-text or a stop string) or "length"
+def _top_logprobs(tokenizer: Tokenizer, detail: TokenDetail | None) -> dict[str, float] | None:
+    if detail is None:
+        return None
+    return {tokenizer.token_text(token): raw for token, raw, _ in detail.top}
 
 
-def completion_events(model: GPT, tokenizer: Tokenizer, job: CompletionJob,
-                      window: str = "exact") -> Iterator[list[TokenEvent | FinishEvent]]:
-    """The events of each decoding step, as `model.generate.generate` would produce its text:
-    rows prompt-major (row = prompt index x n + sample), row r sampling with seed + r, a
-    row ending at the end-of-text token (not in its text), a stop string (cut off) or
-    ``max_tokens``. Stop iterating at any time to stop generating."""
-    rows = [job.prompts[r // job.n] for r in range(job.rows)]
-    streams = [TextStream(tokenizer, job.stop) for _ in rows]
-    offsets = [len(job.prompt_texts[r // job.n]) if job.echo else 0 for r in range(job.rows)]
-    live = set(range(job.rows))
-    if job.max_tokens == 0:
-        yield [FinishEvent(r, "", "length") for r in range(job.rows)]
-        return
-    steps = decode_steps(model, rows, job.spec, job.max_tokens, [job.seed + r for r in range(job.rows)],
-                         window=window, valid_vocab=tokenizer.vocab_size)
-    for step in steps:
-        raw = F.log_softmax(step.logits, dim=-1)
-        chosen = raw.gather(1, step.tokens[:, None]).squeeze(1).tolist()
-        top = _top_logprobs(raw, job.logprobs, tokenizer) if job.logprobs else None
-        events: list[TokenEvent | FinishEvent] = []
-        for row, token in enumerate(step.tokens.tolist()):
-            if row not in live:
-                continue
-            stream = streams[row]
-            offset = offsets[row] + len(stream.text)
-            text = "" if token == tokenizer.eot_id else stream.feed(token)
-            events.append(TokenEvent(row, token, token_text(tokenizer, token), text, chosen[row],
-                                     top[row] if top else None, offset))
-            if token == tokenizer.eot_id or stream.stopped:
-                live.discard(row)
-                events.append(FinishEvent(row, stream.finish(), "stop"))
-        yield events
-        if not live:
-            break
-    yield [FinishEvent(row, streams[row].finish(), "length") for row in sorted(live)]
-
-
-def _top_logprobs(raw: torch.Tensor, k: int, tokenizer: Tokenizer) -> list[dict[str, float]]:
-    values, ids = raw.topk(min(k, raw.size(-1)), dim=-1)
-    return [{token_text(tokenizer, t): v for t, v in zip(row_ids, row_values)}
-            for row_ids, row_values in zip(ids.tolist(), values.tolist())]
-
-
-@torch.no_grad()
-def prompt_logprobs(model: GPT, tokenizer: Tokenizer, ids: Sequence[int], k: int) -> dict[str, list]:
+def prompt_logprobs(model: GPT, tokenizer: Tokenizer, ids: Sequence[int], k: int, window: str) -> dict[str, list]:
     """OpenAI's logprobs of an echoed prompt: each token's log-probability given the ones
-    before it (none for the first) and the top k alternatives there."""
-    logits, _ = model(torch.tensor([list(ids)], device=next(model.parameters()).device))
-    logits = logits[0].float()
-    logits[:, tokenizer.vocab_size :] = -math.inf
-    raw = F.log_softmax(logits[:-1], dim=-1)
-    chosen = raw.gather(1, torch.tensor(ids[1:], device=raw.device)[:, None]).squeeze(1).tolist()
-    top = _top_logprobs(raw, k, tokenizer) if k else [None] * len(chosen)
-    texts = [tokenizer.decode([t]) if t != tokenizer.eot_id else EOT_TEXT for t in ids]
+    before it (none for the first) and the top k alternatives there, teacher-forced through
+    the token loop's context (`forced_logprobs`), so a long prompt is read as generation reads it."""
+    chosen, top = [], []
+    for t, logprobs in enumerate(forced_logprobs(model, [ids[:1]], [ids[1:]], window=window,
+                                                 valid_vocab=tokenizer.vocab_size)):
+        chosen.append(logprobs[0, ids[t + 1]].item())
+        if k:
+            values, best = logprobs[0].topk(min(k, logprobs.size(-1)))
+            top.append({tokenizer.token_text(i): v for i, v in zip(best.tolist(), values.tolist())})
+        else:
+            top.append(None)
+    texts = [tokenizer.decode([t]) for t in ids]
     offsets = [sum(len(t) for t in texts[:i]) for i in range(len(ids))]
-    return {"tokens": [token_text(tokenizer, t) for t in ids], "token_logprobs": [None, *chosen],
+    return {"tokens": [tokenizer.token_text(t) for t in ids], "token_logprobs": [None, *chosen],
             "top_logprobs": [None, *top], "text_offset": offsets}
 
 
@@ -416,26 +322,21 @@ def prompt_logprobs(model: GPT, tokenizer: Tokenizer, ids: Sequence[int], k: int
 
 
 def distribution(model: GPT, tokenizer: Tokenizer, ids: Sequence[int], specs: Sequence[tuple[str, DecodingSpec]],
-                 top: int) -> dict[str, Any]:
+                 top: int, window: str = "exact") -> dict[str, Any]:
     """The next-token distribution after ``ids``: the ``top`` most likely candidates, and for
     each strategy the set `process_logits` keeps with its renormalised probabilities.
     A repetition penalty treats the context as seen (as generation treats the prompt);
     frequency and presence penalties count generated tokens, of which a context has none.
     ``context_text`` is the context without its end-of-text tokens (what a text box shows)."""
-    context = Context(model, [list(ids)], 0, "exact", tokenizer.vocab_size)
+    context = Context(model, [list(ids)], 0, window, tokenizer.vocab_size)
     logits = context.next_logits()  # (1, V)
     probs = torch.softmax(logits.double(), dim=-1)[0]
     entropy = -torch.where(probs > 0, probs * probs.log(), 0.0).sum().item()
-    seen = torch.zeros_like(logits, dtype=torch.bool)
-    seen[0, torch.tensor(list(ids), device=logits.device)] = True
-    counts = torch.zeros_like(logits)
     strategies = []
     for text, spec in specs:
-        processed = process_logits(logits, spec, seen=seen, counts=counts)[0]
-        if spec.is_greedy:
-            kept_probs = torch.zeros_like(probs).scatter_(0, processed.argmax()[None], 1.0)
-        else:
-            kept_probs = torch.softmax(processed.double(), dim=-1)
+        # the state of a generation's first step: the context is seen, nothing generated yet
+        processed = PenaltyState(spec, [ids], logits.size(-1), logits.device).process(logits, spec)
+        kept_probs = sampling_distribution(processed, spec, torch.float64)[0]
         kept = (kept_probs > 0).nonzero().squeeze(1)
         order = kept[kept_probs[kept].argsort(descending=True, stable=True)][:top]
         strategies.append({
@@ -447,24 +348,24 @@ def distribution(model: GPT, tokenizer: Tokenizer, ids: Sequence[int], specs: Se
     return {
         "prompt_tokens": len(ids), "context_ids": list(ids),
         "context_text": tokenizer.decode([t for t in ids if t != tokenizer.eot_id]),
-        "context_display": [display_token(tokenizer, t) for t in ids], "entropy_bits": entropy / math.log(2),
+        "context_display": [tokenizer.display(t) for t in ids], "entropy_bits": entropy / math.log(2),
         "candidates": [_candidate(tokenizer, int(t), float(probs[t])) for t in best],
         "strategies": strategies,
     }
 
 
 def _candidate(tokenizer: Tokenizer, token: int, prob: float, kept_prob: float | None = None) -> dict[str, Any]:
-    entry = {"id": token, "text": token_text(tokenizer, token), "display": display_token(tokenizer, token),
+    entry = {"id": token, "text": tokenizer.token_text(token), "display": tokenizer.display(token),
              "prob": prob, "logprob": math.log(prob) if prob > 0 else None}
     if kept_prob is not None:
         entry["kept_prob"] = kept_prob
     return entry
 
 
-def distribution_request(body: dict, settings: ServeSettings, tokenizer: Tokenizer, block_size: int):
+def distribution_request(body: dict, settings: ServeSettings, tokenizer: Tokenizer):
     _check_fields(body, _DISTRIBUTION_FIELDS)
     _check_model(body, settings)
-    prompts, _ = read_prompts(body.get("prompt"), tokenizer, block_size)
+    prompts, _ = read_prompts(body.get("prompt"), tokenizer)
     if len(prompts) != 1:
         raise RequestError("the distribution view takes one prompt", "prompt")
     strategies = body.get("strategies", ["greedy", "top-p:p=0.9"])
@@ -559,7 +460,6 @@ class Server:
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, settings: ServeSettings):
         self.model, self.tokenizer, self.settings = model.eval(), tokenizer, settings
-        self.block_size = model.config.block_size
         self.admission = Admission(settings.max_concurrent, settings.max_waiting)
         self.created = int(time.time())
         self.generated_tokens = 0  # for /health: shows that work stops when clients leave
@@ -602,26 +502,26 @@ class Server:
         }]})
 
     async def distribution(self, request: Request) -> Response:
-        ids, specs, top = distribution_request(await self._body(request), self.settings, self.tokenizer,
-                                               self.block_size)
+        ids, specs, top = distribution_request(await self._body(request), self.settings, self.tokenizer)
         ticket = self.admission.admit()
         try:
             async with ticket:
                 result = await anyio.to_thread.run_sync(_inference, distribution, self.model, self.tokenizer, ids,
-                                                        specs, top)
+                                                        specs, top, self.settings.window)
         finally:
             ticket.close()
         return JSONResponse({"model": self.settings.model_name, **result})
 
     async def completions(self, request: Request) -> Response:
-        job = completion_job(await self._body(request), self.settings, self.tokenizer, self.block_size)
+        job = completion_job(await self._body(request), self.settings, self.tokenizer)
+        events = completion_events(self.model, self.tokenizer, job, self.settings.window)
         ticket = self.admission.admit()
         completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if job.stream:
-            return _TicketedStream(self._sse(job, ticket, completion_id, created), ticket)
+            return _TicketedStream(self._sse(job, events, ticket, completion_id, created), ticket)
         try:
             async with ticket:
-                result = await self._collect(job, request)
+                result = await self._collect(job, events, request)
         finally:
             ticket.close()
         if result is None:  # the client left; nobody reads an answer
@@ -630,23 +530,22 @@ class Server:
         return JSONResponse({"id": completion_id, "object": "text_completion", "created": created,
                              "model": self.settings.model_name, "choices": choices, "usage": _usage(job, generated)})
 
-    async def _steps(self, job: CompletionJob) -> AsyncIterator[list[TokenEvent | FinishEvent]]:
-        """completion_events, each step computed in a worker thread so the event loop stays
+    async def _steps(self, events: Iterator[list[Event]]) -> AsyncIterator[list[Event]]:
+        """The event stream, each step computed in a worker thread so the event loop stays
         free; closing this iterator stops the generation."""
-        events = completion_events(self.model, self.tokenizer, job, self.settings.window)
         try:
             while not self.stopping:
                 step = await anyio.to_thread.run_sync(_inference, next, events, None)
                 if step is None:
                     break
-                self.generated_tokens += sum(isinstance(e, TokenEvent) for e in step)
+                self.generated_tokens += _tokens(step)
                 yield step
         finally:
             events.close()
 
     def _choices(self, job: CompletionJob) -> list[dict[str, Any]]:
         """The choices before the first token: the echoed prompt (with its logprobs)."""
-        echoed = {p: prompt_logprobs(self.model, self.tokenizer, job.prompts[p], job.logprobs)
+        echoed = {p: prompt_logprobs(self.model, self.tokenizer, job.prompts[p], job.logprobs, self.settings.window)
                   for p in range(len(job.prompts))} if job.echo and job.logprobs is not None else {}
         choices = []
         for row in range(job.rows):
@@ -657,18 +556,20 @@ class Server:
             choices.append(choice)
         return choices
 
-    async def _collect(self, job: CompletionJob, request: Request) -> tuple[list[dict], int] | None:
+    async def _collect(self, job: CompletionJob, events: Iterator[list[Event]],
+                       request: Request) -> tuple[list[dict], int] | None:
         choices, generated = self._choices(job), 0
-        async with contextlib.aclosing(self._steps(job)) as steps:
+        async with contextlib.aclosing(self._steps(events)) as steps:
             async for step in steps:
                 if await request.is_disconnected():
                     return None
                 for event in step:
-                    _apply(choices[event.row], event)
-                    generated += isinstance(event, TokenEvent)
+                    self._apply(choices[event.row], event, job)
+                generated += _tokens(step)
         return choices, generated
 
-    async def _sse(self, job: CompletionJob, ticket: Ticket, completion_id: str, created: int) -> AsyncIterator[str]:
+    async def _sse(self, job: CompletionJob, events: Iterator[list[Event]], ticket: Ticket, completion_id: str,
+                   created: int) -> AsyncIterator[str]:
         def chunk(choices: list[dict], **extra) -> str:
             payload = {"id": completion_id, "object": "text_completion", "created": created,
                        "model": self.settings.model_name, "choices": choices, **extra}
@@ -678,17 +579,34 @@ class Server:
         async with ticket:
             if job.echo or job.return_token_ids:
                 yield chunk(self._choices(job))
-            async with contextlib.aclosing(self._steps(job)) as steps:
+            async with contextlib.aclosing(self._steps(events)) as steps:
                 async for step in steps:
+                    generated += _tokens(step)
                     for event in step:
                         piece = _choice(event.row, job, "")
-                        _apply(piece, event)
-                        generated += isinstance(event, TokenEvent)
+                        self._apply(piece, event, job)
                         if piece["text"] or piece["finish_reason"] or job.logprobs is not None or job.return_token_ids:
                             yield chunk([piece])
         if job.include_usage:
             yield chunk([], usage=_usage(job, generated))
         yield "data: [DONE]\n\n"
+
+    def _apply(self, choice: dict[str, Any], event: Event, job: CompletionJob) -> None:
+        """Add one event to a choice in OpenAI's shape: finish_reason "stop" for the
+        end-of-text token and for a stop string, "length" at max_tokens."""
+        choice["text"] += event.text
+        if event.token is not None:
+            if choice["logprobs"] is not None:
+                logprobs = choice["logprobs"]
+                echoed = len(job.prompt_texts[event.row // job.n]) if job.echo else 0
+                logprobs["tokens"].append(self.tokenizer.token_text(event.token))
+                logprobs["token_logprobs"].append(event.logprob)
+                logprobs["top_logprobs"].append(_top_logprobs(self.tokenizer, event.detail))
+                logprobs["text_offset"].append(echoed + event.offset)
+            if "token_ids" in choice:
+                choice["token_ids"].append(event.token)
+        if event.finish is not None:
+            choice["finish_reason"] = "length" if event.finish == "length" else "stop"
 
     def app(self) -> Starlette:
         """The Starlette app; ``app.state.server`` is this object."""
@@ -722,20 +640,8 @@ def _choice(row: int, job: CompletionJob, text: str, logprobs: dict[str, list] |
     return choice
 
 
-def _apply(choice: dict[str, Any], event: TokenEvent | FinishEvent) -> None:
-    """Add one event to a choice in OpenAI's shape."""
-    choice["text"] += event.text
-    if isinstance(event, FinishEvent):
-        choice["finish_reason"] = event.reason
-        return
-    if choice["logprobs"] is not None:
-        logprobs = choice["logprobs"]
-        logprobs["tokens"].append(event.token_text)
-        logprobs["token_logprobs"].append(event.logprob)
-        logprobs["top_logprobs"].append(event.top)
-        logprobs["text_offset"].append(event.offset)
-    if "token_ids" in choice:
-        choice["token_ids"].append(event.token)
+def _tokens(step: list[Event]) -> int:
+    return sum(event.token is not None for event in step)
 
 
 def _usage(job: CompletionJob, generated: int) -> dict[str, int]:
