@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat constraints.txt pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup demo shakespeare test test-slow test-all bench clean
+.PHONY: setup venv-hf demo shakespeare test test-slow test-all bench clean
 
 setup: $(STAMP)
 
@@ -14,6 +14,18 @@ $(STAMP): constraints.txt pyproject.toml
 	$(PY) -m pip install --quiet --upgrade -c constraints.txt setuptools
 	$(PY) -m pip install --quiet --no-build-isolation -c constraints.txt -e ".[test,plot,serve]"
 	rm -f $(VENV)/.installed-*
+	touch $@
+
+# A second venv, .venv-hf, with torch and transformers at constraints.txt's pins: the
+# Hugging Face side of bench/sample_speed.py and bench/gpt2_speed.py and of their tests.
+# transformers is never installed in .venv. $HF_PYTHON, when set, names another such Python.
+HF_VENV := .venv-hf
+
+venv-hf: $(HF_VENV)/.installed
+
+$(HF_VENV)/.installed: constraints.txt
+	$(PYTHON) -m venv $(HF_VENV)
+	$(HF_VENV)/bin/python -m pip install --quiet -c constraints.txt torch transformers
 	touch $@
 
 # The main job: prepare the default corpus, train the default model on the CPU, sample.

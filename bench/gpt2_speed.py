@@ -1,7 +1,7 @@
 """GPT-2 on the CPU: sampling speed against Hugging Face transformers, load memory, bf16.
 
     python bench/gpt2_speed.py [--threads 2] [--new-tokens 200] [--repeats 3]
-                               [--hf-python /work/venv-hf/bin/python] [--out bench/results/gpt2_speed.json]
+                               [--hf-python PYTHON] [--out bench/results/gpt2_speed.json]
 
 A GPT-2 124M-shaped folder (12 layers, 12 heads, width 768, 1024 positions, 50,257
 tokens) is written with random weights (speed does not depend on what they say) in the
@@ -10,7 +10,8 @@ prompt, plain sampling (t=1, no truncation), exactly --new-tokens tokens:
 
 * tokens/s of sample.py's token loop (model.generate.decode_steps) against
   transformers' ``generate()`` with its KV cache, run in a separate Python that has
-  transformers (--hf-python; skipped with a note when there is none). The two sides
+  transformers (--hf-python, default $HF_PYTHON, else .venv-hf/bin/python in the
+  checkout, made by make venv-hf; skipped with a note when there is none). The two sides
   alternate, --repeats times each; medians are reported.
 * peak RSS while loading the folder (model.pretrained.load_gpt2, tokenizer included), in
   a fresh process: the high-water mark minus the RSS before loading, against the size
@@ -40,7 +41,7 @@ from model.generate import decode_steps  # noqa: E402
 from model.gpt import KVCache  # noqa: E402
 from model.pretrained import load_gpt2  # noqa: E402
 from model.strategy import DecodingSpec  # noqa: E402
-from hf_client import HuggingFaceSide  # noqa: E402  (bench/hf_client.py, beside this file)
+from hf_client import DEFAULT_HF_PYTHON, HuggingFaceSide  # noqa: E402  (bench/hf_client.py, beside this file)
 from tests.gpt2_folders import hf_config, hf_weights, pair_merges, write_folder  # noqa: E402
 
 # Runs in a fresh process of this project: the peak memory of loading the folder.
@@ -128,8 +129,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=200, help="tokens generated per run")
     parser.add_argument("--repeats", type=int, default=3, help="runs per side; the median is reported")
     parser.add_argument("--threads", type=int, default=2, help="torch threads on both sides")
-    parser.add_argument("--hf-python", default="/work/venv-hf/bin/python",
-                        help="a Python with transformers installed; '' or a missing path skips the comparison")
+    parser.add_argument("--hf-python", default=DEFAULT_HF_PYTHON,
+                        help="a Python with transformers installed (default: $HF_PYTHON, else .venv-hf/bin/python, "
+                        "made by make venv-hf); '' or a missing path skips the comparison")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpt2_speed.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -9,6 +9,9 @@ import subprocess
 from pathlib import Path
 
 HF_SIDE = Path(__file__).resolve().parent / "hf_side.py"
+# The Python with transformers that the comparisons use unless --hf-python names one:
+# $HF_PYTHON, else the checkout's .venv-hf (made by `make venv-hf`).
+DEFAULT_HF_PYTHON = os.environ.get("HF_PYTHON") or str(HF_SIDE.parents[1] / ".venv-hf" / "bin" / "python")
 
 
 class HuggingFaceSide:
@@ -38,3 +41,11 @@ class HuggingFaceSide:
         self.process.stdin.write("\n")
         self.process.stdin.close()
         self.process.wait(timeout=60)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__, epilog="A module, not a command: bench/sample_speed.py and "
+                            "bench/gpt2_speed.py import it.").parse_args()
+    raise SystemExit("bench/hf_client.py is a module: run bench/sample_speed.py or bench/gpt2_speed.py")

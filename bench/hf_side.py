@@ -1,8 +1,10 @@
 """The Hugging Face side of bench/sample_speed.py and bench/gpt2_speed.py, run by the
 Python of a separate venv that has transformers (never a dependency of the project).
 
-    /work/venv-hf/bin/python bench/hf_side.py WEIGHTS.pt     # bench/sample_speed.py
-    /work/venv-hf/bin/python bench/hf_side.py FOLDER         # bench/gpt2_speed.py
+    .venv-hf/bin/python bench/hf_side.py WEIGHTS.pt     # bench/sample_speed.py
+    .venv-hf/bin/python bench/hf_side.py FOLDER         # bench/gpt2_speed.py
+
+(.venv-hf is made by `make venv-hf`; $HF_PYTHON names another Python with transformers.)
 
 WEIGHTS.pt holds {"config": ModelConfig fields, "state_dict": our GPT's weights, "probe":
 token ids, "logits": our logits for them}: this builds a GPT2LMHeadModel with the same
@@ -17,17 +19,19 @@ one-token prompt); an empty line ends it.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
-import torch
-import transformers
-from transformers import GPT2Config, GPT2LMHeadModel
+# torch and transformers are imported after the arguments are read, so that --help
+# answers in a Python that has neither.
 
 
 def gpt2_from(saved: dict) -> GPT2LMHeadModel:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
     cfg = saved["config"]
     model = GPT2LMHeadModel(GPT2Config(
         vocab_size=cfg["vocab_size"], n_positions=cfg["block_size"], n_embd=cfg["n_embd"], n_layer=cfg["n_layer"],
@@ -54,8 +58,9 @@ def gpt2_from(saved: dict) -> GPT2LMHeadModel:
     return model.eval()
 
 
-@torch.inference_mode()
 def tokens_per_second(model: GPT2LMHeadModel, new_tokens: int, seed: int) -> float:
+    import torch
+
     torch.manual_seed(seed)
     prompt = torch.zeros(1, 1, dtype=torch.long)
     started = time.perf_counter()
@@ -72,25 +77,43 @@ def memory(key: str) -> int:
     return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key + ":"))
 
 
-@torch.inference_mode()
 def main() -> None:
-    source = Path(sys.argv[1])
-    before = memory("VmRSS")
-    ready = {"version": transformers.__version__}
-    if source.is_dir():
-        model = GPT2LMHeadModel.from_pretrained(source, dtype=torch.float32).eval()
-    else:
-        saved = torch.load(source, weights_only=True)
-        model = gpt2_from(saved)
-        ready["logit_difference"] = (model(saved["probe"]).logits - saved["logits"]).abs().max().item()
-    ready["load_peak_bytes"] = memory("VmHWM") - before
-    print(json.dumps(ready), flush=True)
-    for line in sys.stdin:
-        if not line.strip():
-            break
-        new_tokens, seed, threads = (int(x) for x in line.split())
-        torch.set_num_threads(threads)
-        print(f"{tokens_per_second(model, new_tokens, seed):.6f}", flush=True)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", type=Path, help="WEIGHTS.pt written by bench/sample_speed.py, or a Hugging Face "
+                        "GPT-2 folder (bench/gpt2_speed.py)")
+    args = parser.parse_args()
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as error:
+        raise SystemExit(f"error: {error} in {sys.executable}; run this under a Python that has torch and "
+                         "transformers (make venv-hf makes .venv-hf/bin/python)") from None
+    serve(args.source)
+
+
+def serve(source: Path) -> None:
+    """Load ``source``, print the ready line, then answer requests on stdin until an empty line."""
+    import torch
+    import transformers
+    from transformers import GPT2LMHeadModel
+
+    with torch.inference_mode():
+        before = memory("VmRSS")
+        ready = {"version": transformers.__version__}
+        if source.is_dir():
+            model = GPT2LMHeadModel.from_pretrained(source, dtype=torch.float32).eval()
+        else:
+            saved = torch.load(source, weights_only=True)
+            model = gpt2_from(saved)
+            ready["logit_difference"] = (model(saved["probe"]).logits - saved["logits"]).abs().max().item()
+        ready["load_peak_bytes"] = memory("VmHWM") - before
+        print(json.dumps(ready), flush=True)
+        for line in sys.stdin:
+            if not line.strip():
+                break
+            new_tokens, seed, threads = (int(x) for x in line.split())
+            torch.set_num_threads(threads)
+            print(f"{tokens_per_second(model, new_tokens, seed):.6f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 Hugging Face transformers' generate() on the same weights.
 
     python bench/sample_speed.py [--vocab 65] [--repeats 3] [--device cpu] [--out bench/results/sample_speed.json]
-        [--hf-python /work/venv-hf/bin/python] [--hf-vocabs 65,50304]
+        [--hf-python PYTHON] [--hf-vocabs 65,50304]
 
 A GPT of 6 layers, 6 heads, width 384 and block_size 256 with random weights (speed
 does not depend on what the weights say), batch 1, fp32. It measures, in one run:
@@ -19,7 +19,8 @@ does not depend on what the weights say), batch 1, fp32. It measures, in one run
   its KV cache, built from the same weights (bench/hf_side.py, run by --hf-python, a
   separate venv with transformers: it is never a dependency of the project), 255 new
   tokens, plain sampling, for each vocabulary of --hf-vocabs; the two sides alternate,
-  one run each per repeat. Without that Python the comparison is skipped with a note.
+  one run each per repeat. --hf-python defaults to $HF_PYTHON, else .venv-hf/bin/python
+  in the checkout (make venv-hf). Without that Python the comparison is skipped with a note.
 
 Figures are medians over --repeats runs. The machine is shared: compare numbers from
 the same run only.
@@ -43,7 +44,7 @@ from model.generate import Context, decode_steps
 from model.gpt import GPT
 from model.strategy import DecodingSpec
 
-from hf_client import HuggingFaceSide  # bench/hf_client.py, beside this file
+from hf_client import DEFAULT_HF_PYTHON, HuggingFaceSide  # bench/hf_client.py, beside this file
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = dict(block_size=256, n_layer=6, n_head=6, n_embd=384)
@@ -123,8 +124,9 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=65, help="vocabulary size (65: tinyshakespeare's characters)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per figure; the median is reported")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--hf-python", default="/work/venv-hf/bin/python", help="a Python with transformers for "
-                        "the comparison with its generate(); skipped with a note when it does not exist")
+    parser.add_argument("--hf-python", default=DEFAULT_HF_PYTHON, help="a Python with transformers for "
+                        "the comparison with its generate() (default: $HF_PYTHON, else .venv-hf/bin/python, made "
+                        "by make venv-hf); skipped with a note when it does not exist")
     parser.add_argument("--hf-vocabs", default="65,50304", help="vocabulary sizes of the comparison, comma-separated")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer width-32 model with block 32 and few "
                         "tokens: a smoke run of every measurement, not a measurement")
@@ -158,8 +160,8 @@ def main() -> None:
     if args.device != "cpu":
         print("\n(the comparison with transformers runs on the CPU only)")
     elif not Path(args.hf_python).exists():
-        print(f"\nskipped the comparison with transformers: {args.hf_python} does not exist (make a venv with "
-              "torch and transformers there, or name one with --hf-python)")
+        print(f"\nskipped the comparison with transformers: {args.hf_python} does not exist (make venv-hf makes "
+              ".venv-hf with torch and transformers; or name one with --hf-python or $HF_PYTHON)")
     else:
         print()
         vocabs = [int(v) for v in args.hf_vocabs.split(",")]

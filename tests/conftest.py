@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,9 @@ torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
-HF_PYTHON = Path("/work/venv-hf/bin/python")  # the dev venv with transformers (README), for the comparisons
+# The Python with transformers for the comparisons with Hugging Face: $HF_PYTHON, else the
+# checkout's .venv-hf (make venv-hf). The tests that need it skip when it is absent.
+HF_PYTHON = Path(os.environ.get("HF_PYTHON") or ROOT / ".venv-hf" / "bin" / "python")
 
 TINY_TEXT = (
     "The quick brown fox jumps over the lazy dog.\n"

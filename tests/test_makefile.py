@@ -60,3 +60,11 @@ def test_bench_with_a_checkpoint_and_a_venv_runs_only_the_benches(tmp_path):
     calls = run_make(tmp_path, "-j2", "bench")
     assert [script(c) for c in calls if c.startswith("start")] == [
         "bench/train_speed.py", "bench/sample_speed.py", "bench/compare_speed.py", "bench/prepare_memory.py"]
+
+
+def test_venv_hf_makes_a_second_venv_with_transformers_at_the_pins_once(tmp_path):
+    calls = run_make(tmp_path, "venv-hf")
+    assert [c for c in calls if c.startswith("start")] == [
+        "start -m venv .venv-hf", "start -m pip install --quiet -c constraints.txt torch transformers"]
+    assert (tmp_path / "project" / ".venv-hf" / "bin" / "python").exists()
+    assert run_make(tmp_path, "venv-hf") == []  # made: nothing runs again
