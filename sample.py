@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import dataclasses
 import json
 import math
@@ -37,14 +36,13 @@ from tqdm import tqdm
 from model.checkpoint import load_for_generation
 from model.cli import read_user_text, run_cli
 from model.compare import (
-    DEFAULT_GRID, HUMAN, ROW_FIELDS, UNITS, Comparison, Run, parse_grid, run_comparison, val_prompts,
+    DEFAULT_GRID, UNITS, Comparison, format_table, parse_grid, run_comparison, val_prompts, write_results,
 )
 from model.device import resolve_device
 from model.errors import UserError
 from model.generate import (
     WINDOW_MODES, Event, Sample, encode_prompt, generate_events, long_prompt_note, new_samples,
 )
-from model.plot import MatplotlibMissing, save_chart
 from model.score import TextScore, score_tokens, token_byte_lengths, windows
 from model.strategy import DecodingSpec, parse_strategy_with_defaults, strategy_kind
 from model.tokenizer import Tokenizer
@@ -313,9 +311,8 @@ def add_compare_command(commands) -> None:
                         f"(default grid: {' '.join(DEFAULT_GRID)})")
     parser.add_argument("--prompt", action="append", help="a prompt (repeatable); given prompts have no known "
                         "continuation, so there is no human row")
-    parser.add_argument("--prompt-lines", "--prompts-file", dest="prompt_lines", metavar="FILE",
-                        help="read prompts from a file, one prompt per line ('-' for stdin); --prompts-file is "
-                        "the old spelling")
+    parser.add_argument("--prompt-lines", metavar="FILE", help="read prompts from a file, one prompt per line "
+                        "('-' for stdin)")
     parser.add_argument("--num-prompts", type=int, help=f"prompts to draw from the validation split (default: "
                         f"{DRAW_DEFAULTS['num_prompts']})")
     parser.add_argument("--prompt-tokens", type=int, help="length of each drawn prompt, in tokens (default: "
@@ -398,131 +395,6 @@ def run_compare(args: argparse.Namespace, out=None) -> Comparison:
         if not any(p.suffix == ".png" for p in paths):
             out.write("no chart.png: matplotlib is not installed (pip install 'tinygpt[plot]')\n")
     return comparison
-
-
-# Column title, row key, format: perplexity to 2 decimals, shares as percentages.
-COLUMNS = (
-    ("strategy", "strategy", "{}"),
-    ("ppl", "perplexity", "{:.2f}"),
-    ("bpb", "bits_per_byte", "{:.3f}"),
-    ("dist-1", "distinct_1", "{:.3f}"),
-    ("dist-2", "distinct_2", "{:.3f}"),
-    ("dist-3", "distinct_3", "{:.3f}"),
-    ("rep %", "repetition", "{:.1%}"),
-    ("self-BLEU", "self_bleu", "{:.3f}"),
-    ("Zipf", "zipf", "{:.2f}"),
-    ("tokens", "mean_tokens", "{:.1f}"),
-    ("ended %", "end_rate", "{:.1%}"),
-    ("tok/s", "tokens_per_s", "{:.0f}"),
-)
-
-
-def _cells(row: dict[str, Any]) -> list[str]:
-    cells = []
-    for _, key, fmt in COLUMNS:
-        value = row[key]
-        missing = isinstance(value, float) and math.isnan(value)
-        cells.append("-" if missing else fmt.format(value).replace("%", ""))
-    return cells
-
-
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The rows as an aligned plain-text table (strategy left-aligned, numbers right); nan is '-'."""
-    table = [[title for title, _, _ in COLUMNS]] + [_cells(row) for row in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
-    lines = [
-        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
-        for line in table
-    ]
-    return "\n".join(lines)
-
-
-def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The rows as a GitHub markdown table (the same cells as `format_table`)."""
-    header = "| " + " | ".join(title for title, _, _ in COLUMNS) + " |"
-    rule = "|" + "|".join([":---"] + ["---:"] * (len(COLUMNS) - 1)) + "|"
-    body = ["| " + " | ".join(_cells(row)) + " |" for row in rows]
-    return "\n".join([header, rule, *body])
-
-
-def _plain(value: Any) -> Any:
-    """JSON has no nan: write null."""
-    return None if isinstance(value, float) and math.isnan(value) else value
-
-
-def write_results(comparison: Comparison, out_dir: Path, title: str = "") -> list[Path]:
-    """Write results.json, results.csv, results.md, samples.jsonl and (with matplotlib)
-    chart.png into ``out_dir``; return the paths written."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows = comparison.rows
-    paths = [out_dir / name for name in ("results.json", "results.csv", "results.md", "samples.jsonl")]
-    results = {
-        "title": title, "settings": comparison.settings, "prompts": comparison.prompts,
-        "rows": [{key: _plain(value) for key, value in row.items()} for row in rows],
-    }
-    paths[0].write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    with paths[1].open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=ROW_FIELDS)
-        writer.writeheader()
-        writer.writerows({key: "" if _plain(v) is None else v for key, v in row.items()} for row in rows)
-    paths[2].write_text(markdown_table(rows) + "\n", encoding="utf-8")
-    with paths[3].open("w", encoding="utf-8") as f:
-        for run in comparison.runs:
-            for sample in run.samples:
-                f.write(json.dumps(_sample_record(run, sample, comparison), ensure_ascii=False) + "\n")
-    chart = out_dir / "chart.png"
-    if plot_chart(rows, chart, title):
-        paths.append(chart)
-    return paths
-
-
-def _sample_record(run: Run, sample: Sample, comparison: Comparison) -> dict[str, Any]:
-    return {
-        "strategy": run.label, "prompt_index": sample.prompt_index, "sample_index": sample.sample_index,
-        "seed": comparison.seed_of(run, sample),
-        "same_for_every_seed": run.spec is not None and run.spec.is_deterministic, "finish": sample.finish,
-        "prompt": comparison.prompts[sample.prompt_index], "text": sample.text,
-        "tokens": sample.tokens, "logprobs": sample.logprobs,
-    }
-
-
-def plot_chart(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> bool:
-    """Distinct-2 against perplexity, one point per row, told apart by colour and marker in
-    a legend (labels next to points collide when strategies are close); the human row is a
-    black star with guide lines through it. Returns False (and writes nothing) without
-    matplotlib."""
-    try:
-        save_chart(path, lambda figure: _draw_comparison(figure, rows, title), "the comparison chart",
-                   figsize=(8, 4.5))
-    except MatplotlibMissing:
-        return False
-    return True
-
-
-def _draw_comparison(figure, rows: Sequence[dict[str, Any]], title: str) -> None:
-    from matplotlib.ticker import LogLocator, ScalarFormatter
-
-    ax = figure.subplots()
-    markers = "osD^vP<>Xhp"
-    strategies = [row for row in rows if row["strategy"] != HUMAN]
-    for i, row in enumerate(strategies):
-        ax.scatter([row["perplexity"]], [row["distinct_2"]], s=55, marker=markers[i % len(markers)],
-                   color=f"C{i % 10}", label=row["strategy"], zorder=2)
-    for row in rows:
-        if row["strategy"] == HUMAN:
-            x, y = row["perplexity"], row["distinct_2"]
-            ax.scatter([x], [y], marker="*", s=280, color="black", label="human (validation text)", zorder=3)
-            ax.axvline(x, color="black", linestyle=":", linewidth=1)
-            ax.axhline(y, color="black", linestyle=":", linewidth=1)
-    ax.set_xscale("log")
-    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1, 2, 3, 5)))
-    ax.xaxis.set_major_formatter(ScalarFormatter())
-    ax.xaxis.set_minor_formatter(ScalarFormatter())
-    ax.set_xlabel("perplexity of the text under the model (log scale)")
-    ax.set_ylabel("distinct-2 (higher = more diverse)")
-    ax.set_title(title or "decoding strategies: diversity against perplexity", fontsize=10)
-    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
-    ax.grid(True, which="both", alpha=0.3)
 
 
 # ----------------------------------------------------------------------------- score

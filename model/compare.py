@@ -46,10 +46,13 @@ How the comparison is run, and why:
 
 from __future__ import annotations
 
+import csv
+import json
 import math
 import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from itertools import chain
 from typing import Any, Sequence
 
@@ -61,6 +64,7 @@ from model import metrics
 from model.data import open_split, read_meta
 from model.errors import UserError
 from model.generate import Sample, encode_prompt, generate, replay
+from model.plot import plot_comparison
 from model.gpt import GPT
 from model.strategy import DecodingSpec, parse_strategy_with_defaults
 from model.score import bits_per_byte, score_continuations, token_byte_lengths
@@ -342,3 +346,92 @@ def _row(
     row["seconds"] = math.nan if run.seconds is None else run.seconds
     row["samples"] = len(run.samples)
     return {key: row[key] for key in ROW_FIELDS}
+
+
+# ----------------------------------------------------------------------------- tables and files
+
+
+# Column title, row key, format: perplexity to 2 decimals, shares as percentages.
+COLUMNS = (
+    ("strategy", "strategy", "{}"),
+    ("ppl", "perplexity", "{:.2f}"),
+    ("bpb", "bits_per_byte", "{:.3f}"),
+    ("dist-1", "distinct_1", "{:.3f}"),
+    ("dist-2", "distinct_2", "{:.3f}"),
+    ("dist-3", "distinct_3", "{:.3f}"),
+    ("rep %", "repetition", "{:.1%}"),
+    ("self-BLEU", "self_bleu", "{:.3f}"),
+    ("Zipf", "zipf", "{:.2f}"),
+    ("tokens", "mean_tokens", "{:.1f}"),
+    ("ended %", "end_rate", "{:.1%}"),
+    ("tok/s", "tokens_per_s", "{:.0f}"),
+)
+
+
+def _cells(row: dict[str, Any]) -> list[str]:
+    cells = []
+    for _, key, fmt in COLUMNS:
+        value = row[key]
+        missing = isinstance(value, float) and math.isnan(value)
+        cells.append("-" if missing else fmt.format(value).replace("%", ""))
+    return cells
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows as an aligned plain-text table (strategy left-aligned, numbers right); nan is '-'."""
+    table = [[title for title, _, _ in COLUMNS]] + [_cells(row) for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
+    lines = [
+        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+        for line in table
+    ]
+    return "\n".join(lines)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows as a GitHub markdown table (the same cells as `format_table`)."""
+    header = "| " + " | ".join(title for title, _, _ in COLUMNS) + " |"
+    rule = "|" + "|".join([":---"] + ["---:"] * (len(COLUMNS) - 1)) + "|"
+    body = ["| " + " | ".join(_cells(row)) + " |" for row in rows]
+    return "\n".join([header, rule, *body])
+
+
+def _plain(value: Any) -> Any:
+    """JSON has no nan: write null."""
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def write_results(comparison: Comparison, out_dir: Path, title: str = "") -> list[Path]:
+    """Write results.json, results.csv, results.md, samples.jsonl and (with matplotlib)
+    chart.png into ``out_dir``; return the paths written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = comparison.rows
+    paths = [out_dir / name for name in ("results.json", "results.csv", "results.md", "samples.jsonl")]
+    results = {
+        "title": title, "settings": comparison.settings, "prompts": comparison.prompts,
+        "rows": [{key: _plain(value) for key, value in row.items()} for row in rows],
+    }
+    paths[0].write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    with paths[1].open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=ROW_FIELDS)
+        writer.writeheader()
+        writer.writerows({key: "" if _plain(v) is None else v for key, v in row.items()} for row in rows)
+    paths[2].write_text(markdown_table(rows) + "\n", encoding="utf-8")
+    with paths[3].open("w", encoding="utf-8") as f:
+        for run in comparison.runs:
+            for sample in run.samples:
+                f.write(json.dumps(_sample_record(run, sample, comparison), ensure_ascii=False) + "\n")
+    chart = out_dir / "chart.png"
+    if plot_comparison(rows, chart, title, HUMAN):
+        paths.append(chart)
+    return paths
+
+
+def _sample_record(run: Run, sample: Sample, comparison: Comparison) -> dict[str, Any]:
+    return {
+        "strategy": run.label, "prompt_index": sample.prompt_index, "sample_index": sample.sample_index,
+        "seed": comparison.seed_of(run, sample),
+        "same_for_every_seed": run.spec is not None and run.spec.is_deterministic, "finish": sample.finish,
+        "prompt": comparison.prompts[sample.prompt_index], "text": sample.text,
+        "tokens": sample.tokens, "logprobs": sample.logprobs,
+    }

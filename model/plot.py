@@ -1,5 +1,5 @@
-"""Charts as PNG files: the loss curves of a training run, and the one helper every chart
-is drawn through.
+"""Charts as PNG files: the loss curves of a training run, a comparison of decoding
+strategies, and the one helper every chart is drawn through.
 
     python train.py --plot out/shakespeare_char      # writes out/shakespeare_char/loss.png
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Callable
 
 from model.errors import UserError
@@ -100,3 +101,42 @@ def _draw_run(figure, records: list[dict[str, Any]], title: str) -> None:
     rates.set_ylabel("learning rate")
     rates.set_xlabel("step")
     rates.grid(alpha=0.3)
+
+
+def plot_comparison(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "", human: str = "human") -> bool:
+    """A strategy comparison's chart: distinct-2 against perplexity, one point per row,
+    told apart by colour and marker in a legend (labels next to points collide when
+    strategies are close); the row whose strategy is ``human`` is a black star with guide
+    lines through it. Returns False (and writes nothing) without matplotlib."""
+    try:
+        save_chart(path, lambda figure: _draw_comparison(figure, rows, title, human), "the comparison chart",
+                   figsize=(8, 4.5))
+    except MatplotlibMissing:
+        return False
+    return True
+
+
+def _draw_comparison(figure, rows: Sequence[dict[str, Any]], title: str, human: str) -> None:
+    from matplotlib.ticker import LogLocator, ScalarFormatter
+
+    ax = figure.subplots()
+    markers = "osD^vP<>Xhp"
+    strategies = [row for row in rows if row["strategy"] != human]
+    for i, row in enumerate(strategies):
+        ax.scatter([row["perplexity"]], [row["distinct_2"]], s=55, marker=markers[i % len(markers)],
+                   color=f"C{i % 10}", label=row["strategy"], zorder=2)
+    for row in rows:
+        if row["strategy"] == human:
+            x, y = row["perplexity"], row["distinct_2"]
+            ax.scatter([x], [y], marker="*", s=280, color="black", label="human (validation text)", zorder=3)
+            ax.axvline(x, color="black", linestyle=":", linewidth=1)
+            ax.axhline(y, color="black", linestyle=":", linewidth=1)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1, 2, 3, 5)))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(ScalarFormatter())
+    ax.set_xlabel("perplexity of the text under the model (log scale)")
+    ax.set_ylabel("distinct-2 (higher = more diverse)")
+    ax.set_title(title or "decoding strategies: diversity against perplexity", fontsize=10)
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
+    ax.grid(True, which="both", alpha=0.3)

@@ -36,7 +36,8 @@ from model.generate import Sample, replay
 from model.score import score_continuations
 from model.gpt import GPT
 from model.tokenizer import CharTokenizer
-from sample import format_table, plot_chart
+from model.compare import format_table
+from model.plot import plot_comparison
 from tests.conftest import ROOT, one_line_error, run_cli, tiny_config
 
 CHARS = CharTokenizer("abc \n")  # ids: "\n"=0, " "=1, a=2, b=3, c=4, end-of-text=5
@@ -291,7 +292,7 @@ def test_chart_without_matplotlib_is_skipped(tmp_path, monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
-    assert plot_chart([], tmp_path / "chart.png") is False
+    assert plot_comparison([], tmp_path / "chart.png") is False
     assert not (tmp_path / "chart.png").exists()
 
 
@@ -325,7 +326,7 @@ def test_run_comparison_seeds_match_plain_generation(tiny_checkpoint):
         (["--stop", ""], "stop string must not be empty"),
         (["--data-dir", "/nonexistent/data"], "--data-dir /nonexistent/data is not a folder"),
         (["--num-prompts", "100000"], "fewer than the 100000 prompts asked for"),
-        (["--prompts-file", "/nonexistent/prompts.txt"], "prompts file not found"),
+        (["--prompt-lines", "/nonexistent/prompts.txt"], "prompts file not found"),
         (["--prompt", "ünïcödé"], "prompt has characters the char tokenizer never saw"),
         (["--prompt", "The", "--prompt-tokens", "8"], "--prompt-tokens is for prompts drawn from the validation"),
     ],

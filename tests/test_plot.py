@@ -8,7 +8,7 @@ import math
 import pytest
 
 from model.plot import plot_run
-from sample import plot_chart
+from model.plot import plot_comparison
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -28,7 +28,7 @@ def test_charts_leave_the_backend_and_pyplot_alone(tmp_path):
     try:
         open_figures = plt.get_fignums()
         assert plot_run(tmp_path).read_bytes()[:8] == PNG
-        assert plot_chart(rows, tmp_path / "chart.png") is True
+        assert plot_comparison(rows, tmp_path / "chart.png") is True
         assert matplotlib.get_backend() == "svg"
         assert plt.get_fignums() == open_figures  # no pyplot figure made or closed
     finally:

@@ -19,19 +19,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from model.bpe_trainer import BPE_MIN_VOCAB_SIZE, GPT2_SPLIT_PATTERN, count_pieces, train_bpe
 from model.errors import UserError
-from model.tokenizer import (
-    BPE_MIN_VOCAB_SIZE,
-    EOT_TEXT,
-    GPT2_SPLIT_PATTERN,
-    BPETokenizer,
-    CharTokenizer,
-    TiktokenTokenizer,
-    count_pieces,
-    fit_tokenizer,
-    tokenizer_from_state,
-    train_bpe,
-)
+from model.tokenizer import EOT_TEXT, BPETokenizer, CharTokenizer, TiktokenTokenizer, fit_tokenizer, tokenizer_from_state
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
 
@@ -264,14 +254,14 @@ def test_rank_file_loads_with_tiktokens_own_reader(bpe, tmp_path, monkeypatch):
     bpe.save(path)
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # read the file itself, cache nothing
     assert tiktoken.load.load_tiktoken_bpe(str(path)) == bpe.ranks
-    assert BPETokenizer.load(path).ranks == bpe.ranks
+    assert BPETokenizer.from_rank_file_text(path.read_text(encoding="ascii")).ranks == bpe.ranks
 
 
 def test_rank_file_errors_name_the_file_and_line(tmp_path):
     path = tmp_path / "bad.tiktoken"
     path.write_text("YQ== 97\nnot-base64! 1\n")
     with pytest.raises(UserError, match=r"bad.tiktoken, line 2: expected '<base64 token> <rank>'"):
-        BPETokenizer.load(path)
+        BPETokenizer.from_rank_file_text(path.read_text(), source=str(path))
     only_ascii = "".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(128))
     with pytest.raises(UserError, match="all 256 single bytes.*missing 128"):
         BPETokenizer.from_rank_file_text(only_ascii)
