@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -266,3 +267,11 @@ def test_a_command_is_one_function(monkeypatch, capsys):
         sample.main(["--help"])
     listed = capsys.readouterr().out
     assert all(name in listed for name in ("generate", "compare", "echo"))
+
+
+def test_explain_shows_small_probabilities_in_scientific_form():
+    # with a 50k vocabulary most candidates are below 0.001: three decimals would print 0.000
+    assert sample.probability(math.log(0.25)) == "0.250"
+    assert sample.probability(math.log(0.001)) == "0.001"
+    assert sample.probability(math.log(3.14e-5)) == "3.1e-05"
+    assert sample.probability(-math.inf) == "0.000"

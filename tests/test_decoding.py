@@ -16,6 +16,9 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from model.decoding import (
+    PenaltyState,
+    mask_vocab_padding,
+    sampling_distribution,
     PROBABILITY_TOLERANCE,
     TYPICAL_TIE_TOLERANCE,
     apply_frequency_presence_penalties,
@@ -605,3 +608,57 @@ def test_cuda_matches_cpu_on_ties():
     together = choose_tokens(cuda, DecodingSpec(), [cuda_generator(b) for b in range(4)])
     alone = [choose_tokens(cuda[b : b + 1], DecodingSpec(), [cuda_generator(b)]).item() for b in range(4)]
     assert together.tolist() == alone
+
+
+# ----------------------------------------------------------------------------------------
+# What the strategy samples from, the vocabulary mask, the penalty state.
+
+
+@FAST
+@given(logits=logits_batches(), k=st.integers(1, 5))
+def test_sampling_distribution_is_what_choose_tokens_draws_from(logits, k):
+    greedy = sampling_distribution(logits, DecodingSpec(temperature=0), torch.float64)
+    assert torch.equal(greedy.argmax(dim=-1), greedy_tokens(logits))  # one-hot at the first maximum
+    assert torch.equal(greedy.sum(dim=-1), torch.ones(logits.size(0), dtype=torch.float64))
+    assert set(greedy.unique().tolist()) <= {0.0, 1.0}
+    spec = DecodingSpec(top_k=k)
+    processed = process_logits(logits, spec)
+    sampled = sampling_distribution(processed, spec, torch.float64)
+    for row_out, row_probs in zip(processed, sampled):
+        expected = probabilities(row_out.tolist())
+        assert row_probs.tolist() == pytest.approx(expected, abs=1e-12)
+    # choose_tokens draws from it: the same generator draws the same token from it by hand
+    drawn = choose_tokens(processed, spec, [torch.Generator().manual_seed(b) for b in range(logits.size(0))])
+    by_hand = [torch.multinomial(sampling_distribution(processed[b : b + 1], spec)[0], 1,
+                                 generator=torch.Generator().manual_seed(b)).item() for b in range(logits.size(0))]
+    assert drawn.tolist() == by_hand
+    with pytest.raises(ValueError, match="beam"):
+        sampling_distribution(logits, DecodingSpec(num_beams=2))
+
+
+def test_vocab_padding_gets_no_probability_and_the_input_is_untouched():
+    logits = torch.tensor([[1.0, 2.0, 3.0, 9.0, 9.0]])
+    masked = mask_vocab_padding(logits, 3)
+    assert masked.tolist() == [[1.0, 2.0, 3.0, -INF, -INF]]
+    assert logits[0, 3] == 9.0
+    assert mask_vocab_padding(logits, 5).tolist() == logits.tolist()
+    assert mask_vocab_padding(logits, 5) is not logits
+
+
+def test_penalty_state_sees_the_prompt_and_counts_only_generated_tokens():
+    spec = DecodingSpec(repetition_penalty=2.0, frequency_penalty=0.5)
+    state = PenaltyState(spec, [[0, 0, 2], [1]], vocab_size=4)
+    assert state.seen.tolist() == [[True, False, True, False], [False, True, False, False]]
+    assert state.counts.tolist() == [[0.0] * 4, [0.0] * 4]
+    state.add(torch.tensor([3, 1]))
+    state.add(torch.tensor([3, 2]))
+    assert state.seen.tolist() == [[True, False, True, True], [False, True, True, False]]
+    assert state.counts.tolist() == [[0, 0, 0, 2], [0, 1, 1, 0]]
+    # logits [2, 2, 2, 2]: seen tokens halved, then 0.5 per generated occurrence
+    processed = state.process(torch.full((2, 4), 2.0), spec)
+    assert processed.tolist() == [[1.0, 2.0, 1.0, 0.0], [2.0, 0.5, 0.5, 2.0]]
+    state.reorder(torch.tensor([1, 1]))
+    assert state.counts.tolist() == [[0, 1, 1, 0], [0, 1, 1, 0]]
+    plain = PenaltyState(DecodingSpec(), [[0]], vocab_size=4)
+    assert plain.seen is None and plain.counts is None
+
