@@ -427,12 +427,12 @@ def run_score(args: argparse.Namespace) -> None:
         raise UserError(f"--stride must be in [1, block_size={block_size}], got {stride}")
     byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
     texts = {name: read_user_text(name, "text file") for name in args.files}  # every file found before the work
-    tokens = {}
+    tokens, unscorable = {}, []
     for name, text in texts.items():
-        tokenizer.check_encodable(text, name)
-        tokens[name] = [tokenizer.eot_id, *tokenizer.encode(text)]
-        if len(tokens[name]) < 2:
-            raise UserError(f"{name} is empty: there is nothing to score")
+        try:
+            tokens[name] = score_ids(tokenizer, text, name)
+        except UserError as error:  # the other files are still scored; this one is named at the end
+            unscorable.append(str(error))
     total = TextScore()
     for name, ids in tokens.items():
         result = TextScore()
@@ -447,6 +447,19 @@ def run_score(args: argparse.Namespace) -> None:
         print(_score_line(name, result))
     if len(tokens) > 1:
         print(_score_line("total", total))
+    if unscorable:
+        scored = f" (the other {len(tokens)} scored above)" if tokens else ""
+        raise UserError(f"{len(unscorable)} of {len(texts)} files not scored{scored}: {'; '.join(unscorable)}")
+
+
+def score_ids(tokenizer: Tokenizer, text: str, name: str) -> list[int]:
+    """The ids `score_tokens` reads for a text (end-of-text first, as its context); a
+    UserError naming the file when the tokenizer cannot encode it or it is empty."""
+    tokenizer.check_encodable(text, name)
+    ids = [tokenizer.eot_id, *tokenizer.encode(text)]
+    if len(ids) < 2:
+        raise UserError(f"{name} is empty: there is nothing to score")
+    return ids
 
 
 def _score_line(name: str, result: TextScore) -> str:

@@ -146,3 +146,19 @@ def test_score_command_names_a_missing_file_and_an_unknown_character(tiny_checkp
     odd.write_text("The quick brown 🦊")
     assert sample.main(["score", str(tiny_checkpoint), str(odd)]) == 2
     assert "🦊" in one_line_error(capsys.readouterr().err)
+
+
+def test_score_command_scores_the_files_it_can_and_names_the_others(tiny_checkpoint, tmp_path, capsys):
+    good, odd, empty = tmp_path / "good.txt", tmp_path / "odd.txt", tmp_path / "empty.txt"
+    good.write_text(TINY_TEXT[:200])
+    odd.write_text("The quick brown 🦊")
+    empty.write_text("")
+    assert sample.main(["score", str(tiny_checkpoint), str(odd), str(good), str(empty), "--device", "cpu"]) == 2
+    captured = capsys.readouterr()
+    assert [line.split(":")[0] for line in captured.out.splitlines()] == [str(good)]
+    assert "Traceback" not in captured.err
+    line = captured.err.split("\r")[-1].strip()  # after the progress bar, which clears its line
+    assert "\n" not in line
+    assert line.startswith("error: 2 of 3 files not scored (the other 1 scored above): ")
+    assert f"{odd} has characters" in line and "🦊" in line and f"{empty} is empty" in line
+
