@@ -124,6 +124,34 @@ def resolve_vocab_size(cfg: Config, meta: dict) -> Config:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
 
 
+def check_same_tokenizer(checkpoint: dict, meta: dict, data_dir: str) -> None:
+    """Resuming needs the data the run was trained on: token ids mean nothing under another
+    tokenizer, even one with as many tokens (the checkpoint would be saved with the new one)."""
+    if checkpoint["tokenizer"] != meta["tokenizer"]:
+        raise UserError(
+            f"cannot resume: {data_dir} was prepared with another tokenizer than the checkpoint's "
+            f"({meta.get('tokenizer_name', '?')}); resume on the dataset the run was trained on, "
+            "or train into a new out_dir"
+        )
+
+
+def check_work_left(checkpoint: dict, tc: TrainConfig) -> None:
+    """A resume that would train no step is an error saying which limit ends the run
+    (a time-budgeted run stays finished however large max_iters is)."""
+    step, seconds = checkpoint["step"], checkpoint["extra"]["train_seconds"]
+    if not checkpoint["extra"]["evaluated"]:
+        return  # the final evaluation and save are still to do
+    if tc.max_seconds and seconds >= tc.max_seconds:
+        raise UserError(
+            f"cannot resume: the run's time budget is spent ({seconds:.1f} s trained of train.max_seconds = "
+            f"{tc.max_seconds:g}, at step {step}), so a larger max_iters trains nothing; "
+            "raise train.max_seconds to go on"
+        )
+    if step >= tc.max_iters:
+        raise UserError(f"cannot resume: the run already ended at step {step} (train.max_iters = {tc.max_iters}); "
+                        "raise train.max_iters to go on")
+
+
 def check_same_model(checkpoint: dict, cfg: Config) -> None:
     """Resuming needs the checkpoint's network: name every setting that differs."""
     saved = dataclasses.asdict(ModelConfig(**checkpoint["config"]["model"]))
@@ -447,7 +475,9 @@ def setup(cfg: Config, ddp: Distributed, device: torch.device, progress: bool,
     meta = read_meta(tc.data_dir)
     cfg = resolve_vocab_size(cfg, meta)
     if checkpoint is not None:
+        check_same_tokenizer(checkpoint, meta, tc.data_dir)
         check_same_model(checkpoint, cfg)
+        check_work_left(checkpoint, tc)
     splits = {split: open_split(tc.data_dir, split, meta) for split in ("train", "val")}
     for split, tokens in splits.items():
         check_split_length(tokens, cfg.model.block_size, split)
@@ -483,6 +513,8 @@ def setup(cfg: Config, ddp: Distributed, device: torch.device, progress: bool,
         remove_stale_temporaries(out_dir)
         if checkpoint is None:
             clear_earlier_run(out_dir)
+        else:
+            repair_best(out_dir, checkpoint, log)
         start_metrics(out_dir / "metrics.jsonl", state.step if checkpoint is not None else None)
 
     peak, peak_source = peak_flops(device, tc.peak_tflops)
@@ -635,6 +667,33 @@ def start_metrics(path: Path, resumed_step: int | None) -> None:
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
+
+
+def repair_best(out_dir: Path, last: dict, log: Callable[[str], None]) -> None:
+    """Make best.pt hold the best weights again after a kill between saving an improved
+    last.pt and copying it to best.pt. last.pt's best val loss is then lower than
+    best.pt's, and last.pt has the best weights exactly when its own evaluation (its
+    metrics line) measured that loss; otherwise they are lost, which is said."""
+    best, target = out_dir / "best.pt", last["best_val_loss"]
+    if target == math.inf:  # no evaluation after step 0 yet: no best.pt is due
+        return
+    if best.is_file() and (os.path.samefile(best, out_dir / "last.pt")
+                           or load_checkpoint(best)["best_val_loss"] == target):
+        return
+    state = "missing" if not best.is_file() else "behind last.pt"
+    if _val_loss_at(out_dir / "metrics.jsonl", last["step"]) == target:
+        copy_checkpoint(out_dir / "last.pt", best)
+        log(f"{best} was {state} (a save was cut short): made it a copy of last.pt, step {last['step']}, "
+            f"val loss {target:.4f}")
+    else:
+        log(f"warning: {best} is {state} and the weights of the best val loss {target:.4f} were not kept; "
+            "best.pt is not the best model of this run")
+
+
+def _val_loss_at(metrics: Path, step: int) -> float | None:
+    """The val loss the metrics line of ``step`` records; None without such a line."""
+    lines = [line for line in metrics.read_text().splitlines() if _step_of(line) == step] if metrics.is_file() else []
+    return json.loads(lines[-1])["val_loss"] if lines else None
 
 
 def _step_of(metrics_line: str) -> float:
