@@ -41,8 +41,8 @@ from tqdm import tqdm
 
 from model import distributed
 from model.checkpoint import (
-    copy_checkpoint, load_checkpoint, load_initial_weights, remove_stale_temporaries, save_checkpoint,
-    source_model_config,
+    Checkpoint, adopt_init_shape, copy_checkpoint, load_init_from, read_checkpoint, remove_stale_temporaries,
+    save_checkpoint,
 )
 from model.cli import run_cli
 from model.config import (
@@ -64,7 +64,8 @@ from model.perf import flops_per_token, peak_flops
 # Independent random streams, each seeded with (train.seed, stream, ...): see stream_seed.
 BATCH_STREAM, EVAL_STREAM, DROPOUT_STREAM = 0, 1, 2
 TRAINING_BYTES_PER_PARAM = 16  # fp32 weight, gradient and AdamW's two moments
-RESUME_EXTRA = ("scaler", "train_seconds", "evaluated")  # what train.py keeps in a checkpoint's extra
+# What train.py keeps in a checkpoint's extra, and the types it may have.
+RESUME_EXTRA: dict[str, tuple[type, ...]] = {"scaler": (dict,), "train_seconds": (float, int), "evaluated": (bool,)}
 
 
 def stream_seed(*numbers: int) -> int:
@@ -124,10 +125,10 @@ def resolve_vocab_size(cfg: Config, meta: dict) -> Config:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
 
 
-def check_same_tokenizer(checkpoint: dict, meta: dict, data_dir: str) -> None:
+def check_same_tokenizer(checkpoint: Checkpoint, meta: dict, data_dir: str) -> None:
     """Resuming needs the data the run was trained on: token ids mean nothing under another
     tokenizer, even one with as many tokens (the checkpoint would be saved with the new one)."""
-    if checkpoint["tokenizer"] != meta["tokenizer"]:
+    if checkpoint.tokenizer != meta["tokenizer"]:
         raise UserError(
             f"cannot resume: {data_dir} was prepared with another tokenizer than the checkpoint's "
             f"({meta.get('tokenizer_name', '?')}); resume on the dataset the run was trained on, "
@@ -135,11 +136,11 @@ def check_same_tokenizer(checkpoint: dict, meta: dict, data_dir: str) -> None:
         )
 
 
-def check_work_left(checkpoint: dict, tc: TrainConfig) -> None:
+def check_work_left(checkpoint: Checkpoint, tc: TrainConfig) -> None:
     """A resume that would train no step is an error saying which limit ends the run
     (a time-budgeted run stays finished however large max_iters is)."""
-    step, seconds = checkpoint["step"], checkpoint["extra"]["train_seconds"]
-    if not checkpoint["extra"]["evaluated"]:
+    step, seconds = checkpoint.step, checkpoint.extra["train_seconds"]
+    if not checkpoint.extra["evaluated"]:
         return  # the final evaluation and save are still to do
     if tc.max_seconds and seconds >= tc.max_seconds:
         raise UserError(
@@ -152,9 +153,9 @@ def check_work_left(checkpoint: dict, tc: TrainConfig) -> None:
                         "raise train.max_iters to go on")
 
 
-def check_same_model(checkpoint: dict, cfg: Config) -> None:
+def check_same_model(checkpoint: Checkpoint, cfg: Config) -> None:
     """Resuming needs the checkpoint's network: name every setting that differs."""
-    saved = dataclasses.asdict(ModelConfig(**checkpoint["config"]["model"]))
+    saved = dataclasses.asdict(checkpoint.config.model)
     differences = config_differences(saved, dataclasses.asdict(cfg.model))
     if differences:
         raise UserError(
@@ -164,55 +165,12 @@ def check_same_model(checkpoint: dict, cfg: Config) -> None:
         )
 
 
-# Model settings that may differ from train.init_from's: they do not change the weights.
-FREE_MODEL_KEYS = ("block_size", "dropout", "attention")
-
-
-def adopt_init_shape(cfg: Config, given: set[str]) -> Config:
-    """With train.init_from the model's shape is that of the weights there: every model key
-    the config leaves out is taken from them, and one it sets (``given``: section.key
-    names) to another value is an error. block_size may be smaller (the position table
-    is cropped); dropout and attention are free."""
-    source = source_model_config(cfg.train.init_from)
-    conflicts = [
-        f"model.{key} = {getattr(cfg.model, key)!r} but init_from has {getattr(source, key)!r}"
-        for key in sorted(k.removeprefix("model.") for k in given if k.startswith("model."))
-        if key not in FREE_MODEL_KEYS and getattr(cfg.model, key) != getattr(source, key)
-    ]
-    if conflicts:
-        raise UserError(f"train.init_from {cfg.train.init_from} fixes the model's shape: {'; '.join(conflicts)}; "
-                        "leave those keys out of the config")
-    block_size = cfg.model.block_size if "model.block_size" in given else source.block_size
-    if block_size > source.block_size:
-        raise UserError(f"model.block_size {block_size} exceeds the {source.block_size} positions of "
-                        f"train.init_from {cfg.train.init_from}")
-    model = dataclasses.replace(source, block_size=block_size, dropout=cfg.model.dropout,
-                                attention=cfg.model.attention)
-    return dataclasses.replace(cfg, model=model)
-
-
 def initial_model(cfg: Config, meta: dict, resuming: bool) -> GPT:
     """The network training starts from: fresh weights, or those of train.init_from
-    (unless resuming: the checkpoint has newer ones). The dataset must be tokenized with
-    the tokenizer of those weights, and the config must have their shape (adopt_init_shape)."""
+    (unless resuming: the checkpoint has newer ones)."""
     if not cfg.train.init_from or resuming:
         return GPT(cfg.model)
-    source, tokenizer_state = load_initial_weights(cfg.train.init_from, cfg.model.block_size)
-    free = {key: getattr(cfg.model, key) for key in FREE_MODEL_KEYS}
-    differences = config_differences(dataclasses.asdict(dataclasses.replace(source.config, **free)),
-                                     dataclasses.asdict(cfg.model))
-    if differences:
-        raise UserError(f"the model config differs from train.init_from's (init_from -> config): "
-                        + "; ".join(f"model.{d}" for d in differences))
-    if tokenizer_state != meta["tokenizer"]:
-        raise UserError(f"{cfg.train.data_dir} was prepared with the {meta.get('tokenizer_name', '?')} tokenizer, "
-                        f"not the one of train.init_from {cfg.train.init_from}; prepare the corpus with "
-                        "--tokenizer gpt2:FOLDER (for a GPT-2 folder) or that checkpoint's tokenizer")
-    if dataclasses.asdict(source.config) == dataclasses.asdict(cfg.model):
-        return source
-    model = GPT(cfg.model)  # other dropout or attention path: the same weights
-    model.load_state_dict(source.state_dict())
-    return model
+    return load_init_from(cfg, meta)
 
 
 class Batches:
@@ -405,11 +363,10 @@ class Result:
     device: str
 
 
-def train(cfg: Config, *, progress: bool = True, checkpoint: dict | None = None) -> Result:
+def train(cfg: Config, *, progress: bool = True, checkpoint: Checkpoint | None = None) -> Result:
     """Run one training job, alone or as one process of a torchrun job.
 
-    progress: show a progress bar (rank 0 only). checkpoint: a payload from
-    load_checkpoint to resume from (model, optimiser, step, best val loss, schedule
+    progress: show a progress bar (rank 0 only). checkpoint: one to resume from (model, optimiser, step, best val loss, schedule
     position); its model config must equal ``cfg.model``.
     """
     ddp = distributed.from_environment()
@@ -421,7 +378,7 @@ def train(cfg: Config, *, progress: bool = True, checkpoint: dict | None = None)
         distributed.stop(ddp)
 
 
-def _train(cfg: Config, ddp: Distributed, device: torch.device, progress: bool, checkpoint: dict | None) -> Result:
+def _train(cfg: Config, ddp: Distributed, device: torch.device, progress: bool, checkpoint: Checkpoint | None) -> Result:
     run, state = setup(cfg, ddp, device, progress, checkpoint)
     tc = run.cfg.train
     bar = tqdm(total=None if tc.max_seconds else tc.max_iters, initial=state.step, desc="train", unit="step",
@@ -468,7 +425,7 @@ def _train(cfg: Config, ddp: Distributed, device: torch.device, progress: bool, 
 
 
 def setup(cfg: Config, ddp: Distributed, device: torch.device, progress: bool,
-          checkpoint: dict | None) -> tuple[Run, RunState]:
+          checkpoint: Checkpoint | None) -> tuple[Run, RunState]:
     """Check the data against the config, build the model and optimiser (from the
     checkpoint when resuming), prepare out_dir and log what will run."""
     tc = cfg.train
@@ -554,23 +511,18 @@ def in_memory(build: Callable[[], GPT], cfg: ModelConfig, device: torch.device) 
         raise UserError(f"the model does not fit in {device} memory: {needed}; choose a smaller model") from None
 
 
-def resume_from(checkpoint: dict, model: GPT, optimizer: Optimizers,
+def resume_from(checkpoint: Checkpoint, model: GPT, optimizer: Optimizers,
                 scaler: torch.amp.GradScaler) -> RunState:
     """Load a checkpoint's weights, optimiser and scaler state; where its run stood."""
-    if checkpoint["optimizer"] is None:
-        raise UserError("cannot resume: the checkpoint has no optimizer state (an export for sampling)")
-    extra = checkpoint["extra"]
-    missing = [key for key in RESUME_EXTRA if key not in extra]
-    if missing:
-        raise UserError(f"cannot resume: the checkpoint lacks what train.py saves to go on ({', '.join(missing)})")
-    model.load_state_dict(checkpoint["model"])
+    extra = checkpoint.extra
+    model.load_state_dict(checkpoint.weights)
     try:
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        optimizer.load_state_dict(checkpoint.optimizer)
     except (ValueError, KeyError, TypeError) as error:
         raise UserError(f"cannot resume: the checkpoint's optimizer state does not fit the model ({error})") from None
     if extra["scaler"]:  # empty when saved without fp16 scaling (CPU, bf16)
         scaler.load_state_dict(extra["scaler"])
-    return RunState(checkpoint["step"], checkpoint["best_val_loss"], extra["train_seconds"], extra["evaluated"])
+    return RunState(checkpoint.step, checkpoint.best_val_loss, extra["train_seconds"], extra["evaluated"])
 
 
 def time_fraction(tc: TrainConfig, state: RunState) -> float | None:
@@ -669,21 +621,21 @@ def start_metrics(path: Path, resumed_step: int | None) -> None:
     os.replace(tmp, path)
 
 
-def repair_best(out_dir: Path, last: dict, log: Callable[[str], None]) -> None:
+def repair_best(out_dir: Path, last: Checkpoint, log: Callable[[str], None]) -> None:
     """Make best.pt hold the best weights again after a kill between saving an improved
     last.pt and copying it to best.pt. last.pt's best val loss is then lower than
     best.pt's, and last.pt has the best weights exactly when its own evaluation (its
     metrics line) measured that loss; otherwise they are lost, which is said."""
-    best, target = out_dir / "best.pt", last["best_val_loss"]
+    best, target = out_dir / "best.pt", last.best_val_loss
     if target == math.inf:  # no evaluation after step 0 yet: no best.pt is due
         return
     if best.is_file() and (os.path.samefile(best, out_dir / "last.pt")
-                           or load_checkpoint(best)["best_val_loss"] == target):
+                           or read_checkpoint(best).best_val_loss == target):
         return
     state = "missing" if not best.is_file() else "behind last.pt"
-    if _val_loss_at(out_dir / "metrics.jsonl", last["step"]) == target:
+    if _val_loss_at(out_dir / "metrics.jsonl", last.step) == target:
         copy_checkpoint(out_dir / "last.pt", best)
-        log(f"{best} was {state} (a save was cut short): made it a copy of last.pt, step {last['step']}, "
+        log(f"{best} was {state} (a save was cut short): made it a copy of last.pt, step {last.step}, "
             f"val loss {target:.4f}")
     else:
         log(f"warning: {best} is {state} and the weights of the best val loss {target:.4f} were not kept; "
@@ -728,11 +680,27 @@ def out_dir_of(config_path: Path | None, overrides: list[str]) -> Path:
     return Path(str(config_tables(config_path, overrides)["train"].get("out_dir", TrainConfig.out_dir)))
 
 
-def load_resume_checkpoint(out_dir: Path) -> dict[str, Any]:
+def load_resume_checkpoint(out_dir: Path) -> Checkpoint:
+    """out_dir/last.pt, with everything train.py saves to go on from it."""
     path = out_dir / "last.pt"
     if not path.is_file():
         raise UserError(f"--resume: there is no {path} to resume from; train once without --resume")
-    return load_checkpoint(path)
+    checkpoint = read_checkpoint(path)
+    if checkpoint.optimizer is None:
+        raise UserError(f"cannot resume: {path} has no optimizer state (an export for sampling)")
+    check_resume_extra(checkpoint)
+    return checkpoint
+
+
+def check_resume_extra(checkpoint: Checkpoint) -> None:
+    """What train.py keeps in a checkpoint's extra, present and of its type."""
+    extra, path = checkpoint.extra, checkpoint.path
+    missing = [key for key in RESUME_EXTRA if key not in extra]
+    if missing:
+        raise UserError(f"cannot resume: {path} lacks what train.py saves to go on ({', '.join(missing)})")
+    for key, kinds in RESUME_EXTRA.items():
+        if not isinstance(extra[key], kinds) or (isinstance(extra[key], bool) and bool not in kinds):
+            raise UserError(f"cannot resume: {path} has a wrong {key} ({type(extra[key]).__name__})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -778,7 +746,7 @@ def run(args: argparse.Namespace) -> None:
         # The run's own config (the checkpoint's, unless --config names one) is the base the
         # overrides apply to, so they are validated against it, not against the defaults.
         checkpoint = load_resume_checkpoint(out_dir_of(args.config, overrides))
-        cfg = load_config(args.config, overrides, base=None if args.config else checkpoint["config"])
+        cfg = load_config(args.config, overrides, base=None if args.config else checkpoint.config.to_dict())
     else:
         cfg = load_config(args.config, overrides)
         if not args.overwrite:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import train
-from model.checkpoint import load_checkpoint
+from model.checkpoint import load_checkpoint, read_checkpoint
 from model.config import ModelConfig, TrainConfig, config_differences, load_config
 from model.errors import UserError
 from model.gpt import GPT
@@ -278,7 +278,7 @@ def test_max_seconds_ends_a_run_and_a_resumed_run_goes_on_to_its_own_budget(tiny
     assert 2 < first.step < 1000000 and end["step"] == first.step
     assert end["train_seconds"] >= 0.3 and end["lr"] == pytest.approx(1e-3)  # min_lr: the budget is spent
     resumed = train.train(tiny_run(tiny_dataset, tmp_path, *budget, "max_seconds=0.6"), progress=False,
-                          checkpoint=load_checkpoint(tmp_path / "last.pt"))
+                          checkpoint=read_checkpoint(tmp_path / "last.pt"))
     lines = records(tmp_path)
     assert resumed.step > first.step and lines[-1]["train_seconds"] >= 0.6
     assert [r["step"] for r in lines] == [0, first.step, resumed.step]
