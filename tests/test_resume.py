@@ -265,3 +265,22 @@ def test_resume_says_when_the_best_weights_are_lost(tiny_dataset, tmp_path, monk
     assert f"warning: {tmp_path / 'best.pt'} is behind last.pt and the weights of the best val loss " \
            in capsys.readouterr().out
     assert load_checkpoint(tmp_path / "best.pt")["step"] == 2
+
+
+def test_a_run_stopped_after_its_last_step_resumes_for_its_final_evaluation(tiny_dataset, tmp_path, monkeypatch):
+    """Ctrl-C in the last step saves last.pt before the final evaluation: that resume has work left."""
+    real_step, calls = train.train_step, []
+
+    def ctrl_c_in_the_third_step(*step_args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(*step_args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", ctrl_c_in_the_third_step)
+    args = run_args(tiny_dataset, tmp_path, "max_iters=3", "eval_interval=10")
+    assert train.main(args) == 0
+    assert load_checkpoint(tmp_path / "last.pt")["extra"]["evaluated"] is False
+    assert train.main(["--resume", *args]) == 0
+    assert [r["step"] for r in records(tmp_path)] == [0, 3]
+    assert load_checkpoint(tmp_path / "best.pt")["step"] == 3
