@@ -170,14 +170,7 @@ class Checkpoint:
             raise UserError(f"{path} has no tokenizer state (its tokenizer is {_short(tokenizer)})")
         config = checkpoint_config(payload, path)
         weights = payload["model"]
-        if not isinstance(weights, dict) or not all(isinstance(t, torch.Tensor) for t in weights.values()):
-            raise UserError(f"{path}: its model is not a state_dict of tensors")
-        _check_weights_match(weights, config, path)
-        not_finite = next((name for name, t in weights.items() if t.is_floating_point() and not t.isfinite().all()),
-                          None)
-        if not_finite is not None:
-            raise UserError(f"{path} has NaN or infinite weights (in {not_finite} and maybe more); "
-                            "use an earlier checkpoint")
+        _check_weights(weights, config, path)
         step, best = payload["step"], payload["best_val_loss"]
         if not _is_int(step) or step < 0:
             raise UserError(f"{path}: step must be a whole number >= 0, got {_short(step)}")
@@ -240,6 +233,16 @@ def checkpoint_config(payload: dict[str, Any], path: str | Path) -> Config:
     except UserError as error:  # a value's type or range: config_from_dict names the key, not the file
         message = str(error)
         raise UserError(message if message.startswith(source) else f"{source}: {message}") from None
+
+
+def _check_weights(weights: Any, config: Config, path: str | Path) -> None:
+    """A state_dict of finite tensors that fits the config's network."""
+    if not isinstance(weights, dict) or not all(isinstance(t, torch.Tensor) for t in weights.values()):
+        raise UserError(f"{path}: its model is not a state_dict of tensors")
+    _check_weights_match(weights, config, path)
+    not_finite = next((name for name, t in weights.items() if t.is_floating_point() and not t.isfinite().all()), None)
+    if not_finite is not None:
+        raise UserError(f"{path} has NaN or infinite weights (in {not_finite} and maybe more); use an earlier checkpoint")
 
 
 def _check_weights_match(weights: dict[str, torch.Tensor], config: Config, path: str | Path) -> None:
