@@ -18,6 +18,10 @@ Every random draw of step s comes from generators seeded with (seed, s, ...), so
 run is a function of its config alone: a resumed run repeats exactly what the
 uninterrupted one would have done. Ctrl-C or SIGTERM saves ``last.pt`` after the
 current step and exits 0.
+
+The file reads top to bottom: the schedule and the checks, the pieces of a step and of an
+evaluation, the run folder's bookkeeping, setup, then the loop itself (``_train``) and
+the command line.
 """
 
 from __future__ import annotations
@@ -41,12 +45,12 @@ from tqdm import tqdm
 
 from model import distributed
 from model.checkpoint import (
-    copy_checkpoint, load_checkpoint, load_initial_weights, remove_stale_temporaries, save_checkpoint,
-    source_model_config,
+    Checkpoint, adopt_init_shape, copy_checkpoint, load_init_from, read_checkpoint, remove_stale_temporaries,
+    save_checkpoint,
 )
 from model.cli import run_cli
 from model.config import (
-    Config, ModelConfig, TrainConfig, config_differences, config_tables, given_keys, load_config,
+    Config, ModelConfig, TrainConfig, config_differences, config_from_dict, config_tables,
 )
 from model.data import (
     check_batch_fits, check_split_length, check_token_ids, open_split, read_meta, read_windows, sample_starts,
@@ -64,7 +68,8 @@ from model.perf import flops_per_token, peak_flops
 # Independent random streams, each seeded with (train.seed, stream, ...): see stream_seed.
 BATCH_STREAM, EVAL_STREAM, DROPOUT_STREAM = 0, 1, 2
 TRAINING_BYTES_PER_PARAM = 16  # fp32 weight, gradient and AdamW's two moments
-RESUME_EXTRA = ("scaler", "train_seconds", "evaluated")  # what train.py keeps in a checkpoint's extra
+# What train.py keeps in a checkpoint's extra, and the types it may have.
+RESUME_EXTRA: dict[str, tuple[type, ...]] = {"scaler": (dict,), "train_seconds": (float, int), "evaluated": (bool,)}
 
 
 def stream_seed(*numbers: int) -> int:
@@ -73,22 +78,34 @@ def stream_seed(*numbers: int) -> int:
     return int(np.random.SeedSequence(list(numbers)).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
-def learning_rate_at(step: int, cfg: TrainConfig, time_fraction: float | None = None) -> float:
-    """Linear warmup to the peak over ``warmup_iters`` steps, then cosine decay to ``min_lr``.
+def lr_factor_at(step: int, cfg: TrainConfig, time_fraction: float | None = None) -> float:
+    """The learning rate at ``step`` as a factor of the peak: every optimiser's rate follows it.
 
+    Linear warmup to 1 over ``warmup_iters`` steps, then cosine decay to min_lr / learning_rate.
     The decay runs from step warmup_iters to step ``lr_decay_iters`` (0: ``max_iters``) and
-    stays at min_lr after. In a time-budgeted run (``time_fraction`` = training seconds so
+    stays at the floor after. In a time-budgeted run (``time_fraction`` = training seconds so
     far / max_seconds) it follows the fraction of the budget spent instead.
     """
     if step < cfg.warmup_iters:
-        return cfg.learning_rate * (step + 1) / cfg.warmup_iters
+        return (step + 1) / cfg.warmup_iters
     if time_fraction is not None:
         decayed = time_fraction
     else:
         decay_iters = cfg.lr_decay_iters or cfg.max_iters
         decayed = (step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
     cosine = 0.5 * (1.0 + math.cos(math.pi * min(decayed, 1.0)))  # 1 -> 0
-    return cfg.min_lr + cosine * (cfg.learning_rate - cfg.min_lr)
+    floor = cfg.min_lr / cfg.learning_rate
+    return floor + cosine * (1.0 - floor)
+
+
+def learning_rate_at(step: int, cfg: TrainConfig, time_fraction: float | None = None) -> float:
+    """The (AdamW) learning rate at ``step``, as logged: the peak times lr_factor_at."""
+    return cfg.learning_rate * lr_factor_at(step, cfg, time_fraction)
+
+
+def time_fraction(tc: TrainConfig, state: RunState) -> float | None:
+    """The share of a time budget spent (None without one): where its LR schedule stands."""
+    return state.train_seconds / tc.max_seconds if tc.max_seconds else None
 
 
 def split_batch(batch_size: int, micro_batch_size: int, world_size: int) -> tuple[int, int]:
@@ -124,9 +141,20 @@ def resolve_vocab_size(cfg: Config, meta: dict) -> Config:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
 
 
-def check_same_model(checkpoint: dict, cfg: Config) -> None:
+def check_same_tokenizer(checkpoint: Checkpoint, meta: dict, data_dir: str) -> None:
+    """Resuming needs the data the run was trained on: token ids mean nothing under another
+    tokenizer, even one with as many tokens (the checkpoint would be saved with the new one)."""
+    if checkpoint.tokenizer != meta["tokenizer"]:
+        raise UserError(
+            f"cannot resume: {data_dir} was prepared with another tokenizer than the checkpoint's "
+            f"({meta.get('tokenizer_name', '?')}); resume on the dataset the run was trained on, "
+            "or train into a new out_dir"
+        )
+
+
+def check_same_model(checkpoint: Checkpoint, cfg: Config) -> None:
     """Resuming needs the checkpoint's network: name every setting that differs."""
-    saved = dataclasses.asdict(ModelConfig(**checkpoint["config"]["model"]))
+    saved = dataclasses.asdict(checkpoint.config.model)
     differences = config_differences(saved, dataclasses.asdict(cfg.model))
     if differences:
         raise UserError(
@@ -136,55 +164,69 @@ def check_same_model(checkpoint: dict, cfg: Config) -> None:
         )
 
 
-# Model settings that may differ from train.init_from's: they do not change the weights.
-FREE_MODEL_KEYS = ("block_size", "dropout", "attention")
+def check_work_left(checkpoint: Checkpoint, tc: TrainConfig) -> None:
+    """A resume that would train no step is an error saying which limit ends the run
+    (a time-budgeted run stays finished however large max_iters is)."""
+    step, seconds = checkpoint.step, checkpoint.extra["train_seconds"]
+    if not checkpoint.extra["evaluated"]:
+        return  # the final evaluation and save are still to do
+    if tc.max_seconds and seconds >= tc.max_seconds:
+        raise UserError(
+            f"cannot resume: the run's time budget is spent ({seconds:.1f} s trained of train.max_seconds = "
+            f"{tc.max_seconds:g}, at step {step}), so a larger max_iters trains nothing; "
+            "raise train.max_seconds to go on"
+        )
+    if step >= tc.max_iters:
+        raise UserError(f"cannot resume: the run already ended at step {step} (train.max_iters = {tc.max_iters}); "
+                        "raise train.max_iters to go on")
 
 
-def adopt_init_shape(cfg: Config, given: set[str]) -> Config:
-    """With train.init_from the model's shape is that of the weights there: every model key
-    the config leaves out is taken from them, and one it sets (``given``: section.key
-    names) to another value is an error. block_size may be smaller (the position table
-    is cropped); dropout and attention are free."""
-    source = source_model_config(cfg.train.init_from)
-    conflicts = [
-        f"model.{key} = {getattr(cfg.model, key)!r} but init_from has {getattr(source, key)!r}"
-        for key in sorted(k.removeprefix("model.") for k in given if k.startswith("model."))
-        if key not in FREE_MODEL_KEYS and getattr(cfg.model, key) != getattr(source, key)
-    ]
-    if conflicts:
-        raise UserError(f"train.init_from {cfg.train.init_from} fixes the model's shape: {'; '.join(conflicts)}; "
-                        "leave those keys out of the config")
-    block_size = cfg.model.block_size if "model.block_size" in given else source.block_size
-    if block_size > source.block_size:
-        raise UserError(f"model.block_size {block_size} exceeds the {source.block_size} positions of "
-                        f"train.init_from {cfg.train.init_from}")
-    model = dataclasses.replace(source, block_size=block_size, dropout=cfg.model.dropout,
-                                attention=cfg.model.attention)
-    return dataclasses.replace(cfg, model=model)
+def check_resume_extra(checkpoint: Checkpoint) -> None:
+    """What train.py keeps in a checkpoint's extra, present and of its type."""
+    extra, path = checkpoint.extra, checkpoint.path
+    missing = [key for key in RESUME_EXTRA if key not in extra]
+    if missing:
+        raise UserError(f"cannot resume: {path} lacks what train.py saves to go on ({', '.join(missing)})")
+    for key, kinds in RESUME_EXTRA.items():
+        if not isinstance(extra[key], kinds) or (isinstance(extra[key], bool) and bool not in kinds):
+            raise UserError(f"cannot resume: {path} has a wrong {key} ({type(extra[key]).__name__})")
 
 
 def initial_model(cfg: Config, meta: dict, resuming: bool) -> GPT:
     """The network training starts from: fresh weights, or those of train.init_from
-    (unless resuming: the checkpoint has newer ones). The dataset must be tokenized with
-    the tokenizer of those weights, and the config must have their shape (adopt_init_shape)."""
+    (unless resuming: the checkpoint has newer ones)."""
     if not cfg.train.init_from or resuming:
         return GPT(cfg.model)
-    source, tokenizer_state = load_initial_weights(cfg.train.init_from, cfg.model.block_size)
-    free = {key: getattr(cfg.model, key) for key in FREE_MODEL_KEYS}
-    differences = config_differences(dataclasses.asdict(dataclasses.replace(source.config, **free)),
-                                     dataclasses.asdict(cfg.model))
-    if differences:
-        raise UserError(f"the model config differs from train.init_from's (init_from -> config): "
-                        + "; ".join(f"model.{d}" for d in differences))
-    if tokenizer_state != meta["tokenizer"]:
-        raise UserError(f"{cfg.train.data_dir} was prepared with the {meta.get('tokenizer_name', '?')} tokenizer, "
-                        f"not the one of train.init_from {cfg.train.init_from}; prepare the corpus with "
-                        "--tokenizer gpt2:FOLDER (for a GPT-2 folder) or that checkpoint's tokenizer")
-    if dataclasses.asdict(source.config) == dataclasses.asdict(cfg.model):
-        return source
-    model = GPT(cfg.model)  # other dropout or attention path: the same weights
-    model.load_state_dict(source.state_dict())
-    return model
+    return load_init_from(cfg, meta)
+
+
+def in_memory(build: Callable[[], GPT], cfg: ModelConfig, device: torch.device) -> GPT:
+    """The network ``build`` makes, on ``device``; one that does not fit in memory is a
+    one-line error saying how much its weights, gradients and AdamW state need."""
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        params = sum(p.numel() for p in GPT(cfg).parameters())
+    needed = f"{params / 1e6:,.0f}M parameters need about {params * TRAINING_BYTES_PER_PARAM / 2**30:,.1f} GiB " \
+             f"for weights, gradients and AdamW state ({TRAINING_BYTES_PER_PARAM} bytes each)"
+    try:
+        return build().to(device)
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
+        if isinstance(error, RuntimeError) and "memory" not in str(error):
+            raise
+        raise UserError(f"the model does not fit in {device} memory: {needed}; choose a smaller model") from None
+
+
+def resume_from(checkpoint: Checkpoint, model: GPT, optimizer: Optimizers,
+                scaler: torch.amp.GradScaler) -> RunState:
+    """Load a checkpoint's weights, optimiser and scaler state; where its run stood."""
+    extra = checkpoint.extra
+    model.load_state_dict(checkpoint.weights)
+    try:
+        optimizer.load_state_dict(checkpoint.optimizer)
+    except (ValueError, KeyError, TypeError) as error:
+        raise UserError(f"cannot resume: the checkpoint's optimizer state does not fit the model ({error})") from None
+    if extra["scaler"]:  # empty when saved without fp16 scaling (CPU, bf16)
+        scaler.load_state_dict(extra["scaler"])
+    return RunState(checkpoint.step, checkpoint.best_val_loss, extra["train_seconds"], extra["evaluated"])
 
 
 class Batches:
@@ -310,6 +352,109 @@ class StopSignals:
         self._previous = {}
 
 
+class RunFolder:
+    """A run's files in out_dir (last.pt, best.pt, metrics.jsonl, loss.png) and the rules
+    that keep them consistent through new runs, resumes and kills. Only the main process
+    writes here."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.last, self.best, self.metrics = path / "last.pt", path / "best.pt", path / "metrics.jsonl"
+
+    def check_fresh(self) -> None:
+        """A new run must not silently replace an earlier run's checkpoints and metrics."""
+        earlier = [path.name for path in (self.last, self.best) if path.is_file()]
+        if earlier:
+            raise UserError(
+                f"{self.path} holds an earlier run ({', '.join(earlier)}); continue it with --resume, start afresh "
+                "with --overwrite, or set another out_dir"
+            )
+
+    def load_resume(self) -> Checkpoint:
+        """last.pt, with everything train.py saves to go on from it."""
+        if not self.last.is_file():
+            raise UserError(f"--resume: there is no {self.last} to resume from; train once without --resume")
+        checkpoint = read_checkpoint(self.last)
+        if checkpoint.optimizer is None:
+            raise UserError(f"cannot resume: {self.last} has no optimizer state (an export for sampling)")
+        check_resume_extra(checkpoint)
+        return checkpoint
+
+    def prepare(self, resumed: Checkpoint | None, log: Callable[[str], None]) -> None:
+        """Ready the folder once the config and data have checked out: a new run clears the
+        earlier one, a resumed one repairs best.pt; either way the metrics start over from
+        where the run stands."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.path)
+        if resumed is None:
+            self.clear()
+        else:
+            self.repair_best(resumed, log)
+        self.start_metrics(None if resumed is None else resumed.step)
+
+    def clear(self) -> None:
+        """A new run replaces whatever an earlier run left here before its first step, so a
+        new run stopped early never leaves the old run's best.pt beside its own last.pt.
+        best.pt goes first: an interruption in between leaves no best.pt rather than a
+        best.pt newer than last.pt."""
+        for path in (self.best, self.last, self.path / "loss.png"):
+            path.unlink(missing_ok=True)
+
+    def repair_best(self, last: Checkpoint, log: Callable[[str], None]) -> None:
+        """Make best.pt hold the best weights again after a kill between saving an improved
+        last.pt and copying it to best.pt. last.pt's best val loss is then lower than
+        best.pt's, and last.pt has the best weights exactly when its own evaluation (its
+        metrics line) measured that loss; otherwise they are lost, which is said."""
+        target = last.best_val_loss
+        if target == math.inf:  # no evaluation after step 0 yet: no best.pt is due
+            return
+        if self.best.is_file() and (os.path.samefile(self.best, self.last)
+                                    or read_checkpoint(self.best).best_val_loss == target):
+            return
+        state = "missing" if not self.best.is_file() else "behind last.pt"
+        if self.val_loss_at(last.step) == target:
+            self.promote_last()
+            log(f"{self.best} was {state} (a save was cut short): made it a copy of last.pt, step {last.step}, "
+                f"val loss {target:.4f}")
+        else:
+            log(f"warning: {self.best} is {state} and the weights of the best val loss {target:.4f} were not kept; "
+                "best.pt is not the best model of this run")
+
+    def promote_last(self) -> None:
+        """best.pt becomes a copy of last.pt (atomically; a hard link where it can)."""
+        copy_checkpoint(self.last, self.best)
+
+    def start_metrics(self, resumed_step: int | None) -> None:
+        """A new run starts an empty metrics.jsonl. A resumed one keeps the lines up to the step
+        it resumes from and drops later ones, written after that checkpoint by the run that
+        was stopped: they are about to be written again. So is a line that does not parse
+        (one cut short when that run was killed mid-write)."""
+        kept = []
+        if resumed_step is not None and self.metrics.is_file():
+            kept = [line for line in self.metrics.read_text().splitlines() if _step_of(line) <= resumed_step]
+        tmp = self.metrics.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.metrics)
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        with self.metrics.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def val_loss_at(self, step: int) -> float | None:
+        """The val loss the metrics line of ``step`` records; None without such a line."""
+        lines = [line for line in self.metrics.read_text().splitlines() if _step_of(line) == step] \
+            if self.metrics.is_file() else []
+        return json.loads(lines[-1])["val_loss"] if lines else None
+
+
+def _step_of(metrics_line: str) -> float:
+    """The step a metrics line records; infinity for a line that is not a whole record."""
+    try:
+        return json.loads(metrics_line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
 @dataclasses.dataclass
 class RunState:
     """Where training stands; what a checkpoint must carry to go on exactly."""
@@ -350,7 +495,7 @@ class Run:
     batches: Batches
     micro_batch: int
     tokenizer: dict[str, Any]  # the dataset's tokenizer state, saved in every checkpoint
-    out_dir: Path
+    folder: RunFolder
     log: Callable[[str], None]
     flops_per_token: float
     peak_flops: float | None  # one device's peak FLOP/s; None: unknown, no MFU
@@ -377,77 +522,17 @@ class Result:
     device: str
 
 
-def train(cfg: Config, *, progress: bool = True, checkpoint: dict | None = None) -> Result:
-    """Run one training job, alone or as one process of a torchrun job.
-
-    progress: show a progress bar (rank 0 only). checkpoint: a payload from
-    load_checkpoint to resume from (model, optimiser, step, best val loss, schedule
-    position); its model config must equal ``cfg.model``.
-    """
-    ddp = distributed.from_environment()
-    device = distributed.device_for_process(cfg.train.device, ddp)
-    distributed.start(ddp, device)
-    try:
-        return _train(cfg, ddp, device, progress and ddp.is_main, checkpoint)
-    finally:
-        distributed.stop(ddp)
-
-
-def _train(cfg: Config, ddp: Distributed, device: torch.device, progress: bool, checkpoint: dict | None) -> Result:
-    run, state = setup(cfg, ddp, device, progress, checkpoint)
-    tc = run.cfg.train
-    bar = tqdm(total=None if tc.max_seconds else tc.max_iters, initial=state.step, desc="train", unit="step",
-               disable=not progress, dynamic_ncols=True)
-    losses: dict[str, float] = {}
-    tally = Tally()
-    with StopSignals() as signals:
-        while True:
-            finished = state.step >= tc.max_iters or (tc.max_seconds > 0 and state.train_seconds >= tc.max_seconds)
-            if (finished or state.step % tc.eval_interval == 0) and not state.evaluated:
-                losses = evaluate_and_save(run, state, tally)
-                tally = Tally()
-            if finished:
-                break
-
-            step_started = time.perf_counter()
-            lr = learning_rate_at(state.step, tc, time_fraction(tc, state))
-            run.optimizer.set_lr_factor(lr / tc.learning_rate)  # every optimiser's peak follows the schedule
-            torch.manual_seed(stream_seed(tc.seed, DROPOUT_STREAM, state.step, ddp.rank))
-            loss, grad_norm = train_step(run.train_model, run.model, run.optimizer, run.scaler,
-                                         run.batches.at(state.step), tc, device, run.precision)
-            seconds = time.perf_counter() - step_started
-            if not math.isfinite(loss) or (not math.isfinite(grad_norm) and not run.scaler.is_enabled()):
-                bar.close()
-                raise UserError(divergence_message(state.step, loss, grad_norm, lr, run.precision, run.out_dir))
-            tally.add(loss, grad_norm, seconds)
-            # Every process must stop after the same step and follow the same clock.
-            interrupted, state.train_seconds = ddp.agree_max(
-                [float(signals.received is not None), state.train_seconds + seconds], device
-            )
-            state.step += 1
-            state.evaluated = False
-            show_step(bar, run, tally, loss, lr, losses.get("val_bpb"))
-            if interrupted:
-                save(run, state, "last.pt")
-                bar.close()
-                run.log(f"stopped by {signals.received or 'a signal to another process'} after step {state.step}: "
-                        f"saved {run.out_dir / 'last.pt'}; continue with --resume")
-                return result(run, state, losses, interrupted=signals.received or "signal")
-    bar.close()
-    run.log(f"done at step {state.step}: best val loss {state.best_val:.4f} in {run.out_dir / 'best.pt'}, "
-            f"latest in {run.out_dir / 'last.pt'}")
-    return result(run, state, losses, interrupted=None)
-
-
 def setup(cfg: Config, ddp: Distributed, device: torch.device, progress: bool,
-          checkpoint: dict | None) -> tuple[Run, RunState]:
+          checkpoint: Checkpoint | None) -> tuple[Run, RunState]:
     """Check the data against the config, build the model and optimiser (from the
     checkpoint when resuming), prepare out_dir and log what will run."""
     tc = cfg.train
     meta = read_meta(tc.data_dir)
     cfg = resolve_vocab_size(cfg, meta)
     if checkpoint is not None:
+        check_same_tokenizer(checkpoint, meta, tc.data_dir)
         check_same_model(checkpoint, cfg)
+        check_work_left(checkpoint, tc)
     splits = {split: open_split(tc.data_dir, split, meta) for split in ("train", "val")}
     for split, tokens in splits.items():
         check_split_length(tokens, cfg.model.block_size, split)
@@ -477,17 +562,13 @@ def setup(cfg: Config, ddp: Distributed, device: torch.device, progress: bool,
     if ddp.enabled:
         train_model = DistributedDataParallel(eval_model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    out_dir = Path(tc.out_dir)
+    folder = RunFolder(Path(tc.out_dir))
     if ddp.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(out_dir)
-        if checkpoint is None:
-            clear_earlier_run(out_dir)
-        start_metrics(out_dir / "metrics.jsonl", state.step if checkpoint is not None else None)
+        folder.prepare(checkpoint, log)
 
     peak, peak_source = peak_flops(device, tc.peak_tflops)
     run = Run(cfg, ddp, device, precision, model, train_model, eval_model, optimizer, scaler, splits, batches,
-              micro_batch, meta["tokenizer"], out_dir, log, flops_per_token(cfg.model, model.num_params()), peak,
+              micro_batch, meta["tokenizer"], folder, log, flops_per_token(cfg.model, model.num_params()), peak,
               time.perf_counter(),
               token_byte_lengths(tokenizer_from_state(meta["tokenizer"]), cfg.model.vocab_size).to(device))
     log(
@@ -507,55 +588,16 @@ def setup(cfg: Config, ddp: Distributed, device: torch.device, progress: bool,
     return run, state
 
 
-def in_memory(build: Callable[[], GPT], cfg: ModelConfig, device: torch.device) -> GPT:
-    """The network ``build`` makes, on ``device``; one that does not fit in memory is a
-    one-line error saying how much its weights, gradients and AdamW state need."""
-    with torch.device("meta"):  # shapes only: no memory, no initialisation
-        params = sum(p.numel() for p in GPT(cfg).parameters())
-    needed = f"{params / 1e6:,.0f}M parameters need about {params * TRAINING_BYTES_PER_PARAM / 2**30:,.1f} GiB " \
-             f"for weights, gradients and AdamW state ({TRAINING_BYTES_PER_PARAM} bytes each)"
-    try:
-        return build().to(device)
-    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
-        if isinstance(error, RuntimeError) and "memory" not in str(error):
-            raise
-        raise UserError(f"the model does not fit in {device} memory: {needed}; choose a smaller model") from None
-
-
-def resume_from(checkpoint: dict, model: GPT, optimizer: Optimizers,
-                scaler: torch.amp.GradScaler) -> RunState:
-    """Load a checkpoint's weights, optimiser and scaler state; where its run stood."""
-    if checkpoint["optimizer"] is None:
-        raise UserError("cannot resume: the checkpoint has no optimizer state (an export for sampling)")
-    extra = checkpoint["extra"]
-    missing = [key for key in RESUME_EXTRA if key not in extra]
-    if missing:
-        raise UserError(f"cannot resume: the checkpoint lacks what train.py saves to go on ({', '.join(missing)})")
-    model.load_state_dict(checkpoint["model"])
-    try:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-    except (ValueError, KeyError, TypeError) as error:
-        raise UserError(f"cannot resume: the checkpoint's optimizer state does not fit the model ({error})") from None
-    if extra["scaler"]:  # empty when saved without fp16 scaling (CPU, bf16)
-        scaler.load_state_dict(extra["scaler"])
-    return RunState(checkpoint["step"], checkpoint["best_val_loss"], extra["train_seconds"], extra["evaluated"])
-
-
-def time_fraction(tc: TrainConfig, state: RunState) -> float | None:
-    """The share of a time budget spent (None without one): where its LR schedule stands."""
-    return state.train_seconds / tc.max_seconds if tc.max_seconds else None
-
-
 def mfu(run: Run, tokens_per_s: float) -> float | None:
     """Model FLOPs utilisation: model FLOP/s over the peak of every device in the run."""
     return run.flops_per_token * tokens_per_s / (run.peak_flops * run.ddp.world_size) if run.peak_flops else None
 
 
-def save(run: Run, state: RunState, name: str) -> None:
-    """Write ``out_dir/name`` (rank 0 only): weights, optimiser, config, tokenizer, run state."""
+def save_last(run: Run, state: RunState) -> None:
+    """Write last.pt (main process only): weights, optimiser, config, tokenizer, run state."""
     if run.ddp.is_main:
         save_checkpoint(
-            run.out_dir / name, model=run.model, optimizer=run.optimizer, config=run.cfg.to_dict(),
+            run.folder.last, model=run.model, optimizer=run.optimizer, config=run.cfg.to_dict(),
             tokenizer=run.tokenizer, step=state.step, best_val_loss=state.best_val,
             extra={"scaler": run.scaler.state_dict(), "train_seconds": state.train_seconds,
                    "evaluated": state.evaluated},
@@ -580,16 +622,15 @@ def evaluate_and_save(run: Run, state: RunState, tally: Tally) -> dict[str, floa
     }
     state.evaluated = True
     if ddp.is_main:
-        with (run.out_dir / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        run.folder.append_metrics(record)
     run.log(f"step {state.step:>6}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
             f"({losses['val_bpb']:.4f} bits per byte)")
     if state.step > 0:
         improved = losses["val"] < state.best_val
         state.best_val = min(state.best_val, losses["val"])
-        save(run, state, "last.pt")
+        save_last(run, state)
         if improved and ddp.is_main:
-            copy_checkpoint(run.out_dir / "last.pt", run.out_dir / "best.pt")
+            run.folder.promote_last()
     return losses
 
 
@@ -604,7 +645,7 @@ def show_step(bar: tqdm, run: Run, tally: Tally, loss: float, lr: float, val_bpb
 
 
 def divergence_message(step: int, loss: float, grad_norm: float, lr: float, precision: Precision,
-                       out_dir: Path) -> str:
+                       last: Path) -> str:
     """Why training stopped on a non-finite number. Under fp16 a non-finite gradient alone
     is routine (the gradient scaler skips that step and lowers its scale), so only the
     loss counts there. Nothing is saved after this: the last checkpoint stays as it was."""
@@ -612,8 +653,7 @@ def divergence_message(step: int, loss: float, grad_norm: float, lr: float, prec
         cause = "fp16 overflow in the forward pass (bf16 or fp32 has the range), or too high a learning rate"
     else:
         cause = f"too high a learning rate ({lr:.3g} at this step; lower train.learning_rate) or a bad batch"
-    kept = out_dir / "last.pt"
-    checkpoint = f"{kept} is left as it was" if kept.is_file() else "no checkpoint was written"
+    checkpoint = f"{last} is left as it was" if last.is_file() else "no checkpoint was written"
     return (f"training diverged at step {step}: loss {loss}, gradient norm {grad_norm}; likely cause: {cause}; "
             f"{checkpoint}")
 
@@ -624,56 +664,67 @@ def result(run: Run, state: RunState, losses: dict[str, float], interrupted: str
                   run.cfg.train.out_dir, run.model.num_params(), str(run.device))
 
 
-def start_metrics(path: Path, resumed_step: int | None) -> None:
-    """A new run starts an empty metrics.jsonl. A resumed one keeps the lines up to the step
-    it resumes from and drops later ones, written after that checkpoint by the run that
-    was stopped: they are about to be written again. So is a line that does not parse
-    (one cut short when that run was killed mid-write)."""
-    kept = []
-    if resumed_step is not None and path.is_file():
-        kept = [line for line in path.read_text().splitlines() if _step_of(line) <= resumed_step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+def train(cfg: Config, *, progress: bool = True, checkpoint: Checkpoint | None = None) -> Result:
+    """Run one training job, alone or as one process of a torchrun job.
 
-
-def _step_of(metrics_line: str) -> float:
-    """The step a metrics line records; infinity for a line that is not a whole record."""
+    progress: show a progress bar (rank 0 only). checkpoint: one to resume from (model,
+    optimiser, step, best val loss, schedule position); its model config must equal ``cfg.model``.
+    """
+    ddp = distributed.from_environment()
+    device = distributed.device_for_process(cfg.train.device, ddp)
+    distributed.start(ddp, device)
     try:
-        return json.loads(metrics_line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf
+        return _train(cfg, ddp, device, progress and ddp.is_main, checkpoint)
+    finally:
+        distributed.stop(ddp)
 
 
-def clear_earlier_run(out_dir: Path) -> None:
-    """A new run replaces whatever an earlier run left in ``out_dir`` before its first step
-    (and only once its config and data have checked out), so a new run stopped early
-    never leaves the old run's best.pt beside its own last.pt. best.pt goes first: an
-    interruption in between leaves no best.pt rather than a best.pt newer than last.pt."""
-    for name in ("best.pt", "last.pt", "loss.png"):
-        (out_dir / name).unlink(missing_ok=True)
+def _train(cfg: Config, ddp: Distributed, device: torch.device, progress: bool, checkpoint: Checkpoint | None) -> Result:
+    """The loop: evaluate (and save) when due, stop when finished, else one step."""
+    run, state = setup(cfg, ddp, device, progress, checkpoint)
+    tc = run.cfg.train
+    bar = tqdm(total=None if tc.max_seconds else tc.max_iters, initial=state.step, desc="train", unit="step",
+               disable=not progress, dynamic_ncols=True)
+    losses: dict[str, float] = {}
+    tally = Tally()
+    with StopSignals() as signals:
+        while True:
+            finished = state.step >= tc.max_iters or (tc.max_seconds > 0 and state.train_seconds >= tc.max_seconds)
+            if (finished or state.step % tc.eval_interval == 0) and not state.evaluated:
+                losses = evaluate_and_save(run, state, tally)
+                tally = Tally()
+            if finished:
+                break
 
-
-def check_fresh_out_dir(out_dir: Path) -> None:
-    """A new run must not silently replace an earlier run's checkpoints and metrics."""
-    earlier = [name for name in ("last.pt", "best.pt") if (out_dir / name).is_file()]
-    if earlier:
-        raise UserError(
-            f"{out_dir} holds an earlier run ({', '.join(earlier)}); continue it with --resume, start afresh "
-            "with --overwrite, or set another out_dir"
-        )
-
-
-def out_dir_of(config_path: Path | None, overrides: list[str]) -> Path:
-    """The out_dir the config file and overrides name (the default when neither does)."""
-    return Path(str(config_tables(config_path, overrides)["train"].get("out_dir", TrainConfig.out_dir)))
-
-
-def load_resume_checkpoint(out_dir: Path) -> dict[str, Any]:
-    path = out_dir / "last.pt"
-    if not path.is_file():
-        raise UserError(f"--resume: there is no {path} to resume from; train once without --resume")
-    return load_checkpoint(path)
+            step_started = time.perf_counter()
+            lr_factor = lr_factor_at(state.step, tc, time_fraction(tc, state))
+            run.optimizer.set_lr_factor(lr_factor)
+            lr = tc.learning_rate * lr_factor  # AdamW's, for the progress bar and a divergence message
+            torch.manual_seed(stream_seed(tc.seed, DROPOUT_STREAM, state.step, ddp.rank))
+            loss, grad_norm = train_step(run.train_model, run.model, run.optimizer, run.scaler,
+                                         run.batches.at(state.step), tc, device, run.precision)
+            seconds = time.perf_counter() - step_started
+            if not math.isfinite(loss) or (not math.isfinite(grad_norm) and not run.scaler.is_enabled()):
+                bar.close()
+                raise UserError(divergence_message(state.step, loss, grad_norm, lr, run.precision, run.folder.last))
+            tally.add(loss, grad_norm, seconds)
+            # Every process must stop after the same step and follow the same clock.
+            interrupted, state.train_seconds = ddp.agree_max(
+                [float(signals.received is not None), state.train_seconds + seconds], device
+            )
+            state.step += 1
+            state.evaluated = False
+            show_step(bar, run, tally, loss, lr, losses.get("val_bpb"))
+            if interrupted:
+                save_last(run, state)
+                bar.close()
+                run.log(f"stopped by {signals.received or 'a signal to another process'} after step {state.step}: "
+                        f"saved {run.folder.last}; continue with --resume")
+                return result(run, state, losses, interrupted=signals.received or "signal")
+    bar.close()
+    run.log(f"done at step {state.step}: best val loss {state.best_val:.4f} in {run.folder.best}, "
+            f"latest in {run.folder.last}")
+    return result(run, state, losses, interrupted=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -699,14 +750,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_intermixed_args(argv)  # KEY=VALUE on both sides of a flag
-    return run_cli(lambda: run(args))
+def command_config(args: argparse.Namespace, overrides: list[str]) -> tuple[Config, Checkpoint | None]:
+    """The run's config and, with --resume, the checkpoint it goes on from; the config file
+    is read once. Resuming without --config, the checkpoint's config is the base the
+    overrides apply to, so they are validated against it, not against the defaults."""
+    given = config_tables(args.config, overrides)  # what the file and overrides set, defaults left out
+    folder = RunFolder(Path(str(given["train"].get("out_dir", TrainConfig.out_dir))))
+    checkpoint = folder.load_resume() if args.resume else None
+    tables = given
+    if checkpoint is not None and args.config is None:
+        tables = {name: {**table, **given[name]} for name, table in checkpoint.config.to_dict().items()}
+    given_keys = {f"{section}.{key}" for section, table in given.items() for key in table}
+    cfg = config_from_dict(tables, source=str(args.config) if args.config else "defaults")
+    if checkpoint is None and not args.overwrite:
+        folder.check_fresh()
+    if cfg.train.init_from and (args.config is not None or checkpoint is None):  # a resumed config has the shape
+        cfg = adopt_init_shape(cfg, given_keys)
+    return cfg, checkpoint
 
 
 def run(args: argparse.Namespace) -> None:
-    overrides = list(args.overrides) + ([f"train.device={args.device}"] if args.device else [])
-    overrides += ["train.compile=true"] if args.compile else []
     if args.plot is not None:
         from model.plot import plot_run
 
@@ -714,19 +777,15 @@ def run(args: argparse.Namespace) -> None:
         return
     if args.resume and args.overwrite:
         raise UserError("--resume continues the run in out_dir and --overwrite replaces it; choose one")
-    checkpoint = None
-    if args.resume:
-        # The run's own config (the checkpoint's, unless --config names one) is the base the
-        # overrides apply to, so they are validated against it, not against the defaults.
-        checkpoint = load_resume_checkpoint(out_dir_of(args.config, overrides))
-        cfg = load_config(args.config, overrides, base=None if args.config else checkpoint["config"])
-    else:
-        cfg = load_config(args.config, overrides)
-        if not args.overwrite:
-            check_fresh_out_dir(Path(cfg.train.out_dir))
-    if cfg.train.init_from and (args.config is not None or not args.resume):  # a resumed config has the shape
-        cfg = adopt_init_shape(cfg, given_keys(args.config, overrides))
+    overrides = list(args.overrides) + ([f"train.device={args.device}"] if args.device else [])
+    overrides += ["train.compile=true"] if args.compile else []
+    cfg, checkpoint = command_config(args, overrides)
     train(cfg, progress=not args.no_progress, checkpoint=checkpoint)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_intermixed_args(argv)  # KEY=VALUE on both sides of a flag
+    return run_cli(lambda: run(args))
 
 
 if __name__ == "__main__":

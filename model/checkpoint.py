@@ -14,9 +14,13 @@ One file holds everything needed to sample from a model or to go on training it:
 Saving writes a temporary file in the same folder, flushes it to disk, then renames it
 over the old one: an interrupted save (or a full disk) leaves the previous checkpoint
 whole. Loading uses ``torch.load(weights_only=True)``, which refuses to run code hidden
-in a file, then checks the payload once (every part present, the config valid and
-matching the weights' names and shapes, the weights finite), so that every reader can
-rely on it and a bad file is one line naming what is wrong.
+in a file, then checks the payload once (every part present and of its type, the config
+valid and matching the weights' names and shapes, the weights finite) into a typed
+``Checkpoint``, so that every reader can rely on it and a bad file is one line naming
+what is wrong.
+
+Fine-tuning (train.init_from) starts from the weights of a checkpoint or a GPT-2 folder;
+the rules for the shape it fixes and the tokenizer it needs live here too.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from typing import Any
 
 import torch
 
-from model.config import Config, ModelConfig, config_from_dict
+from model.config import Config, ModelConfig, config_differences, config_from_dict
 from model.errors import UserError
 from model.gpt import GPT
 from model.pretrained import gpt2_config, is_gpt2_folder, load_gpt2
@@ -142,8 +146,62 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint file, checked and typed: what every reader of one works with."""
+
+    path: Path
+    config: Config  # validated like a config file
+    weights: dict[str, torch.Tensor]  # finite, with the names and shapes config.model needs
+    tokenizer: dict[str, Any]  # a tokenizer state (model/tokenizer.py)
+    optimizer: dict[str, Any] | None  # None in an export for sampling
+    step: int
+    best_val_loss: float  # infinity before the first evaluation
+    extra: dict[str, Any]
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any], path: str | Path) -> Checkpoint:
+        """Check a loaded payload once; each problem is a UserError naming the file and what is wrong."""
+        missing = [part for part in PARTS if part not in payload]
+        if missing:
+            raise UserError(f"{path} is not a whole checkpoint: it lacks {', '.join(missing)}")
+        tokenizer = payload["tokenizer"]
+        if not isinstance(tokenizer, dict) or "kind" not in tokenizer:
+            raise UserError(f"{path} has no tokenizer state (its tokenizer is {_short(tokenizer)})")
+        config = checkpoint_config(payload, path)
+        weights = payload["model"]
+        _check_weights(weights, config, path)
+        step, best = payload["step"], payload["best_val_loss"]
+        if not _is_int(step) or step < 0:
+            raise UserError(f"{path}: step must be a whole number >= 0, got {_short(step)}")
+        if not (_is_int(best) or isinstance(best, float)):
+            raise UserError(f"{path}: best_val_loss must be a number, got {_short(best)}")
+        if not isinstance(payload["optimizer"], (dict, type(None))) or not isinstance(payload["extra"], dict):
+            raise UserError(f"{path}: its optimizer state or extra is not a dict")
+        return cls(Path(path), config, weights, tokenizer, payload["optimizer"], step, float(best), payload["extra"])
+
+    def build_model(self, device: str | torch.device = "cpu") -> GPT:
+        """The network this checkpoint was saved from, with its weights."""
+        model = GPT(self.config.model)
+        model.load_state_dict(self.weights)
+        return model.to(device)
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read and check a checkpoint file; every failure is a one-line UserError naming it."""
+    return Checkpoint.from_payload(_read_payload(path, map_location), path)
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read and check a checkpoint; every failure is a one-line UserError naming the file."""
+    """The file's payload as the plain dicts it holds, checked as read_checkpoint checks it:
+    for code that edits a checkpoint and saves it again."""
+    payload = _read_payload(path, map_location)
+    Checkpoint.from_payload(payload, path)
+    return payload
+
+
+def _read_payload(path: str | Path, map_location: str | torch.device) -> dict[str, Any]:
+    """torch.load(weights_only=True) of a file that must carry our marker and version."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
@@ -161,32 +219,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise UserError(f"{path} is not a tinygpt checkpoint (no '{FORMAT}' marker)")
     if payload.get("version") != VERSION:
         raise UserError(f"{path} has checkpoint version {payload.get('version')}; this code reads version {VERSION}")
-    check_payload(payload, path)
     return payload
-
-
-def check_payload(payload: dict[str, Any], path: str | Path) -> None:
-    """Everything a reader of a checkpoint relies on, checked once, each failure a
-    UserError naming the file and what is wrong."""
-    missing = [part for part in PARTS if part not in payload]
-    if missing:
-        raise UserError(f"{path} is not a whole checkpoint: it lacks {', '.join(missing)}")
-    tokenizer = payload["tokenizer"]
-    if not isinstance(tokenizer, dict) or "kind" not in tokenizer:
-        raise UserError(f"{path} has no tokenizer state (its tokenizer is {_short(tokenizer)})")
-    config = checkpoint_config(payload, path)
-    weights = payload["model"]
-    if not isinstance(weights, dict) or not all(isinstance(t, torch.Tensor) for t in weights.values()):
-        raise UserError(f"{path}: its model is not a state_dict of tensors")
-    _check_weights_match(weights, config, path)
-    not_finite = next((name for name, t in weights.items() if t.is_floating_point() and not t.isfinite().all()), None)
-    if not_finite is not None:
-        raise UserError(f"{path} has NaN or infinite weights (in {not_finite} and maybe more); "
-                        "use an earlier checkpoint")
-    if not isinstance(payload["step"], int) or payload["step"] < 0:
-        raise UserError(f"{path}: step must be a whole number >= 0, got {_short(payload['step'])}")
-    if not isinstance(payload["optimizer"], (dict, type(None))) or not isinstance(payload["extra"], dict):
-        raise UserError(f"{path}: its optimizer state or extra is not a dict")
 
 
 def checkpoint_config(payload: dict[str, Any], path: str | Path) -> Config:
@@ -194,7 +227,22 @@ def checkpoint_config(payload: dict[str, Any], path: str | Path) -> Config:
     tables = payload["config"]
     if not isinstance(tables, dict) or not all(isinstance(table, dict) for table in tables.values()):
         raise UserError(f"{path}: its config is not a {{'model': {{...}}, 'train': {{...}}}} table")
-    return config_from_dict({name: dict(table) for name, table in tables.items()}, source=f"{path} config")
+    source = f"{path} config"
+    try:
+        return config_from_dict({name: dict(table) for name, table in tables.items()}, source=source)
+    except UserError as error:  # a value's type or range: config_from_dict names the key, not the file
+        message = str(error)
+        raise UserError(message if message.startswith(source) else f"{source}: {message}") from None
+
+
+def _check_weights(weights: Any, config: Config, path: str | Path) -> None:
+    """A state_dict of finite tensors that fits the config's network."""
+    if not isinstance(weights, dict) or not all(isinstance(t, torch.Tensor) for t in weights.values()):
+        raise UserError(f"{path}: its model is not a state_dict of tensors")
+    _check_weights_match(weights, config, path)
+    not_finite = next((name for name, t in weights.items() if t.is_floating_point() and not t.isfinite().all()), None)
+    if not_finite is not None:
+        raise UserError(f"{path} has NaN or infinite weights (in {not_finite} and maybe more); use an earlier checkpoint")
 
 
 def _check_weights_match(weights: dict[str, torch.Tensor], config: Config, path: str | Path) -> None:
@@ -214,10 +262,8 @@ def _check_weights_match(weights: dict[str, torch.Tensor], config: Config, path:
 
 
 def model_from_checkpoint(payload: dict[str, Any], device: str | torch.device = "cpu") -> GPT:
-    """Rebuild the network a (loaded, so checked) checkpoint was saved from, with its weights."""
-    model = GPT(ModelConfig(**payload["config"]["model"]))
-    model.load_state_dict(payload["model"])
-    return model.to(device)
+    """The network of a payload from load_checkpoint, with its weights."""
+    return Checkpoint.from_payload(payload, "checkpoint").build_model(device)
 
 
 def load_for_generation(path: str | Path, device: torch.device) -> tuple[GPT, Tokenizer, dict[str, Any]]:
@@ -231,12 +277,17 @@ def load_for_generation(path: str | Path, device: torch.device) -> tuple[GPT, To
         payload = {"config": {"model": dataclasses.asdict(model.config), "train": {}},
                    "tokenizer": tokenizer.state(), "optimizer": None, "source": "gpt2-folder"}
         return model, tokenizer, payload
-    payload = load_checkpoint(path, map_location=device)
-    tokenizer = tokenizer_from_state(payload["tokenizer"])
-    vocab = payload["config"]["model"]["vocab_size"]
+    payload = _read_payload(path, device)
+    checkpoint = Checkpoint.from_payload(payload, path)
+    tokenizer = tokenizer_from_state(checkpoint.tokenizer)
+    vocab = checkpoint.config.model.vocab_size
     if tokenizer.vocab_size > vocab:
         raise UserError(f"{path}: its tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab}")
-    return model_from_checkpoint(payload, device).eval(), tokenizer, payload
+    return checkpoint.build_model(device).eval(), tokenizer, payload
+
+
+# Model settings that may differ from train.init_from's: they do not change the weights.
+FREE_MODEL_KEYS = ("block_size", "dropout", "attention")
 
 
 def source_model_config(path: str | Path) -> ModelConfig:
@@ -245,7 +296,52 @@ def source_model_config(path: str | Path) -> ModelConfig:
         raise UserError(f"{path} not found (expected a Hugging Face GPT-2 folder or a checkpoint file)")
     if is_gpt2_folder(path):
         return gpt2_config(path)
-    return ModelConfig(**load_checkpoint(path)["config"]["model"])
+    return read_checkpoint(path).config.model
+
+
+def adopt_init_shape(cfg: Config, given: set[str]) -> Config:
+    """With train.init_from the model's shape is that of the weights there: every model key
+    the config leaves out is taken from them, and one it sets (``given``: section.key
+    names) to another value is an error. block_size may be smaller (the position table
+    is cropped); dropout and attention are free."""
+    source = source_model_config(cfg.train.init_from)
+    conflicts = [
+        f"model.{key} = {getattr(cfg.model, key)!r} but init_from has {getattr(source, key)!r}"
+        for key in sorted(k.removeprefix("model.") for k in given if k.startswith("model."))
+        if key not in FREE_MODEL_KEYS and getattr(cfg.model, key) != getattr(source, key)
+    ]
+    if conflicts:
+        raise UserError(f"train.init_from {cfg.train.init_from} fixes the model's shape: {'; '.join(conflicts)}; "
+                        "leave those keys out of the config")
+    block_size = cfg.model.block_size if "model.block_size" in given else source.block_size
+    if block_size > source.block_size:
+        raise UserError(f"model.block_size {block_size} exceeds the {source.block_size} positions of "
+                        f"train.init_from {cfg.train.init_from}")
+    model = dataclasses.replace(source, block_size=block_size, dropout=cfg.model.dropout,
+                                attention=cfg.model.attention)
+    return dataclasses.replace(cfg, model=model)
+
+
+def load_init_from(cfg: Config, meta: dict[str, Any]) -> GPT:
+    """The weights of train.init_from as a network of ``cfg.model`` (adopt_init_shape's
+    shape; dropout and attention path free). The dataset (``meta``, from model/data.py)
+    must be tokenized with those weights' tokenizer."""
+    source, tokenizer_state = load_initial_weights(cfg.train.init_from, cfg.model.block_size)
+    free = {key: getattr(cfg.model, key) for key in FREE_MODEL_KEYS}
+    differences = config_differences(dataclasses.asdict(dataclasses.replace(source.config, **free)),
+                                     dataclasses.asdict(cfg.model))
+    if differences:
+        raise UserError(f"the model config differs from train.init_from's (init_from -> config): "
+                        + "; ".join(f"model.{d}" for d in differences))
+    if tokenizer_state != meta["tokenizer"]:
+        raise UserError(f"{cfg.train.data_dir} was prepared with the {meta.get('tokenizer_name', '?')} tokenizer, "
+                        f"not the one of train.init_from {cfg.train.init_from}; prepare the corpus with "
+                        "--tokenizer gpt2:FOLDER (for a GPT-2 folder) or that checkpoint's tokenizer")
+    if dataclasses.asdict(source.config) == dataclasses.asdict(cfg.model):
+        return source
+    model = GPT(cfg.model)  # other dropout or attention path: the same weights
+    model.load_state_dict(source.state_dict())
+    return model
 
 
 def load_initial_weights(path: str | Path, block_size: int) -> tuple[GPT, dict[str, Any]]:
@@ -254,16 +350,20 @@ def load_initial_weights(path: str | Path, block_size: int) -> tuple[GPT, dict[s
     if is_gpt2_folder(path):
         model, tokenizer = load_gpt2(path, block_size=block_size)
         return model.train(), tokenizer.state()
-    payload = load_checkpoint(path)
-    cfg = ModelConfig(**payload["config"]["model"])
+    checkpoint = read_checkpoint(path)
+    cfg = checkpoint.config.model
     if block_size > cfg.block_size:
         raise UserError(f"block_size {block_size} exceeds the {cfg.block_size} positions of {path}")
-    weights = payload["model"]
+    weights = dict(checkpoint.weights)
     if "wpe.weight" in weights:
         weights["wpe.weight"] = weights["wpe.weight"][:block_size]  # a shorter context keeps the first positions
     model = GPT(dataclasses.replace(cfg, block_size=block_size))
     model.load_state_dict(weights)
-    return model, payload["tokenizer"]
+    return model, checkpoint.tokenizer
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _first_line(error: BaseException) -> str:

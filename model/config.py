@@ -217,11 +217,6 @@ def config_from_dict(tables: dict[str, dict[str, Any]], source: str = "config") 
     return Config(**parts).validate()
 
 
-def given_keys(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> set[str]:
-    """The ``section.key`` names a config file and overrides set explicitly (not left at a default)."""
-    return {f"{section}.{key}" for section, table in config_tables(path, overrides).items() for key in table}
-
-
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """``"key: old -> new"`` for every key whose value differs (a missing key reads as None)."""
     return [

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 
 import pytest
 import torch
 
-from model.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint, save_checkpoint
+from model.checkpoint import (
+    FORMAT, Checkpoint, load_checkpoint, model_from_checkpoint, read_checkpoint, save_checkpoint,
+)
+from model.config import ModelConfig
 from model.errors import UserError
 from model.gpt import GPT
 from tests.conftest import one_line_error, tiny_config
@@ -28,6 +32,19 @@ def test_round_trip_gives_identical_logits(tmp_path, tiny_model):
     idx = torch.randint(37, (2, 16))
     assert torch.equal(loaded(idx)[0], tiny_model(idx)[0])
     assert payload["step"] == 7 and payload["best_val_loss"] == 1.5 and payload["tokenizer"] == TOKENIZER
+
+
+def test_read_checkpoint_gives_a_typed_frozen_value(tmp_path, tiny_model):
+    save(tmp_path / "c.pt", tiny_model, step=7, best_val_loss=1.5, extra={"note": 1})
+    checkpoint = read_checkpoint(tmp_path / "c.pt")
+    assert isinstance(checkpoint, Checkpoint) and checkpoint.path == tmp_path / "c.pt"
+    assert checkpoint.config.model == tiny_config() and isinstance(checkpoint.config.model, ModelConfig)
+    assert (checkpoint.step, checkpoint.best_val_loss, checkpoint.tokenizer) == (7, 1.5, TOKENIZER)
+    assert checkpoint.optimizer is None and checkpoint.extra == {"note": 1}
+    idx = torch.randint(37, (2, 16))
+    assert torch.equal(checkpoint.build_model().eval()(idx)[0], tiny_model(idx)[0])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        checkpoint.step = 8
 
 
 def test_compiled_model_checkpoint_loads_into_a_plain_one(tmp_path, tiny_model):
@@ -107,10 +124,23 @@ def spoil(payload: dict, damage: str) -> None:
         payload["config"]["model"]["n_layers"] = payload["config"]["model"].pop("n_layer")
     elif damage == "config not matching weights":
         payload["config"]["model"]["n_layer"] = 3
+    elif damage == "n_layer a string":
+        payload["config"]["model"]["n_layer"] = "2"
     elif damage == "wider config":
         payload["config"]["model"]["n_embd"] = 32
     elif damage in ("nan", "inf"):
         payload["model"]["blocks.1.mlp.fc.weight"][0, 0] = float(damage)
+    elif damage in WRONG_TYPES:
+        part, value = WRONG_TYPES[damage]
+        payload[part] = value
+
+
+WRONG_TYPES = {  # damage -> (part, a value of the wrong type)
+    "step a string": ("step", "7"), "step a bool": ("step", True), "step negative": ("step", -1),
+    "best_val_loss a string": ("best_val_loss", "low"), "optimizer a list": ("optimizer", []),
+    "extra None": ("extra", None), "tokenizer a string": ("tokenizer", "char"),
+    "config a list": ("config", [1]),
+}
 
 
 DAMAGES = {  # damage -> what the one line must say
@@ -123,6 +153,15 @@ DAMAGES = {  # damage -> what the one line must say
     "wider config": "its config does not match its weights (wte.weight is (37, 16), the config needs (37, 32);",
     "nan": "has NaN or infinite weights (in blocks.1.mlp.fc.weight and maybe more)",
     "inf": "has NaN or infinite weights (in blocks.1.mlp.fc.weight and maybe more)",
+    "step a string": "step must be a whole number >= 0, got '7'",
+    "step a bool": "step must be a whole number >= 0, got True",
+    "step negative": "step must be a whole number >= 0, got -1",
+    "best_val_loss a string": "best_val_loss must be a number, got 'low'",
+    "optimizer a list": "its optimizer state or extra is not a dict",
+    "extra None": "its optimizer state or extra is not a dict",
+    "tokenizer a string": "has no tokenizer state (its tokenizer is 'char')",
+    "config a list": "its config is not a {'model': {...}, 'train': {...}} table",
+    "n_layer a string": "config: model.n_layer must be an integer, got '2'",
 }
 
 
@@ -133,9 +172,11 @@ def test_a_damaged_checkpoint_is_refused_on_load_naming_the_problem(damage, tmp_
     payload = torch.load(path, weights_only=True)
     spoil(payload, damage)
     torch.save(payload, path)
-    with pytest.raises(UserError) as info:
-        load_checkpoint(path)
-    assert str(info.value).startswith(str(path)) and DAMAGES[damage] in str(info.value)
+    for read in (load_checkpoint, read_checkpoint):
+        with pytest.raises(UserError) as info:
+            read(path)
+        assert str(info.value).startswith(str(path)) and DAMAGES[damage] in str(info.value)
+        assert "\n" not in str(info.value)
 
 
 def damaged_run_checkpoint(source, out, damage: str):
@@ -151,7 +192,7 @@ def damaged_run_checkpoint(source, out, damage: str):
 
 
 @pytest.mark.parametrize("damage", ["no tokenizer", "tokenizer None", "unknown config key", "config not matching weights",
-                                    "nan"])
+                                    "nan", "step a string", "best_val_loss a string", "n_layer a string"])
 def test_sample_and_resume_refuse_a_damaged_checkpoint_in_one_line(damage, tiny_checkpoint, tmp_path, capsys):
     import sample
     import train
@@ -162,6 +203,19 @@ def test_sample_and_resume_refuse_a_damaged_checkpoint_in_one_line(damage, tiny_
     assert expected in one_line_error(capsys.readouterr().err)
     assert train.main(["--no-progress", "--resume", f"out_dir={tmp_path / 'run'}", "max_iters=70"]) == 2
     assert expected in one_line_error(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("key, value", [("train_seconds", "1.5"), ("evaluated", 1), ("scaler", None)])
+def test_resume_refuses_a_wrong_typed_training_state_in_one_line(key, value, tiny_checkpoint, tmp_path, capsys):
+    import train
+
+    payload = torch.load(tiny_checkpoint, weights_only=True)
+    payload["extra"][key] = value
+    (tmp_path / "run").mkdir()
+    torch.save(payload, tmp_path / "run" / "last.pt")
+    assert train.main(["--no-progress", "--resume", f"out_dir={tmp_path / 'run'}", "max_iters=70"]) == 2
+    assert one_line_error(capsys.readouterr().err).endswith(
+        f"cannot resume: {tmp_path / 'run' / 'last.pt'} has a wrong {key} ({type(value).__name__})")
 
 
 def test_a_save_that_cannot_be_written_is_one_line_and_keeps_the_file(tmp_path, tiny_model, monkeypatch):

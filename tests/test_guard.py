@@ -12,6 +12,7 @@ import torch
 
 import train
 from model.checkpoint import load_checkpoint
+from model.config import load_config
 from model.data import open_split, read_meta
 from model.device import Precision
 from model.distributed import Distributed
@@ -47,14 +48,14 @@ def test_divergence_before_any_checkpoint_says_none_was_written(tiny_dataset, tm
 
 def test_under_fp16_the_message_points_at_overflow(tmp_path):
     fp16 = Precision(torch.device("cpu"), torch.float16)
-    message = train.divergence_message(7, math.nan, math.inf, 3e-4, fp16, Path(tmp_path))
+    message = train.divergence_message(7, math.nan, math.inf, 3e-4, fp16, Path(tmp_path) / "last.pt")
     assert message.startswith("training diverged at step 7: loss nan, gradient norm inf; likely cause: fp16 overflow")
 
 
 def test_validation_bits_per_byte_are_nats_per_byte_over_ln2(tiny_dataset):
     """With every token one byte (a char model of ASCII) bpb = nats per token / ln 2; with
     every token two bytes, half that."""
-    cfg = train.load_config(None, [f"data_dir={tiny_dataset}", "block_size=16", "n_layer=1", "n_head=2",
+    cfg = load_config(None, [f"data_dir={tiny_dataset}", "block_size=16", "n_layer=1", "n_head=2",
                                    "n_embd=16", "batch_size=4", "eval_iters=3", "vocab_size=40"])
     splits = {"val": open_split(tiny_dataset, "val", read_meta(tiny_dataset))}
     model, cpu = GPT(cfg.model), torch.device("cpu")
@@ -67,7 +68,7 @@ def test_validation_bits_per_byte_are_nats_per_byte_over_ln2(tiny_dataset):
 
 
 def test_training_reports_validation_bits_per_byte(tiny_dataset, tmp_path):
-    result = train.train(train.load_config(None, run_args(tiny_dataset, tmp_path, "max_iters=2",
+    result = train.train(load_config(None, run_args(tiny_dataset, tmp_path, "max_iters=2",
                                                            "eval_interval=2")[1:]), progress=False)
     last = records(tmp_path)[-1]
     assert last["val_bpb"] == result.val_bpb

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -171,3 +172,115 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_checkpoints_still_load(ti
         assert not list(disk.glob(".*.tmp"))
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_resume_on_data_of_another_tokenizer_of_the_same_size_is_refused(tiny_corpus, tiny_dataset, tmp_path,
+                                                                           capsys):
+    """'z' -> 'Z': as many characters, other ids. The checkpoint must keep its tokenizer."""
+    sys.path.insert(0, str(ROOT / "data"))
+    from prepare import prepare
+
+    other_text = tmp_path / "other.txt"
+    other_text.write_text(tiny_corpus.read_text().replace("z", "Z"))
+    other = tmp_path / "other"
+    prepare([str(other_text)], other, "char", progress=False)
+    meta, other_meta = (json.loads((d / "meta.json").read_text()) for d in (tiny_dataset, other))
+    assert meta["vocab_size"] == other_meta["vocab_size"] and meta["tokenizer"] != other_meta["tokenizer"]
+    out = tmp_path / "run"
+    assert train.main(run_args(tiny_dataset, out, "max_iters=2", "eval_interval=2")) == 0
+    capsys.readouterr()
+    assert train.main(["--no-progress", "--resume", f"out_dir={out}", f"data_dir={other}", "max_iters=4"]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert f"cannot resume: {other} was prepared with another tokenizer than the checkpoint's" in line
+    saved = load_checkpoint(out / "last.pt")
+    assert saved["step"] == 2 and saved["tokenizer"] == meta["tokenizer"]
+
+
+def test_resuming_a_spent_time_budget_with_more_iters_says_why_it_cannot(tiny_dataset, tmp_path, capsys):
+    budget = ["max_iters=1000000", "eval_interval=1000000", "max_seconds=0.2"]
+    assert train.main(run_args(tiny_dataset, tmp_path, *budget)) == 0
+    capsys.readouterr()
+    resume = ["--no-progress", "--resume", f"out_dir={tmp_path}"]
+    assert train.main([*resume, "max_iters=2000000"]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert "cannot resume: the run's time budget is spent (" in line and "of train.max_seconds = 0.2, at step" in line
+    assert line.endswith("so a larger max_iters trains nothing; raise train.max_seconds to go on")
+    assert train.main([*resume, "max_seconds=0.4"]) == 0  # the way out it names
+    assert records(tmp_path)[-1]["train_seconds"] >= 0.4
+
+
+def test_resuming_a_finished_run_says_it_is_finished(tiny_dataset, tmp_path, capsys):
+    assert train.main(run_args(tiny_dataset, tmp_path, "max_iters=2", "eval_interval=2")) == 0
+    capsys.readouterr()
+    assert train.main(["--no-progress", "--resume", f"out_dir={tmp_path}"]) == 2
+    assert one_line_error(capsys.readouterr().err).endswith(
+        "the run already ended at step 2 (train.max_iters = 2); raise train.max_iters to go on")
+
+
+def stale_best_run(tiny_dataset, out) -> None:
+    """A run whose best.pt is behind last.pt, as a kill -9 between saving an improved
+    last.pt (step 4) and copying it to best.pt leaves it: best.pt is the step-2 one."""
+    args = run_args(tiny_dataset, out, "eval_interval=2")
+    assert train.main([*args, "max_iters=2"]) == 0
+    stale = out / "stale.pt"
+    stale.write_bytes((out / "best.pt").read_bytes())
+    assert train.main(["--resume", *args, "max_iters=4"]) == 0
+    val = [r["val_loss"] for r in records(out)]
+    assert val[2] < val[1] and load_checkpoint(out / "best.pt")["step"] == 4  # step 4 improved: best.pt was due
+    os.replace(stale, out / "best.pt")
+
+
+def resume_for_one_step(out, monkeypatch) -> None:
+    """Resume, and stop by Ctrl-C after the first step: last.pt is saved, best.pt is not touched."""
+    real_step = train.train_step
+
+    def ctrl_c_during_the_step(*step_args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_step(*step_args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", ctrl_c_during_the_step)
+    assert train.main(["--no-progress", "--resume", f"out_dir={out}", "max_iters=8"]) == 0
+
+
+def test_resume_repairs_a_best_checkpoint_left_behind_by_a_kill(tiny_dataset, tmp_path, monkeypatch, capsys):
+    stale_best_run(tiny_dataset, tmp_path)
+    capsys.readouterr()
+    resume_for_one_step(tmp_path, monkeypatch)
+    assert f"{tmp_path / 'best.pt'} was behind last.pt (a save was cut short): made it a copy of last.pt, " \
+           "step 4, val loss" in capsys.readouterr().out
+    best, last = load_checkpoint(tmp_path / "best.pt"), load_checkpoint(tmp_path / "last.pt")
+    assert best["step"] == 4 and last["step"] == 5
+    assert best["best_val_loss"] == last["best_val_loss"] == records(tmp_path)[2]["val_loss"]
+
+
+def test_resume_says_when_the_best_weights_are_lost(tiny_dataset, tmp_path, monkeypatch, capsys):
+    """best.pt behind, and last.pt is not the evaluation that found the best loss (here: its
+    metrics line says otherwise), so nothing can be repaired: the log must say it."""
+    stale_best_run(tiny_dataset, tmp_path)
+    lines = records(tmp_path)
+    lines[2]["val_loss"] += 1.0
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    capsys.readouterr()
+    resume_for_one_step(tmp_path, monkeypatch)
+    assert f"warning: {tmp_path / 'best.pt'} is behind last.pt and the weights of the best val loss " \
+           in capsys.readouterr().out
+    assert load_checkpoint(tmp_path / "best.pt")["step"] == 2
+
+
+def test_a_run_stopped_after_its_last_step_resumes_for_its_final_evaluation(tiny_dataset, tmp_path, monkeypatch):
+    """Ctrl-C in the last step saves last.pt before the final evaluation: that resume has work left."""
+    real_step, calls = train.train_step, []
+
+    def ctrl_c_in_the_third_step(*step_args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(*step_args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", ctrl_c_in_the_third_step)
+    args = run_args(tiny_dataset, tmp_path, "max_iters=3", "eval_interval=10")
+    assert train.main(args) == 0
+    assert load_checkpoint(tmp_path / "last.pt")["extra"]["evaluated"] is False
+    assert train.main(["--resume", *args]) == 0
+    assert [r["step"] for r in records(tmp_path)] == [0, 3]
+    assert load_checkpoint(tmp_path / "best.pt")["step"] == 3

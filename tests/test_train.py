@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import train
-from model.checkpoint import load_checkpoint
+from model.checkpoint import load_checkpoint, read_checkpoint
 from model.config import ModelConfig, TrainConfig, config_differences, load_config
 from model.errors import UserError
 from model.gpt import GPT
@@ -31,6 +31,30 @@ def test_learning_rate_schedule_by_hand():
     assert train.learning_rate_at(60, cfg) == pytest.approx(0.55)
     assert train.learning_rate_at(110, cfg) == pytest.approx(0.1)
     assert train.learning_rate_at(500, cfg) == pytest.approx(0.1)  # stays at the floor
+
+
+def test_the_schedule_is_a_factor_of_the_peak_from_warmup_to_the_min_lr_floor():
+    cfg = TrainConfig(learning_rate=2.0, min_lr=0.5, warmup_iters=10, max_iters=110)
+    assert train.lr_factor_at(4, cfg) == 0.5  # (4 + 1) / 10, exactly: no division by the peak
+    assert train.lr_factor_at(10, cfg) == 1.0
+    assert train.lr_factor_at(60, cfg) == pytest.approx(0.25 + 0.5 * 0.75)  # floor 0.5 / 2 = 0.25
+    assert train.lr_factor_at(500, cfg) == pytest.approx(0.25)
+    assert train.learning_rate_at(60, cfg) == 2.0 * train.lr_factor_at(60, cfg)
+
+
+def test_the_config_file_is_read_once(tiny_dataset, tmp_path, monkeypatch):
+    import model.config
+
+    config = tmp_path / "run.toml"
+    config.write_text(f"[model]\nblock_size = 16\nn_layer = 1\nn_head = 2\nn_embd = 16\n[train]\n"
+                      f"data_dir = '{tiny_dataset}'\nout_dir = '{tmp_path / 'out'}'\ndevice = 'cpu'\n"
+                      "batch_size = 4\neval_interval = 2\neval_iters = 1\n")
+    reads = []
+    real_read = model.config._read_toml
+    monkeypatch.setattr(model.config, "_read_toml", lambda path: reads.append(path) or real_read(path))
+    assert train.main(["--no-progress", "--config", str(config), "max_iters=2"]) == 0
+    assert train.main(["--no-progress", "--config", str(config), "--resume", "max_iters=4"]) == 0
+    assert reads == [config, config]  # once per command
 
 
 def test_time_budgeted_schedule_follows_the_clock():
@@ -117,7 +141,7 @@ def test_a_fresh_run_starts_a_fresh_metrics_file(tiny_dataset, tmp_path):
 def test_resume_drops_later_and_torn_metrics_lines(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 0}\n{"step": 3}\n{"step": 6}\n{"step": 9, "tra')  # killed mid-write
-    train.start_metrics(path, resumed_step=3)
+    train.RunFolder(tmp_path).start_metrics(resumed_step=3)
     assert path.read_text() == '{"step": 0}\n{"step": 3}\n'
 
 
@@ -278,7 +302,7 @@ def test_max_seconds_ends_a_run_and_a_resumed_run_goes_on_to_its_own_budget(tiny
     assert 2 < first.step < 1000000 and end["step"] == first.step
     assert end["train_seconds"] >= 0.3 and end["lr"] == pytest.approx(1e-3)  # min_lr: the budget is spent
     resumed = train.train(tiny_run(tiny_dataset, tmp_path, *budget, "max_seconds=0.6"), progress=False,
-                          checkpoint=load_checkpoint(tmp_path / "last.pt"))
+                          checkpoint=read_checkpoint(tmp_path / "last.pt"))
     lines = records(tmp_path)
     assert resumed.step > first.step and lines[-1]["train_seconds"] >= 0.6
     assert [r["step"] for r in lines] == [0, first.step, resumed.step]
