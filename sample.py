@@ -359,12 +359,12 @@ def run_compare(args: argparse.Namespace, out=None) -> Comparison:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)  # a bad --out fails now, not after the whole grid
     given = list(args.prompt or []) + (read_prompt_lines(args.prompt_lines) if args.prompt_lines else [])
-    model, tokenizer, payload = load_for_generation(args.checkpoint, resolve_device(args.device))
+    model, tokenizer, checkpoint = load_for_generation(args.checkpoint, resolve_device(args.device))
     human = None
     if given:
         prompts = given
     else:
-        data_dir = args.data_dir or payload["config"]["train"].get("data_dir")
+        data_dir = args.data_dir or (checkpoint.config.train.data_dir if checkpoint else None)
         if data_dir is None:  # a GPT-2 folder
             raise UserError(f"{args.checkpoint} is a model folder without a dataset of its own: pass --data-dir with "
                             "a corpus prepared with --tokenizer gpt2:FOLDER (or give prompts with --prompt)")
@@ -372,7 +372,7 @@ def run_compare(args: argparse.Namespace, out=None) -> Comparison:
             whose = "--data-dir" if args.data_dir else "the checkpoint's dataset"
             raise UserError(f"{whose} {data_dir} is not a folder; pass --data-dir with the dataset the model was "
                             "trained on, or give prompts with --prompt (then there is no human row)")
-        prompts, human, _ = val_prompts(data_dir, payload["tokenizer"], tokenizer, args.num_prompts,
+        prompts, human, _ = val_prompts(data_dir, tokenizer.state(), tokenizer, args.num_prompts,
                                         args.prompt_tokens, args.max_new_tokens, args.seed)
     started = time.perf_counter()
     comparison = run_comparison(

@@ -266,24 +266,21 @@ def model_from_checkpoint(payload: dict[str, Any], device: str | torch.device = 
     return Checkpoint.from_payload(payload, "checkpoint").build_model(device)
 
 
-def load_for_generation(path: str | Path, device: torch.device) -> tuple[GPT, Tokenizer, dict[str, Any]]:
-    """The model in eval mode on ``device``, its tokenizer, and the whole payload.
+def load_for_generation(path: str | Path, device: torch.device) -> tuple[GPT, Tokenizer, Checkpoint | None]:
+    """The model in eval mode on ``device``, its tokenizer, and the checkpoint it came from.
 
-    ``path`` is a checkpoint file or a Hugging Face GPT-2 folder (model/pretrained.py);
-    a folder's payload has its model config and tokenizer state, no training config
-    (``config["train"]`` is empty: no dataset of its own) and no optimizer."""
+    ``path`` is a checkpoint file or a Hugging Face GPT-2 folder (model/pretrained.py); a
+    folder was not trained here, so it has no Checkpoint (no training config, no dataset
+    of its own): None."""
     if is_gpt2_folder(path):
         model, tokenizer = load_gpt2(path, device=device)
-        payload = {"config": {"model": dataclasses.asdict(model.config), "train": {}},
-                   "tokenizer": tokenizer.state(), "optimizer": None, "source": "gpt2-folder"}
-        return model, tokenizer, payload
-    payload = _read_payload(path, device)
-    checkpoint = Checkpoint.from_payload(payload, path)
+        return model, tokenizer, None
+    checkpoint = read_checkpoint(path, device)
     tokenizer = tokenizer_from_state(checkpoint.tokenizer)
     vocab = checkpoint.config.model.vocab_size
     if tokenizer.vocab_size > vocab:
         raise UserError(f"{path}: its tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab}")
-    return checkpoint.build_model(device).eval(), tokenizer, payload
+    return checkpoint.build_model(device).eval(), tokenizer, checkpoint
 
 
 # Model settings that may differ from train.init_from's: they do not change the weights.
