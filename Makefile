@@ -42,11 +42,7 @@ SHAKESPEARE_SHA256 := 86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2d
 SHAKESPEARE ?= data/tinyshakespeare.txt
 
 data/tinyshakespeare.txt:
-	@$(PYTHON) -c "import hashlib, sys, urllib.request; \
-	data = urllib.request.urlopen('$(SHAKESPEARE_URL)', timeout=60).read(); \
-	digest = hashlib.sha256(data).hexdigest(); \
-	sys.exit('checksum mismatch: got ' + digest) if digest != '$(SHAKESPEARE_SHA256)' else open('$@', 'wb').write(data)" \
-	|| { echo "error: could not download $(SHAKESPEARE_URL); pass a local copy: make shakespeare SHAKESPEARE=path/to/tinyshakespeare.txt" >&2; exit 2; }
+	$(PYTHON) data/download.py $(SHAKESPEARE_URL) $(SHAKESPEARE_SHA256) $@
 
 shakespeare: setup $(SHAKESPEARE)
 	$(PY) data/prepare.py $(SHAKESPEARE) --tokenizer char --out data/shakespeare_char
