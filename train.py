@@ -589,8 +589,13 @@ def setup(cfg: Config, ddp: Distributed, device: torch.device, progress: bool,
 
 
 def mfu(run: Run, tokens_per_s: float) -> float | None:
-    """Model FLOPs utilisation: model FLOP/s over the peak of every device in the run."""
-    return run.flops_per_token * tokens_per_s / (run.peak_flops * run.ddp.world_size) if run.peak_flops else None
+    """Model FLOPs utilisation: model FLOP/s over the peak of every device in the run; None
+    when the peak is unknown, or estimated below what the run reaches (over 100% would
+    say the estimate is wrong, not that the run is fast)."""
+    if not run.peak_flops:
+        return None
+    utilisation = run.flops_per_token * tokens_per_s / (run.peak_flops * run.ddp.world_size)
+    return utilisation if utilisation <= 1 else None
 
 
 def save_last(run: Run, state: RunState) -> None:

@@ -36,9 +36,12 @@ GPU_PEAK_FLOPS = {
     "T4": 65e12,  # fp16, likewise
 }
 
-# A CPU core with two 256-bit fused multiply-add units (AVX2; also AMD Zen 4's AVX-512)
-# finishes 2 units x 8 float32 lanes x 2 FLOPs = 32 FLOPs per cycle.
-CPU_FLOPS_PER_CYCLE = 32
+# float32 FLOPs per cycle of one CPU core, by the widest vector instructions it has: two
+# fused multiply-add units x float32 lanes x 2 FLOPs. AVX-512 cores (Intel server parts)
+# do 2 x 16 x 2 = 64; AVX2 cores 2 x 8 x 2 = 32; older SSE cores 2 x 4 x 2 = 16. Reading
+# it from the flags keeps the peak from being half the truth on AVX-512 machines, which
+# made MFU read over 100%. (Cores with one AVX-512 unit do 32: MFU there reads low, never high.)
+CPU_FLOPS_PER_CYCLE = (("avx512f", 64), ("avx2", 32), ("sse2", 16))
 
 
 def flops_per_token(cfg: ModelConfig, num_params: int) -> float:
@@ -47,23 +50,40 @@ def flops_per_token(cfg: ModelConfig, num_params: int) -> float:
     return 6 * multiplying + 12 * cfg.n_layer * cfg.block_size * cfg.n_embd
 
 
-def cpu_clock_hz() -> float | None:
+def cpu_clock_hz(cpuinfo: str | None = None) -> float | None:
     """The clock /proc/cpuinfo reports for the first core (Linux), or None where unknown."""
+    for line in (cpuinfo if cpuinfo is not None else _cpuinfo()).splitlines():
+        if line.startswith("cpu MHz"):
+            try:
+                return float(line.split(":")[1]) * 1e6
+            except ValueError:
+                return None
+    return None
+
+
+def cpu_flops_per_cycle(cpuinfo: str | None = None) -> tuple[int, str] | None:
+    """float32 FLOPs per cycle of one core and the instruction set it was read from
+    (`CPU_FLOPS_PER_CYCLE`), from /proc/cpuinfo's flags; None where unknown."""
+    for line in (cpuinfo if cpuinfo is not None else _cpuinfo()).splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return next(((flops, name) for name, flops in CPU_FLOPS_PER_CYCLE if name in flags), None)
+    return None
+
+
+def _cpuinfo() -> str:
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("cpu MHz"):
-                    return float(line.split(":")[1]) * 1e6
-    except (OSError, ValueError):
-        pass
-    return None
+            return f.read()
+    except OSError:
+        return ""
 
 
 def peak_flops(device: torch.device, override_tflops: float = 0.0) -> tuple[float | None, str]:
     """One device's peak FLOP/s for MFU, and how it was found (for the run's header line).
 
     ``override_tflops`` > 0 wins. A CUDA GPU is looked up in GPU_PEAK_FLOPS; the CPU is
-    threads x clock x CPU_FLOPS_PER_CYCLE (float32). None when unknown: MFU is then not shown.
+    threads x clock x `cpu_flops_per_cycle` (float32). None when unknown: MFU is then not shown.
     """
     if override_tflops > 0:
         return override_tflops * 1e12, f"{override_tflops:g} TFLOP/s (train.peak_tflops)"
@@ -74,13 +94,13 @@ def peak_flops(device: torch.device, override_tflops: float = 0.0) -> tuple[floa
                 return flops, f"{flops / 1e12:g} TFLOP/s ({name}, dense bf16/fp16 data sheet)"
         return None, f"unknown for {name}; set train.peak_tflops"
     if device.type == "cpu":
-        clock = cpu_clock_hz()
+        clock, per_cycle = cpu_clock_hz(), cpu_flops_per_cycle()
         threads = min(torch.get_num_threads(), os.cpu_count() or 1)
-        if clock is None:
-            return None, "unknown CPU clock; set train.peak_tflops"
-        flops = threads * clock * CPU_FLOPS_PER_CYCLE
+        if clock is None or per_cycle is None:
+            return None, "unknown CPU clock or vector width; set train.peak_tflops"
+        flops = threads * clock * per_cycle[0]
         return flops, (
             f"{flops / 1e9:.0f} GFLOP/s ({threads} threads x {clock / 1e9:.2f} GHz x "
-            f"{CPU_FLOPS_PER_CYCLE} fp32 FLOP/cycle)"
+            f"{per_cycle[0]} fp32 FLOP/cycle, {per_cycle[1]})"
         )
     return None, f"unknown for {device.type}; set train.peak_tflops"
