@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import numpy as np
@@ -17,6 +18,7 @@ from model.errors import UserError
 from tests.conftest import ROOT, run_cli
 
 sys.path.insert(0, str(ROOT / "data"))
+from prepare import main as prepare_main  # noqa: E402
 from prepare import prepare  # noqa: E402
 
 
@@ -107,6 +109,40 @@ def test_directory_is_read_recursively_in_order_skipping_hidden(tmp_path):
     names = [d.name for d in find_documents([str(tmp_path)])]
     assert names == [str(tmp_path / "1.txt"), str(tmp_path / "b" / "2.txt")]
     assert [d.name for d in find_documents([str(tmp_path / "**" / "*.txt")])] == names
+
+
+def _corpus_with_a_subfolder(tmp_path):
+    (tmp_path / "corpus" / "locked").mkdir(parents=True)
+    (tmp_path / "corpus" / "1.txt").write_text("one\n" * 50)
+    (tmp_path / "corpus" / "locked" / "2.txt").write_text("two\n" * 50)
+    return tmp_path / "corpus"
+
+
+def test_a_subfolder_that_cannot_be_read_is_an_error_naming_it(tmp_path, monkeypatch, capsys):
+    # The tests run as root, whom chmod does not lock out: listing the folder fails instead.
+    corpus = _corpus_with_a_subfolder(tmp_path)
+    locked, scandir = corpus / "locked", os.scandir
+
+    def refusing_scandir(path="."):
+        if os.fspath(path) == str(locked):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing_scandir)
+    assert prepare_main([str(corpus), "--out", str(tmp_path / "ds"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: cannot read folder {locked} (Permission denied); make it readable or leave it out\n"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads folders whatever their mode")
+def test_a_subfolder_without_read_permission_is_an_error(tmp_path):
+    corpus = _corpus_with_a_subfolder(tmp_path)
+    (corpus / "locked").chmod(0)
+    try:
+        with pytest.raises(UserError, match=r"cannot read folder .*locked \(Permission denied\)"):
+            find_documents([str(corpus)])
+    finally:
+        (corpus / "locked").chmod(0o755)
 
 
 def test_missing_inputs_are_errors(tmp_path):
