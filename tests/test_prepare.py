@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -191,6 +193,42 @@ def test_failed_prepare_keeps_the_previous_dataset(tmp_path, tiny_corpus):
         prepare([str(bad)], out, "char", progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.txt", "ds"]  # no staging left behind
+
+
+STAGING_RUN = """
+import sys, time
+from pathlib import Path
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/data"]
+from prepare import _new_staging
+staging = _new_staging(Path(sys.argv[2]))
+(staging / "train.bin").write_bytes(bytes(1000))
+print(staging, flush=True)
+time.sleep(300)
+"""
+
+
+def _run_staging(out) -> tuple[subprocess.Popen, Path]:
+    """A prepare stopped after it made its staging folder; the folder's path."""
+    run = subprocess.Popen([sys.executable, "-c", STAGING_RUN, str(ROOT), str(out)], stdout=subprocess.PIPE, text=True)
+    return run, Path(run.stdout.readline().strip())
+
+
+def test_a_later_prepare_removes_the_staging_of_a_killed_one_only(tmp_path, tiny_corpus):
+    out = tmp_path / "ds"
+    killed, killed_staging = _run_staging(out)
+    live, live_staging = _run_staging(out)
+    try:
+        killed.kill()  # SIGKILL: no cleanup runs
+        killed.wait()
+        assert killed_staging.is_dir()
+        prepare([str(tiny_corpus)], out, "char", progress=False)
+        assert not killed_staging.exists()
+        assert live_staging.is_dir()  # a run still at work keeps its folder
+    finally:
+        live.kill()
+        live.wait()
+        for run in (killed, live):
+            run.stdout.close()
 
 
 def test_prepare_refuses_to_overwrite_a_foreign_folder(tmp_path, tiny_corpus):
