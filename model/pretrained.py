@@ -20,7 +20,8 @@ and the tied ``lm_head.weight``, which carry no information here.
 
 Memory: the model is built on the meta device (no storage, no random init) and each
 tensor, as it is read, becomes its parameter, so the peak stays near one copy of the
-weights (bench/gpt2_speed.py measures it).
+weights (bench/gpt2_speed.py measures it). Before that, a shape too large for the
+device's memory is refused from config.json alone (model/memory.py).
 """
 
 from __future__ import annotations
