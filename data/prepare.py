@@ -6,13 +6,16 @@
 
 Writes ``<out>/train.bin``, ``<out>/val.bin`` and ``<out>/meta.json`` in the format of
 model/data.py (and, for BPE, ``tokenizer.tiktoken`` in tiktoken's rank-file format).
-Everything is written to a temporary folder first and moved into place at the end, so a
-failed run never leaves half a dataset and never destroys the one already there.
+Everything is written to a hidden staging folder beside ``<out>`` first and moved into
+place at the end, so a failed run never leaves half a dataset and never destroys the one
+already there; a later run removes the staging folders of runs that were killed.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import shutil
 import sys
 import tempfile
@@ -57,8 +60,7 @@ def prepare(
     tokenizer = fit_tokenizer(tokenizer_spec, lambda: texts(fit_split), vocab_size, progress=progress)
     fit_seconds = time.perf_counter() - started
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging = _new_staging(out_dir)
     try:
         dtype = token_dtype(tokenizer.vocab_size)
         writers = {split: TokenWriter(split_file(staging, split), dtype) for split in SPLITS}
@@ -91,6 +93,38 @@ def prepare(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return meta
+
+
+def _new_staging(out_dir: Path) -> Path:
+    """A new hidden folder beside ``out_dir``, named .NAME.PID.RANDOM after this process,
+    once the staging folders of dead runs are gone."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(out_dir)
+    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{os.getpid()}.", dir=out_dir.parent))
+
+
+def _remove_stale_staging(out_dir: Path) -> None:
+    """A killed run (kill -9, a closed laptop lid that never wakes the process) runs no
+    cleanup, and its staging folder can hold hundreds of megabytes: remove the staging
+    (and retired .old) folders whose process is gone. A live run's folder stays, so two
+    runs may prepare the same --out at once."""
+    pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.(\d{{1,9}})\.[^.]+(\.old)?")
+    for path in out_dir.parent.iterdir():
+        match = pattern.fullmatch(path.name)
+        if match and path.is_dir() and not _process_alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    if os.name != "posix":
+        return True  # Windows' os.kill ends the process instead of probing it: keep the folder
+    try:
+        os.kill(pid, 0)  # signal 0: only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's process
+        return True
+    return True
 
 
 def _with_progress(items, desc: str, enabled: bool, total_bytes: int, text_of=lambda text: text):

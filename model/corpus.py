@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import glob
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
@@ -63,7 +64,7 @@ def find_documents(inputs: list[str]) -> list[Document]:
         if path.is_file():
             paths.append(path)
         elif path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and not _is_hidden(p.relative_to(path)))
+            found = sorted(_folder_files(path))
             if not found:
                 raise UserError(f"directory {item} has no files")
             paths.extend(found)
@@ -76,6 +77,23 @@ def find_documents(inputs: list[str]) -> list[Document]:
             raise UserError(f"corpus not found: {item} (not a file, a directory or a glob pattern)")
     unique = list(dict.fromkeys(p.resolve() for p in paths))
     return [Document(str(p), p.stat().st_size, lambda p=p: p.open("rb")) for p in unique]
+
+
+def _folder_files(folder: Path) -> Iterator[Path]:
+    """Every file under ``folder`` outside hidden folders and not hidden itself. os.walk,
+    not Path.rglob, because rglob skips a subfolder it cannot read without a word; like
+    rglob, it does not descend into symlinked folders."""
+    for root, folders, files in os.walk(folder, onerror=_unreadable):
+        folders[:] = [name for name in folders if not name.startswith(".")]  # prune: hidden folders are skipped
+        for name in files:
+            path = Path(root, name)
+            if not name.startswith(".") and path.is_file():
+                yield path
+
+
+def _unreadable(error: OSError) -> None:
+    raise UserError(f"cannot read folder {error.filename} ({error.strerror or error}); "
+                    "make it readable or leave it out")
 
 
 def _glob_files(pattern: str) -> list[Path]:

@@ -20,7 +20,8 @@ and the tied ``lm_head.weight``, which carry no information here.
 
 Memory: the model is built on the meta device (no storage, no random init) and each
 tensor, as it is read, becomes its parameter, so the peak stays near one copy of the
-weights (bench/gpt2_speed.py measures it).
+weights (bench/gpt2_speed.py measures it). Before that, a shape too large for the
+device's memory is refused from config.json alone (model/memory.py).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import pickle
 import re
 import warnings
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -37,6 +39,7 @@ from safetensors import SafetensorError, safe_open
 from model.config import ModelConfig
 from model.errors import UserError
 from model.gpt import GPT
+from model.memory import check_model_memory
 from model.tokenizer import GPT2_MERGES_FILE, GPT2_VOCAB_FILE, GPT2Tokenizer, read_json_object
 
 CONFIG_FILE = "config.json"
@@ -83,7 +86,8 @@ def gpt2_config(folder: str | Path, block_size: int | None = None) -> ModelConfi
     """The ModelConfig that config.json describes; ``block_size`` below n_positions crops
     the position table (a shorter context, e.g. for fine-tuning on a CPU)."""
     path = Path(folder) / CONFIG_FILE
-    hf = read_json_object(path)
+    with _json_limits(path):
+        hf = read_json_object(path)
     model_type = hf.get("model_type")
     if model_type != "gpt2":
         raise UserError(f"{path}: model_type {model_type!r} is not GPT-2; only GPT-2 models (gpt2, gpt2-medium, "
@@ -114,6 +118,20 @@ def gpt2_config(folder: str | Path, block_size: int | None = None) -> ModelConfi
     return cfg
 
 
+@contextmanager
+def _json_limits(path: Path) -> Iterator[None]:
+    """json.loads raises RecursionError on deeply nested values and a plain ValueError on
+    an integer over Python's 4,300-digit limit: make each a UserError naming the file."""
+    try:
+        yield
+    except RecursionError:
+        raise UserError(f"{path} nests its JSON too deeply to read") from None
+    except ValueError as e:
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"{path} is not usable JSON ({_first_line(e)})") from None
+
+
 def _positive_int(hf: dict, key: str, path: Path) -> int:
     value = hf.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -134,7 +152,8 @@ def load_gpt2(
     folder = Path(folder)
     check_folder(folder)
     cfg = gpt2_config(folder, block_size)
-    tokenizer = GPT2Tokenizer.from_folder(folder)
+    with _json_limits(folder / GPT2_VOCAB_FILE):
+        tokenizer = GPT2Tokenizer.from_folder(folder)
     if tokenizer.vocab_size != cfg.vocab_size:
         raise UserError(f"{folder}: {GPT2_VOCAB_FILE} and {GPT2_MERGES_FILE} make {tokenizer.vocab_size:,} tokens "
                         f"but {CONFIG_FILE} says vocab_size {cfg.vocab_size:,}")
@@ -148,18 +167,22 @@ def load_gpt2_weights(
 
     Each tensor is read in pieces of at most CHUNK_BYTES straight into its parameter
     (transposed, cropped, cast on the way), so memory holds the weights once plus one
-    piece."""
+    piece. The memory the model needs and the file's number of layers are checked first:
+    even on the meta device, building 10^5 layers takes minutes."""
+    source = _weight_file(folder)
+    check_model_memory(cfg, device, dtype, str(folder / CONFIG_FILE))
+    names, tensors = _tensors(source)
+    _check_layers(names, cfg, source)
     with torch.device("meta"):
         model = GPT(cfg)
     shapes = {name: p.shape for name, p in model.named_parameters()}  # the tied head is wte.weight
     state: dict[str, torch.Tensor] = {}
-    source = _weight_file(folder)
-    for hf_name, entry in _tensors(source):
+    for hf_name, entry in tensors:
         name, transpose = _our_name(hf_name)
         if name is None:
             continue
         if name not in shapes:
-            raise UserError(f"{source.name}: {hf_name} does not fit {CONFIG_FILE} (n_layer {cfg.n_layer}); "
+            raise UserError(f"{source.name}: {hf_name} is not a weight of a GPT-2 model; "
                             "the weights belong to another model")
         state[name] = _read_parameter(entry, transpose, shapes[name], hf_name, source.name, cfg, device, dtype)
     missing = sorted(set(shapes) - set(state))
@@ -169,6 +192,21 @@ def load_gpt2_weights(
     model.load_state_dict(state, assign=True)
     model.lm_head.weight = model.wte.weight  # one tensor, as GPT ties them
     return model.eval()
+
+
+_LAYER = re.compile(r"(?:transformer\.)?h\.(\d+)\..*")
+
+
+def _check_layers(names: list[str], cfg: ModelConfig, source: Path) -> None:
+    """The weight file must hold config.json's n_layer layers, h.0 to h.{n_layer - 1}."""
+    layers, wanted = {int(m.group(1)) for m in map(_LAYER.fullmatch, names) if m}, set(range(cfg.n_layer))
+    missing, extra = sorted(wanted - layers), sorted(layers - wanted)
+    if missing:
+        raise UserError(f"{source.name} has no weights for layer h.{missing[0]} ({len(missing):,} of the "
+                        f"{cfg.n_layer:,} layers of {CONFIG_FILE} missing); the weights belong to another model")
+    if extra:
+        raise UserError(f"{source.name} holds layer h.{extra[0]}, beyond the n_layer {cfg.n_layer:,} of "
+                        f"{CONFIG_FILE}; the weights belong to another model")
 
 
 def _our_name(hf_name: str) -> tuple[str | None, bool]:
@@ -216,7 +254,10 @@ def _read_parameter(
     step = max(1, CHUNK_BYTES // row_bytes)
     for start in range(0, rows, step):
         stop = min(rows, start + step)
-        target[start:stop].copy_(entry.read_rows(start, stop))
+        rows_read = entry.read_rows(start, stop)
+        if not torch.isfinite(rows_read).all():  # caught here, not as NaN logits in sample or score
+            raise UserError(f"{file_name}: {hf_name} holds NaN or infinite weights (in rows {start} to {stop - 1})")
+        target[start:stop].copy_(rows_read)
     return parameter
 
 
@@ -226,19 +267,28 @@ def _weight_file(folder: Path) -> Path:
     return path if path.is_file() else folder / TORCH_FILE
 
 
-def _tensors(path: Path) -> Iterator[tuple[str, _Entry]]:
-    """(name, entry) for every tensor of the weight file."""
+def _tensors(path: Path) -> tuple[list[str], Iterator[tuple[str, _Entry]]]:
+    """The names of the weight file's tensors, and (name, entry) for each of them."""
     if path.name == SAFETENSORS_FILE:
         try:
             with safe_open(str(path), framework="pt") as f:
-                entries = [(name, f.get_slice(name)) for name in f.keys()]
-                described = [(name, tuple(s.get_shape()), s.get_dtype()) for name, s in entries]
+                described = [(name, tuple(s.get_shape()), s.get_dtype())
+                             for name, s in ((name, f.get_slice(name)) for name in f.keys())]
         except SafetensorError as e:
             raise UserError(f"{path} is truncated or not a safetensors file ({_first_line(e)})") from None
-        for name, shape, dtype in described:
-            reader = (lambda start, stop, name=name: _read_safetensor_rows(path, name, start, stop))
-            yield name, _Entry(shape, dtype in _FLOAT_DTYPES, reader)
-        return
+        return [name for name, _, _ in described], _safetensor_entries(path, described)
+    state = _load_state(path)
+    return list(state), _popped_entries(state)
+
+
+def _safetensor_entries(path: Path, described: list[tuple[str, tuple[int, ...], str]]) -> Iterator[tuple[str, _Entry]]:
+    for name, shape, dtype in described:
+        reader = (lambda start, stop, name=name: _read_safetensor_rows(path, name, start, stop))
+        yield name, _Entry(shape, dtype in _FLOAT_DTYPES, reader)
+
+
+def _load_state(path: Path) -> dict[str, torch.Tensor]:
+    """pytorch_model.bin's dict of tensors, read with torch.load(weights_only=True)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -250,6 +300,10 @@ def _tensors(path: Path) -> Iterator[tuple[str, _Entry]]:
         raise UserError(f"{path} is truncated or corrupt ({type(e).__name__}: {_first_line(e)})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} is not a plain dict of tensors (it holds a {type(state).__name__} of other things)")
+    return state
+
+
+def _popped_entries(state: dict[str, torch.Tensor]) -> Iterator[tuple[str, _Entry]]:
     for name in list(state):
         tensor = state.pop(name)  # dropped once copied: the loaded file shrinks as the model grows
         yield name, _Entry(tuple(tensor.shape), tensor.is_floating_point(),

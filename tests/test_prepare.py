@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +20,7 @@ from model.errors import UserError
 from tests.conftest import ROOT, run_cli
 
 sys.path.insert(0, str(ROOT / "data"))
+from prepare import main as prepare_main  # noqa: E402
 from prepare import prepare  # noqa: E402
 
 
@@ -109,6 +113,40 @@ def test_directory_is_read_recursively_in_order_skipping_hidden(tmp_path):
     assert [d.name for d in find_documents([str(tmp_path / "**" / "*.txt")])] == names
 
 
+def _corpus_with_a_subfolder(tmp_path):
+    (tmp_path / "corpus" / "locked").mkdir(parents=True)
+    (tmp_path / "corpus" / "1.txt").write_text("one\n" * 50)
+    (tmp_path / "corpus" / "locked" / "2.txt").write_text("two\n" * 50)
+    return tmp_path / "corpus"
+
+
+def test_a_subfolder_that_cannot_be_read_is_an_error_naming_it(tmp_path, monkeypatch, capsys):
+    # The tests run as root, whom chmod does not lock out: listing the folder fails instead.
+    corpus = _corpus_with_a_subfolder(tmp_path)
+    locked, scandir = corpus / "locked", os.scandir
+
+    def refusing_scandir(path="."):
+        if os.fspath(path) == str(locked):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing_scandir)
+    assert prepare_main([str(corpus), "--out", str(tmp_path / "ds"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: cannot read folder {locked} (Permission denied); make it readable or leave it out\n"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads folders whatever their mode")
+def test_a_subfolder_without_read_permission_is_an_error(tmp_path):
+    corpus = _corpus_with_a_subfolder(tmp_path)
+    (corpus / "locked").chmod(0)
+    try:
+        with pytest.raises(UserError, match=r"cannot read folder .*locked \(Permission denied\)"):
+            find_documents([str(corpus)])
+    finally:
+        (corpus / "locked").chmod(0o755)
+
+
 def test_missing_inputs_are_errors(tmp_path):
     with pytest.raises(UserError, match="corpus not found"):
         find_documents([str(tmp_path / "nope.txt")])
@@ -155,6 +193,42 @@ def test_failed_prepare_keeps_the_previous_dataset(tmp_path, tiny_corpus):
         prepare([str(bad)], out, "char", progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.txt", "ds"]  # no staging left behind
+
+
+STAGING_RUN = """
+import sys, time
+from pathlib import Path
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/data"]
+from prepare import _new_staging
+staging = _new_staging(Path(sys.argv[2]))
+(staging / "train.bin").write_bytes(bytes(1000))
+print(staging, flush=True)
+time.sleep(300)
+"""
+
+
+def _run_staging(out) -> tuple[subprocess.Popen, Path]:
+    """A prepare stopped after it made its staging folder; the folder's path."""
+    run = subprocess.Popen([sys.executable, "-c", STAGING_RUN, str(ROOT), str(out)], stdout=subprocess.PIPE, text=True)
+    return run, Path(run.stdout.readline().strip())
+
+
+def test_a_later_prepare_removes_the_staging_of_a_killed_one_only(tmp_path, tiny_corpus):
+    out = tmp_path / "ds"
+    killed, killed_staging = _run_staging(out)
+    live, live_staging = _run_staging(out)
+    try:
+        killed.kill()  # SIGKILL: no cleanup runs
+        killed.wait()
+        assert killed_staging.is_dir()
+        prepare([str(tiny_corpus)], out, "char", progress=False)
+        assert not killed_staging.exists()
+        assert live_staging.is_dir()  # a run still at work keeps its folder
+    finally:
+        live.kill()
+        live.wait()
+        for run in (killed, live):
+            run.stdout.close()
 
 
 def test_prepare_refuses_to_overwrite_a_foreign_folder(tmp_path, tiny_corpus):

@@ -124,6 +124,22 @@ def _merges_out_of_order(folder: Path) -> None:
     (folder / "merges.txt").write_text("\n".join(lines) + "\n")
 
 
+def _write(name: str, text: str):
+    return lambda folder: (folder / name).write_text(text)
+
+
+def _weight(value: float, fmt: str = "safetensors"):
+    def spoil(folder: Path) -> None:
+        weights = hf_weights(hf_config())
+        weights["transformer.h.1.mlp.c_fc.weight"][3, 5] = value
+        (folder / "model.safetensors").unlink()
+        write_folder(folder, weights=weights, fmt=fmt)
+    return spoil
+
+
+DEEP_JSON = "[" * 100_000 + "]" * 100_000
+HUGE_INTEGER_JSON = '{"n_layer": ' + "9" * 5000 + "}"
+
 BAD_FOLDERS = {
     "no config": (_remove("config.json"), r"lacks config.json$"),
     "no weights": (_remove("model.safetensors"), r"lacks model.safetensors \(or pytorch_model.bin\)$"),
@@ -133,8 +149,25 @@ BAD_FOLDERS = {
     "other activation": (_config(activation_function="relu"), r"activation_function 'relu' is not supported"),
     "wider config": (_config(n_embd=32), r"h.0.attn.c_attn.bias has shape \(48,\) but config.json "
                      r"\(n_embd 32, vocab_size 261\) implies \(96,\)"),
-    "fewer layers in config": (_config(n_layer=1), r"h.1.attn.c_attn.bias does not fit config.json \(n_layer 1\)"),
-    "more layers in config": (_config(n_layer=3), r"has no weight for blocks.2"),
+    "fewer layers in config": (_config(n_layer=1), r"model.safetensors holds layer h.1, beyond the n_layer 1 of "
+                               r"config.json"),
+    "more layers in config": (_config(n_layer=3), r"model.safetensors has no weights for layer h.2 \(1 of the 3 "
+                              r"layers of config.json missing\)"),
+    "a hundred thousand layers in config": (_config(n_layer=10**5),
+                                            r"has no weights for layer h.2 \(99,998 of the 100,000"),
+    "too wide for memory": (_config(n_embd=10**9), r"config.json: the model \(n_layer 2, n_embd 1,000,000,000, "
+                            r"block_size 32, vocab_size 261\) needs [\d,.]+ GiB of memory, more than the [\d,.]+ "
+                            r"GiB of the cpu$"),
+    "deep config.json": (_write("config.json", DEEP_JSON), r"config.json nests its JSON too deeply to read$"),
+    "deep vocab.json": (_write("vocab.json", DEEP_JSON), r"vocab.json nests its JSON too deeply to read$"),
+    "huge integer in config.json": (_write("config.json", HUGE_INTEGER_JSON),
+                                    r"config.json is not usable JSON \(Exceeds the limit \(4300 digits\)"),
+    "huge integer in vocab.json": (_write("vocab.json", HUGE_INTEGER_JSON),
+                                   r"vocab.json is not usable JSON \(Exceeds the limit \(4300 digits\)"),
+    "NaN weight": (_weight(float("nan")), r"model.safetensors: transformer.h.1.mlp.c_fc.weight holds NaN or "
+                   r"infinite weights \(in rows 0 to 15\)$"),
+    "infinite weight in pytorch_model.bin": (_weight(float("inf"), fmt="bin"), r"pytorch_model.bin: transformer.h.1"
+                                             r".mlp.c_fc.weight holds NaN or infinite weights \(in rows 0 to 15\)$"),
     "truncated": (_truncate, r"model.safetensors is truncated or not a safetensors file"),
     "not safetensors": (_not_safetensors, r"model.safetensors is truncated or not a safetensors file"),
     "vocab size": (_one_more_merge, r"make 262 tokens but config.json says vocab_size 261"),
