@@ -39,6 +39,7 @@ import torch
 from model.config import Config, ModelConfig, config_differences, config_from_dict
 from model.errors import UserError
 from model.gpt import GPT
+from model.memory import check_model_memory
 from model.pretrained import gpt2_config, is_gpt2_folder, load_gpt2
 from model.tokenizer import Tokenizer, tokenizer_from_state
 
@@ -181,7 +182,10 @@ class Checkpoint:
         return cls(Path(path), config, weights, tokenizer, payload["optimizer"], step, float(best), payload["extra"])
 
     def build_model(self, device: str | torch.device = "cpu") -> GPT:
-        """The network this checkpoint was saved from, with its weights."""
+        """The network this checkpoint was saved from, with its weights; a one-line UserError
+        first when it would not fit in the device's memory (a rope table sized by a huge
+        block_size is not in the weights, so the file's size does not tell)."""
+        check_model_memory(self.config.model, device, torch.float32, str(self.path))
         model = GPT(self.config.model)
         model.load_state_dict(self.weights)
         return model.to(device)

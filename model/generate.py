@@ -26,7 +26,6 @@ with ``seed + row index``, so a sample never depends on what else is in the batc
 from __future__ import annotations
 
 import codecs
-import os
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -37,6 +36,7 @@ from model.decoding import PenaltyState, choose_tokens, mask_vocab_padding, samp
 from model.device import Precision
 from model.errors import UserError
 from model.gpt import GPT, KVCache
+from model.memory import device_memory
 from model.strategy import DecodingSpec
 from model.tokenizer import Tokenizer
 
@@ -504,23 +504,11 @@ def check_batch_memory(model: GPT, rows: int, max_new_tokens: int) -> None:
     parameter = next(model.parameters())
     cache = 2 * cfg.n_layer * cfg.block_size * cfg.n_embd * parameter.element_size()
     tokens = 8 * (cfg.block_size + min(max_new_tokens, 1024))
-    needed, available = rows * (cache + tokens), _device_memory(parameter.device)
+    needed, available = rows * (cache + tokens), device_memory(parameter.device)
     if available is not None and needed > available:
         raise UserError(f"a batch of {rows:,} rows needs about {needed / 2**30:,.1f} GiB for its KV cache and "
                         f"tokens, more than the {available / 2**30:,.1f} GiB of memory of the {parameter.device.type}; "
                         "ask for fewer samples or prompts")
-
-
-def _device_memory(device: torch.device) -> int | None:
-    """Total memory of the device in bytes, or None where it is not known."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[1]
-    if device.type == "cpu":
-        try:
-            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (AttributeError, ValueError, OSError):  # not a POSIX system
-            return None
-    return None
 
 
 def _token_details(step: Step, raw: torch.Tensor, top: int, spec: DecodingSpec) -> list[TokenDetail]:

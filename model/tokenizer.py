@@ -350,6 +350,10 @@ def read_json_object(path: Path, holds: str = "") -> dict:
         raise UserError(f"{path} not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid JSON ({e})") from None
+    except RecursionError:  # json.loads of values nested thousands deep
+        raise UserError(f"{path} nests its JSON too deeply to read") from None
+    except ValueError as e:  # e.g. an integer over Python's 4,300-digit limit
+        raise UserError(f"{path} is not usable JSON ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} must hold a JSON object{holds}")
     return data

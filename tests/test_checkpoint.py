@@ -236,3 +236,17 @@ def test_a_save_that_cannot_be_written_is_one_line_and_keeps_the_file(tmp_path, 
     assert message.startswith(f"could not save {path} ([enforce fail at inline_container.cc:603] . unexpected pos")
     assert message.endswith("MiB free there); the previous c.pt is kept") and "\n" not in message
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def test_a_model_too_large_for_memory_is_refused_before_it_is_built(tmp_path, monkeypatch):
+    # rope weights do not depend on block_size, but its rotary table does: 10^9 positions
+    # would be an 8 GB allocation, then a traceback. The shape is checked first.
+    import model.memory
+
+    rope = GPT(tiny_config(position="rope"))
+    config = {**CONFIG, "model": {**dataclasses.asdict(rope.config), "block_size": 10**9}}
+    save_checkpoint(tmp_path / "huge.pt", model=rope, config=config, tokenizer=TOKENIZER)
+    monkeypatch.setattr(model.memory, "device_memory", lambda device: 4 * 2**30)
+    with pytest.raises(UserError, match=r"huge.pt: the model .*block_size 1,000,000,000.* needs .* GiB of memory, "
+                                        r"more than the 4.0 GiB of the cpu"):
+        read_checkpoint(tmp_path / "huge.pt").build_model()
