@@ -473,22 +473,11 @@ def new_samples(num_prompts: int, num_samples: int) -> list[Sample]:
     return [Sample(p, s) for p in range(num_prompts) for s in range(num_samples)]
 
 
-def generate(
-    model: GPT,
-    tokenizer: Tokenizer,
-    prompts: Sequence[str | Sequence[int]],
-    spec: DecodingSpec,
-    *,
-    max_new_tokens: int,
-    num_samples: int = 1,
-    seed: int = 0,
-    stop: Sequence[str] = (),
-    window: str = "exact",
-    top: int = 0,
-) -> list[Sample]:
-    """Every sample of `generate_events` (same arguments), collected, in row order."""
-    events = generate_events(model, tokenizer, prompts, spec, max_new_tokens=max_new_tokens,
-                             num_samples=num_samples, seed=seed, stop=stop, window=window, top=top)
+def generate(model: GPT, tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]], spec: DecodingSpec, *,
+             num_samples: int = 1, **options) -> list[Sample]:
+    """Every sample of `generate_events` (the same arguments: max_new_tokens, seed, stop,
+    window, top), collected, in row order."""
+    events = generate_events(model, tokenizer, prompts, spec, num_samples=num_samples, **options)
     samples = new_samples(len(prompts), num_samples)  # after the checks: num_samples may be absurd
     for step in events:
         for event in step:
