@@ -263,10 +263,14 @@ def run_generate(args: argparse.Namespace) -> None:
             seed=args.seed, stop=args.stop, window=args.window, top=args.top if wants_details else 0,
         )
         samples = new_samples(len(prompts), args.num_samples)
-        for step in events:
-            for event in step:
-                samples[event.row].add(event)
-                printer.show(event, samples[event.row])
+        # A batch prints each sample whole when it ends: until then, a bar on a terminal says how far it is.
+        with tqdm(total=args.max_new_tokens, desc=f"{len(samples)} samples", unit="token", leave=False,
+                  disable=printer.streaming or not sys.stderr.isatty()) as bar:
+            for step in events:
+                for event in step:
+                    samples[event.row].add(event)
+                    printer.show(event, samples[event.row])
+                bar.update()
         if args.explain:
             print_explanation(samples[0], tokenizer)
         if logprobs is not None:
