@@ -36,7 +36,8 @@ from tqdm import tqdm
 from model.checkpoint import load_for_generation
 from model.cli import read_user_text, run_cli
 from model.compare import (
-    DEFAULT_GRID, UNITS, Comparison, format_table, parse_grid, run_comparison, val_prompts, write_results,
+    DEFAULT_GRID, UNITS, Comparison, format_table, parse_grid, run_comparison, sample_lines, val_prompts,
+    write_results,
 )
 from model.device import resolve_device
 from model.errors import UserError
@@ -390,6 +391,7 @@ def run_compare(args: argparse.Namespace, out=None) -> Comparison:
     out.write(f"{len(prompts)} prompts x {args.num_samples} samples{once} x {args.max_new_tokens} tokens, "
               f"text metrics in {args.units}, {comparison.settings['wall_seconds']:.1f} s\n")
     out.write(format_table(comparison.rows) + "\n")
+    out.write(f"\nthe first sample of each row (all of them: --out, samples.jsonl)\n{sample_lines(comparison)}\n")
     if human is None:
         out.write("no human row: given prompts have no known continuation\n")
     if args.out is not None:

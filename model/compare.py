@@ -80,7 +80,8 @@ WORD = re.compile(r"\w+|[^\w\s]")
 
 # One row of the table: these keys, in this order, in results.json, .csv and .md.
 ROW_FIELDS = (
-    "strategy", "perplexity", "bits_per_byte", "distinct_1", "distinct_2", "distinct_3", "repetition", "self_bleu", "zipf",
+    "strategy", "perplexity", "bits_per_byte", "distinct_1", "distinct_2", "distinct_3", "repetition",
+    "repetition_tokens", "self_bleu", "zipf",
     "mean_tokens", "mean_units", "end_rate", "tokens_per_s", "seconds", "samples",
 )
 
@@ -188,6 +189,11 @@ def text_units(sample: Sample, units: str, eot_id: int) -> list:
     return words
 
 
+def generated_tokens(sample: Sample) -> list[int]:
+    """A sample's tokens without the end-of-text token that ended it."""
+    return sample.tokens[:-1] if sample.finish == "eot" else list(sample.tokens)
+
+
 def row_metrics(
     units_by_prompt: Sequence[Sequence[Sequence]], samples: Sequence[Sample], byte_lengths: torch.Tensor | None = None,
 ) -> dict[str, float]:
@@ -197,8 +203,11 @@ def row_metrics(
     same number of samples. ``samples`` are the distinct Sample objects behind them (a
     deterministic strategy's one per prompt), which give the token-level numbers.
     ``byte_lengths`` (model.score.token_byte_lengths) gives bits_per_byte (else nan).
-    Keys: perplexity, bits_per_byte, distinct_1..3, repetition, self_bleu, zipf, mean_tokens,
-    mean_units, end_rate; nan where a metric has nothing to measure.
+    Keys: perplexity, bits_per_byte, distinct_1..3, repetition, repetition_tokens, self_bleu,
+    zipf, mean_tokens, mean_units, end_rate; nan where a metric has nothing to measure.
+    ``repetition`` counts loops in the units, ``repetition_tokens`` in the model tokens:
+    a loop of spaces has no words, and a loop of word pieces without spaces is one long
+    word, so only the tokens show those.
     """
     per_draw = [[group[s] for group in units_by_prompt] for s in range(len(units_by_prompt[0]))]
     every_sample = [units for group in units_by_prompt for units in group]
@@ -208,6 +217,7 @@ def row_metrics(
         **{f"distinct_{n}": metrics.mean((metrics.distinct_n(draw, n) for draw in per_draw), skip_nan=True)
            for n in (1, 2, 3)},
         "repetition": metrics.repetition_rate(every_sample),
+        "repetition_tokens": metrics.repetition_rate(generated_tokens(s) for s in samples),
         "self_bleu": metrics.mean((metrics.self_bleu(group) for group in units_by_prompt if len(group) >= 2),
                                   skip_nan=True),
         "zipf": metrics.mean((metrics.zipf_coefficient(chain.from_iterable(draw)) for draw in per_draw),
@@ -360,6 +370,7 @@ COLUMNS = (
     ("dist-2", "distinct_2", "{:.3f}"),
     ("dist-3", "distinct_3", "{:.3f}"),
     ("rep %", "repetition", "{:.1%}"),
+    ("rep tok %", "repetition_tokens", "{:.1%}"),
     ("self-BLEU", "self_bleu", "{:.3f}"),
     ("Zipf", "zipf", "{:.2f}"),
     ("tokens", "mean_tokens", "{:.1f}"),
@@ -386,6 +397,22 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         for line in table
     ]
     return "\n".join(lines)
+
+
+def sample_lines(comparison: Comparison, width: int = 100) -> str:
+    """Prompt 1, then the first sample of each row after its label, one line each (line
+    breaks shown as ↵, cut at ``width`` characters): what the numbers describe."""
+    label_width = max(len(run.label) for run in comparison.runs)
+    lines = [f"{'prompt 1':<{label_width}}  {_one_line(comparison.prompts[0], width, keep='end')}"]
+    lines += [f"{run.label:<{label_width}}  {_one_line(run.samples[0].text, width)}" for run in comparison.runs]
+    return "\n".join(lines)
+
+
+def _one_line(text: str, width: int, keep: str = "start") -> str:
+    text = text.replace("\n", "\u21b5")
+    if len(text) <= width:
+        return text
+    return text[: width - 1] + "\u2026" if keep == "start" else "\u2026" + text[1 - width :]
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:

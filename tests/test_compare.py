@@ -274,6 +274,10 @@ def test_given_prompts_have_no_human_row(tiny_checkpoint, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "3 prompts x 2 samples (greedy and beam: 1" in out and "no human row" in out
     assert re.search(r"^greedy ", out, re.M) and not re.search(r"^human ", out, re.M)
+    # under the table, prompt 1 and each row's first sample: the text the numbers describe
+    comparison_text = out.split("the first sample of each row")[1].splitlines()[1:4]
+    assert comparison_text[0].split() == ["prompt", "1", "Sphinx"]
+    assert [line.split()[0] for line in comparison_text[1:]] == ["greedy", "sample"]
 
 
 def test_table_shows_missing_values_as_a_dash():
@@ -415,3 +419,17 @@ def test_compare_speed_bench_runs(tiny_checkpoint, tmp_path, monkeypatch, capsys
     record = json.loads(out.read_text())
     assert list(record["rows"]) == list(DEFAULT_GRID[:6])
     assert all(row["seconds"] > 0 and row["tokens_per_s"] > 0 for row in record["rows"].values())
+
+
+def test_loops_of_spaces_and_of_word_pieces_show_in_the_token_repetition():
+    # Token ids stand for BPE pieces here: 7 = " ", 8 = "ab", 9 = "cd", 10 = "ef".
+    spaces = Sample(0, 0, tokens=[3, 4, 5] + [7] * 12, text="the dog ran" + " " * 12, finish="length")
+    pieces = Sample(0, 1, tokens=[3] + [8, 9, 10] * 4, text="the " + "abcdef" * 4, finish="length")
+    plain = Sample(0, 2, tokens=[3, 4, 5, 6, 9], text="the dog ran off home", finish="eot")
+    samples = [spaces, pieces, plain]
+    words = [[text_units(s, "words", eot_id=99) for s in samples]]
+    row = row_metrics(words, samples)
+    assert row["repetition"] == 0.0  # no words in the spaces, one long word in the pieces: words miss both
+    assert row["repetition_tokens"] == pytest.approx(2 / 3)
+    looped = Sample(0, 0, tokens=[8, 9, 10, 8, 9, 10, 99], text="abcdefabcdef", finish="eot")
+    assert row_metrics([[["x"]]], [looped])["repetition_tokens"] == 1.0  # the end-of-text token is not in the loop
