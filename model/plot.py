@@ -123,8 +123,9 @@ def _draw_comparison(figure, rows: Sequence[dict[str, Any]], title: str, human: 
     markers = "osD^vP<>Xhp"
     strategies = [row for row in rows if row["strategy"] != human]
     for i, row in enumerate(strategies):
-        ax.scatter([row["perplexity"]], [row["distinct_2"]], s=55, marker=markers[i % len(markers)],
-                   color=f"C{i % 10}", label=row["strategy"], zorder=2)
+        # hollow markers of different shapes: strategies that land on the same point stay visible
+        ax.scatter([row["perplexity"]], [row["distinct_2"]], s=70, marker=markers[i % len(markers)],
+                   facecolors="none", edgecolors=f"C{i % 10}", linewidths=1.6, label=row["strategy"], zorder=2)
     for row in rows:
         if row["strategy"] == human:
             x, y = row["perplexity"], row["distinct_2"]
