@@ -50,6 +50,16 @@ from model.tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------- shared by the commands
 
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to a flag's help, except where there is no default to show (None,
+    an empty list) or the help already says what it is (as the strategy flags do)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, [], False) or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 DECODING_FLAGS = (  # the command-line flags that set a DecodingSpec field of the same name
     "temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty", "frequency_penalty",
     "presence_penalty", "num_beams",
@@ -198,7 +208,7 @@ def add_generate_command(commands) -> None:
         description="Generate text from a checkpoint with a decoding strategy of your choice. To compare "
         "strategies side by side instead: python sample.py compare CKPT (see python sample.py compare --help); "
         "for bits per byte of a text: python sample.py score CKPT FILE (see python sample.py score --help).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelp,
     )
     parser.add_argument("checkpoint", help="a .pt file written by train.py (e.g. out/default/best.pt), or a "
                         "Hugging Face GPT-2 folder (config.json, model.safetensors, vocab.json, merges.txt)")
@@ -480,7 +490,7 @@ def _score_line(name: str, result: TextScore) -> str:
 
 def add_serve_command(commands) -> None:
     parser = add_command(
-        commands, "serve", run_serve, prog="sample.py serve", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        commands, "serve", run_serve, prog="sample.py serve", formatter_class=DefaultsHelp,
         help="serve the explorer page and an OpenAI-compatible API (needs the serve extra)",
         description="Serve a checkpoint on a local web server: the explorer page at / and an "
         "OpenAI-compatible API at /v1 (completions, models) plus /v1/distribution. Needs the serve extra.",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -275,3 +276,13 @@ def test_explain_shows_small_probabilities_in_scientific_form():
     assert sample.probability(math.log(0.001)) == "0.001"
     assert sample.probability(math.log(3.14e-5)) == "3.1e-05"
     assert sample.probability(-math.inf) == "0.000"
+
+
+def test_help_shows_each_default_once_and_never_none():
+    parser = sample.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, command in commands.items():
+        for action in command._actions:
+            shown = command._get_formatter()._expand_help(action) if action.help else ""
+            assert "(default: None)" not in shown and "(default: [])" not in shown, (name, action.dest)
+            assert shown.count("(default") <= 1, (name, action.dest, shown)
