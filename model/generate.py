@@ -19,8 +19,16 @@ the reference behaviour (``window="none"``, no cache) crops the context to its l
 Several prompts of different lengths run as one batch: rows are left-padded, padding
 is masked out of attention and each row's positions count from its own first token,
 so a row computes what it would alone (in ``"shift"`` mode, where a batch restarts
-its window as one, each prompt length runs as its own batch). Every row samples with its own generator seeded
-with ``seed + row index``, so a sample never depends on what else is in the batch.
+its window as one, each prompt length runs as its own batch). Every row samples with
+its own generator seeded with ``seed + row index``, so a sample never depends on what
+else is in the batch.
+
+This is the only place the loop runs. `generate_events` yields each step's `Event`s
+(a row's token, the text it makes printable, its logprob, the candidates when asked,
+and on its last event how it ended, by the one rule of `RowEnd`); the CLI printer, the
+comparison and the server read that stream, and `generate` collects it into `Sample`s.
+A prompt longer than the context is read like any context that outgrew it: through the
+window.
 """
 
 from __future__ import annotations
