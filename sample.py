@@ -538,6 +538,33 @@ def run_serve(args: argparse.Namespace) -> None:
     print("stopped", file=sys.stderr)
 
 
+# ----------------------------------------------------------------------------- info
+
+def add_info_command(commands) -> None:
+    parser = add_command(commands, "info", run_info, prog="sample.py info",
+                         help="what a checkpoint or GPT-2 folder holds: model, tokenizer, training, data",
+                         description="Show what a checkpoint holds (the model's shape, its tokenizer, the step and "
+                         "best validation loss, the dataset and the training settings) without generating.")
+    parser.add_argument("checkpoint", help="a .pt file written by train.py, or a Hugging Face GPT-2 folder")
+
+
+def run_info(args: argparse.Namespace, out=None) -> None:
+    out = out or sys.stdout
+    model, tokenizer, checkpoint = load_for_generation(args.checkpoint, torch.device("cpu"))
+    lines = [f"model: {model.summary()}",
+             f"tokenizer: {tokenizer.name}, {tokenizer.vocab_size:,} tokens (end-of-text is id {tokenizer.eot_id})"]
+    if checkpoint is None:
+        lines.append("a Hugging Face GPT-2 folder: not trained here (no step, losses or dataset)")
+    else:
+        best = f"{checkpoint.best_val_loss:.4f}" if math.isfinite(checkpoint.best_val_loss) else "none yet"
+        train = checkpoint.config.train
+        lines += [f"trained: step {checkpoint.step:,}, best val loss {best}; the optimizer state is "
+                  f"{'saved (resumable)' if checkpoint.optimizer is not None else 'not saved'}",
+                  f"data: {train.data_dir}",
+                  "train: " + ", ".join(f"{key}={value}" for key, value in dataclasses.asdict(train).items())]
+    out.write(f"{args.checkpoint}\n" + "".join(f"  {line}\n" for line in lines))
+
+
 # ----------------------------------------------------------------------------- the commands
 
 def add_command(commands, name: str, run: Callable[[argparse.Namespace], Any], *, streams_text: bool = False,
@@ -550,7 +577,7 @@ def add_command(commands, name: str, run: Callable[[argparse.Namespace], Any], *
     return parser
 
 
-COMMANDS = (add_generate_command, add_compare_command, add_score_command, add_serve_command)
+COMMANDS = (add_generate_command, add_compare_command, add_score_command, add_serve_command, add_info_command)
 DEFAULT_COMMAND = "generate"
 
 

@@ -572,9 +572,7 @@ def setup(cfg: Config, ddp: Distributed, device: torch.device, progress: bool,
               time.perf_counter(),
               token_byte_lengths(tokenizer_from_state(meta["tokenizer"]), cfg.model.vocab_size).to(device))
     log(
-        f"model: {model.num_params() / 1e6:.2f}M parameters, {cfg.model.n_layer} layers, {cfg.model.n_head} "
-        f"heads, width {cfg.model.n_embd}, context {cfg.model.block_size}, vocab {cfg.model.vocab_size}, "
-        f"{cfg.model.position} positions, {cfg.model.norm} | data: {len(splits['train']):,} train / "
+        f"model: {model.summary()} | data: {len(splits['train']):,} train / "
         f"{len(splits['val']):,} val tokens"
     )
     log(

@@ -249,6 +249,12 @@ class GPT(nn.Module):
         """Trainable parameters, counting the tied embedding/head matrix once."""
         return sum(p.numel() for p in self.parameters())
 
+    def summary(self) -> str:
+        """One line: size and shape, as train.py and sample.py info print it."""
+        c = self.config
+        return (f"{self.num_params() / 1e6:.2f}M parameters, {c.n_layer} layers, {c.n_head} heads, width {c.n_embd}, "
+                f"context {c.block_size}, vocab {c.vocab_size}, {c.position} positions, {c.norm}")
+
     def forward(
         self,
         idx: torch.Tensor,

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import sample
 import train
-from model.checkpoint import load_for_generation
+from model.checkpoint import load_for_generation, read_checkpoint
 from tests.conftest import ROOT, one_line_error, run_cli
 
 
@@ -286,3 +286,14 @@ def test_help_shows_each_default_once_and_never_none():
             shown = command._get_formatter()._expand_help(action) if action.help else ""
             assert "(default: None)" not in shown and "(default: [])" not in shown, (name, action.dest)
             assert shown.count("(default") <= 1, (name, action.dest, shown)
+
+
+def test_info_shows_what_a_checkpoint_holds(tiny_checkpoint, capsys):
+    assert sample.main(["info", str(tiny_checkpoint)]) == 0
+    out = capsys.readouterr().out
+    checkpoint = read_checkpoint(tiny_checkpoint)
+    assert out.splitlines()[0] == str(tiny_checkpoint)
+    assert "model: 0.03M parameters, 2 layers, 2 heads, width 32, context 32, vocab 35, learned positions" in out
+    assert "tokenizer: char, 35 tokens (end-of-text is id 34)" in out
+    assert f"trained: step {checkpoint.step}, best val loss {checkpoint.best_val_loss:.4f}" in out
+    assert f"data: {checkpoint.config.train.data_dir}" in out
