@@ -320,7 +320,8 @@ def test_serve_command_prints_its_url_and_stops_cleanly_on_ctrl_c_even_mid_strea
         connection.request("GET", "/")
         page = connection.getresponse()
         assert page.status == 200 and b"<html" in page.read()
-        connection.request("POST", "/v1/completions", body=json.dumps({"max_tokens": 1_000_000, "stream": True}))
+        connection.request("POST", "/v1/completions", body=json.dumps({"max_tokens": 1_000_000, "stream": True}),
+                           headers={"Content-Type": "application/json"})
         stream = connection.getresponse()
         assert stream.status == 200 and stream.readline().startswith(b"data: ")  # generating
         process.send_signal(signal.SIGINT)
