@@ -310,8 +310,8 @@ def test_showing_tokens():
 @pytest.mark.slow  # a subprocess of its own: kept out of the 2-minute default suite
 def test_serve_command_prints_its_url_and_stops_cleanly_on_ctrl_c_even_mid_stream(tiny_checkpoint):
     process = subprocess.Popen([sys.executable, "sample.py", "serve", str(tiny_checkpoint), "--port", "0",
-                                "--device", "cpu", "--max-tokens", "1000000"], cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                                "--device", "cpu", "--max-tokens", "1000000", "--allow-host", "box.lan"],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = process.stdout.readline()
         assert "http://127.0.0.1:" in line, line + process.stderr.read()
@@ -320,6 +320,10 @@ def test_serve_command_prints_its_url_and_stops_cleanly_on_ctrl_c_even_mid_strea
         connection.request("GET", "/")
         page = connection.getresponse()
         assert page.status == 200 and b"<html" in page.read()
+        for host, status in (("box.lan:80", 200), ("evil.example", 421)):
+            connection.request("GET", "/health", headers={"Host": host})
+            answer = connection.getresponse()
+            assert answer.status == status and answer.read()
         connection.request("POST", "/v1/completions", body=json.dumps({"max_tokens": 1_000_000, "stream": True}),
                            headers={"Content-Type": "application/json"})
         stream = connection.getresponse()
