@@ -16,11 +16,19 @@ Endpoints:
     POST /v1/completions     OpenAI's completions schema, streaming as server-sent events
     POST /v1/distribution    next-token candidates of one context, raw and per strategy
 
+Extensions to OpenAI's completions: ``strategy``, a spec such as "top-p:p=0.9" instead of
+the sampling fields (the page sends only these), and in each choice's ``logprobs``,
+``display_tokens`` and ``top_display``: the tokens as `Tokenizer.display` shows them.
+
 Every request is validated before any work: a bad one gets a 4xx whose body is one line
-of JSON, ``{"error": {"message": ..., "type": ..., "param": <the field>, "code": null}}``.
-At most ``max_concurrent`` requests use the model at once and at most ``max_waiting``
-more wait for a turn; beyond that the answer is 503 with ``Retry-After``. A stream whose
-client goes away stops at the next token.
+of JSON, ``{"error": {"message": ..., "type": ..., "param": <the field>, "code": null}}``;
+so does a bug (500), and a stream that fails midway sends that line as its last chunk
+before ``data: [DONE]``. Only requests addressed to this host (421) with JSON bodies
+(415) are read, which keeps other sites' pages out. At most ``max_concurrent`` requests
+use the model at once and at most ``max_waiting`` more wait for a turn; beyond that the
+answer is 503 with ``Retry-After``. A stream whose client goes away stops at the next
+token; a connection that sends no request, or not all of its body, is closed after a
+timeout.
 """
 
 from __future__ import annotations

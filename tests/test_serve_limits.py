@@ -123,18 +123,33 @@ def test_a_surrogate_prompt_for_a_byte_level_model_is_a_400(bpe_server, stream):
         assert json.loads(text)["choices"][0]["text"].startswith("a\u00e9b")
 
 
+def fail_at_step(monkeypatch, model, step: int) -> None:
+    """Make the model fail at its ``step``-th call, as a device that runs out of memory."""
+    forward, calls = model.forward, []
+
+    def failing_forward(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            raise RuntimeError("out of memory")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", failing_forward)
+
+
+def test_a_failure_is_a_one_line_json_500(loaded, monkeypatch):
+    model, tokenizer = loaded
+    with LiveServer(create_app(model, tokenizer, ServeSettings("tiny", max_tokens=64))) as live, server_log() as log:
+        fail_at_step(monkeypatch, model, 2)
+        status, _, text = live.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 20})
+    error = one_line_error(status, text, 500)
+    assert error["type"] == "server_error" and "out of memory" in error["message"]
+    assert [r.getMessage() for r in log] == ["Exception in ASGI application\n"]  # a bug is logged, once
+
+
 def test_a_stream_that_fails_midway_says_so_and_still_ends_with_done(loaded, monkeypatch):
     model, tokenizer = loaded
     with LiveServer(create_app(model, tokenizer, ServeSettings("tiny", max_tokens=64))) as live, server_log() as log:
-        forward, calls = model.forward, []
-
-        def failing_forward(*args, **kwargs):  # as a device that runs out of memory at the fourth step
-            calls.append(1)
-            if len(calls) == 4:
-                raise RuntimeError("out of memory")
-            return forward(*args, **kwargs)
-
-        monkeypatch.setattr(model, "forward", failing_forward)
+        fail_at_step(monkeypatch, model, 4)
         status, _, text = live.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 20, "stream": True})
     assert status == 200
     events = sse_events(text)
