@@ -141,6 +141,9 @@ def test_a_failure_is_a_one_line_json_500(loaded, monkeypatch):
     with LiveServer(create_app(model, tokenizer, ServeSettings("tiny", max_tokens=64))) as live, server_log() as log:
         fail_at_step(monkeypatch, model, 2)
         status, _, text = live.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 20})
+        deadline = time.monotonic() + 5  # uvicorn logs it after the answer went out
+        while not log and time.monotonic() < deadline:
+            time.sleep(0.01)
     error = one_line_error(status, text, 500)
     assert error["type"] == "server_error" and "out of memory" in error["message"]
     assert [r.getMessage() for r in log] == ["Exception in ASGI application\n"]  # a bug is logged, once
