@@ -500,6 +500,9 @@ def add_serve_command(commands) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 opens the server "
                         "to the network, without any authentication")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
+    parser.add_argument("--allow-host", action="append", default=[], metavar="NAME", help="a host name requests "
+                        "may be addressed to (the Host header), besides localhost, 127.0.0.1, ::1 and --host; "
+                        "repeatable; '*': any (the check keeps web pages of other sites out, by DNS rebinding)")
     parser.add_argument("--max-concurrent", type=int, default=4, help="requests that use the model at once")
     parser.add_argument("--max-waiting", type=int, default=16, help="requests that may wait for a turn; "
                         "beyond them the answer is 503 with Retry-After")
@@ -514,20 +517,22 @@ def add_serve_command(commands) -> None:
 
 def run_serve(args: argparse.Namespace) -> None:
     try:
-        from model.serve import ServeSettings, create_app, listen, serve_forever
+        from model.serve import LOOPBACK_HOSTS, ServeSettings, create_app, listen, serve_forever
     except ImportError as e:
         raise UserError(f"serving needs the serve extra (pip install -e '.[serve]'): {e}") from None
     settings = ServeSettings(Path(args.checkpoint).parent.name + "/" + Path(args.checkpoint).stem,
                              max_tokens=args.max_tokens, max_concurrent=args.max_concurrent,
-                             max_waiting=args.max_waiting, window=args.window)
+                             max_waiting=args.max_waiting, window=args.window,
+                             allowed_hosts=(*LOOPBACK_HOSTS, args.host, *args.allow_host))
     if args.threads < 1:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
     model, tokenizer, _ = load_for_generation(args.checkpoint, resolve_device(args.device))
     sock = listen(args.host, args.port)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
+    if args.host not in LOOPBACK_HOSTS:
         print(f"warning: listening on {args.host}: anyone who can reach this machine can use the server; "
-              "there is no authentication", file=sys.stderr)
+              "there is no authentication (requests must name the host as --host or an --allow-host)",
+              file=sys.stderr)
     host, port = sock.getsockname()[:2]
     print(f"serving {args.checkpoint} as '{settings.model_name}' at http://{host}:{port}/ "
           f"(API: http://{host}:{port}/v1); Ctrl-C stops", flush=True)

@@ -16,11 +16,19 @@ Endpoints:
     POST /v1/completions     OpenAI's completions schema, streaming as server-sent events
     POST /v1/distribution    next-token candidates of one context, raw and per strategy
 
+Extensions to OpenAI's completions: ``strategy``, a spec such as "top-p:p=0.9" instead of
+the sampling fields (the page sends only these), and in each choice's ``logprobs``,
+``display_tokens`` and ``top_display``: the tokens as `Tokenizer.display` shows them.
+
 Every request is validated before any work: a bad one gets a 4xx whose body is one line
-of JSON, ``{"error": {"message": ..., "type": ..., "param": <the field>, "code": null}}``.
-At most ``max_concurrent`` requests use the model at once and at most ``max_waiting``
-more wait for a turn; beyond that the answer is 503 with ``Retry-After``. A stream whose
-client goes away stops at the next token.
+of JSON, ``{"error": {"message": ..., "type": ..., "param": <the field>, "code": null}}``;
+so does a bug (500), and a stream that fails midway sends that line as its last chunk
+before ``data: [DONE]``. Only requests addressed to this host (421) with JSON bodies
+(415) are read, which keeps other sites' pages out. At most ``max_concurrent`` requests
+use the model at once and at most ``max_waiting`` more wait for a turn; beyond that the
+answer is 503 with ``Retry-After``. A stream whose client goes away stops at the next
+token; a connection that sends no request, or not all of its body, is closed after a
+timeout.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import contextlib
 import dataclasses
 import difflib
 import json
+import logging
 import math
 import secrets
 import socket
@@ -42,8 +51,10 @@ from typing import Any
 import anyio.to_thread
 import torch
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -62,6 +73,8 @@ MAX_LOGPROBS = 20  # alternatives per token; OpenAI allows 5, vLLM 20
 MAX_CANDIDATES = 200  # candidates per list in the distribution view
 RETRY_AFTER_S = 1
 MAX_CONCURRENT = 32  # generations run in anyio's worker threads, of which there are 40
+MAX_JSON_DEPTH = 32  # no request field nests deeper than 3; the error messages repr() values, which recurses
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,11 +87,23 @@ class ServeSettings:
     max_waiting: int = 16
     max_rows: int = 16
     window: str = "exact"
+    # Host names a request may be addressed to ("*": any). Only these, so that a web page
+    # on another site cannot reach the server by pointing its own name at 127.0.0.1 (DNS
+    # rebinding). The port is not checked: a forwarded port (ssh -L 9000:localhost:8000) works.
+    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
+    # A connection with no complete request line and headers for this long is closed, and a
+    # request whose body has not all arrived this long after its headers gets a 408: a
+    # client cannot hold a connection (and its memory) forever.
+    idle_timeout_s: float = 15.0
+    body_timeout_s: float = 15.0
 
     def __post_init__(self) -> None:
         for name in ("max_tokens", "max_concurrent", "max_rows"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("idle_timeout_s", "body_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.max_concurrent > MAX_CONCURRENT:
             raise UserError(f"max_concurrent must be <= {MAX_CONCURRENT}, got {self.max_concurrent}")
         if self.max_waiting < 0:
@@ -93,10 +118,13 @@ class RequestError(Exception):
         super().__init__(message)
         self.message, self.param, self.status, self.kind, self.headers = message, param, status, kind, headers
 
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": " ".join(self.message.split()), "type": self.kind, "param": self.param,
-                          "code": None}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+    def body(self) -> str:
+        """The one line of JSON that says what went wrong."""
+        return json.dumps({"error": {"message": " ".join(self.message.split()), "type": self.kind,
+                                     "param": self.param, "code": None}})
+
+    def response(self) -> Response:
+        return Response(self.body(), status_code=self.status, headers=self.headers, media_type="application/json")
 
 
 # ----------------------------------------------------------------------------------------
@@ -130,7 +158,8 @@ class CompletionJob:
 _SPEC_FIELDS = ("temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty", "frequency_penalty",
                 "presence_penalty")
 _COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "n", "stop", "seed", "stream", "stream_options", "logprobs",
-                      "echo", "return_token_ids", "user", "best_of", "logit_bias", "suffix", *_SPEC_FIELDS}
+                      "echo", "return_token_ids", "user", "best_of", "logit_bias", "suffix", "strategy",
+                      *_SPEC_FIELDS}
 _DISTRIBUTION_FIELDS = {"model", "prompt", "strategies", "top"}
 
 
@@ -140,6 +169,37 @@ def _is_number(x: object) -> bool:
 
 def _is_whole(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_json(body: dict) -> None:
+    """Refuse a body nested deeper than MAX_JSON_DEPTH, and a string or field name with a
+    lone surrogate ("\\ud800" is valid JSON but not text: it has no UTF-8, so it could be
+    neither tokenized nor sent back). Walked without recursion: the depth is what is checked."""
+    stack: list[tuple[str, object, int]] = [("", body, 1)]
+    while stack:
+        path, value, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise RequestError(f"the request body nests deeper than {MAX_JSON_DEPTH} levels",
+                               path.partition("[")[0].partition(".")[0])  # the field, not 32 indices
+        if isinstance(value, dict):
+            for name, item in value.items():
+                field = f"{path}.{name}" if path else name
+                if not _is_text(name):
+                    shown = field.encode("utf-8", "backslashreplace").decode("utf-8")
+                    raise RequestError(f"field name {shown} is not valid Unicode (it has a lone surrogate)", shown)
+                stack.append((field, item, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{index}]", item, depth + 1) for index, item in enumerate(value))
+        elif isinstance(value, str) and not _is_text(value):
+            raise RequestError(f"{path} is not valid Unicode text (it has a lone surrogate)", path)
+
+
+def _is_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_fields(body: dict, known: set[str]) -> None:
@@ -171,9 +231,13 @@ def _flag(body: dict, name: str) -> bool:
 
 
 def read_spec(body: dict) -> DecodingSpec:
-    """The DecodingSpec of OpenAI-style sampling fields. Off values as OpenAI clients send
-    them (top_p 1, top_k 0 or -1 as in vLLM, min_p 0, typical_p 1) mean no filter;
-    temperature 0 is greedy decoding."""
+    """The DecodingSpec of a request: the extension field ``strategy``, a spec as
+    `parse_strategy` reads it ("top-p:p=0.9", as the distribution view takes them), or
+    else OpenAI-style sampling fields. Off values as OpenAI clients send them (top_p 1,
+    top_k 0 or -1 as in vLLM, min_p 0, typical_p 1) mean no filter; temperature 0 is
+    greedy decoding. The two ways are not mixed: which would win is anybody's guess."""
+    if body.get("strategy") is not None:
+        return _read_strategy(body)
     fields: dict[str, Any] = {}
     for name in _SPEC_FIELDS:
         value = body.get(name)
@@ -196,6 +260,20 @@ def read_spec(body: dict) -> DecodingSpec:
         message = str(error).split(" | ")[0]
         param = message.partition("=")[0]
         raise RequestError(message, param if param in _SPEC_FIELDS else None) from None
+
+
+def _read_strategy(body: dict) -> DecodingSpec:
+    mixed = [name for name in _SPEC_FIELDS if body.get(name) is not None]
+    if mixed:
+        raise RequestError(f"strategy and {mixed[0]} are two ways to say how to sample; give one of them",
+                           "strategy")
+    text = body["strategy"]
+    if not isinstance(text, str):
+        raise RequestError("strategy must be a string such as 'top-p:p=0.9'", "strategy")
+    try:
+        return parse_strategy(text)
+    except UserError as error:
+        raise RequestError(f"strategy: {error}", "strategy") from None
 
 
 def read_prompts(value: object, tokenizer: Tokenizer) -> tuple[list[list[int]], list[str]]:
@@ -298,6 +376,16 @@ def _top_logprobs(tokenizer: Tokenizer, detail: TokenDetail | None) -> dict[str,
     return {tokenizer.token_text(token): raw for token, raw, _ in detail.top}
 
 
+def _top_display(tokenizer: Tokenizer, top: Sequence[tuple[int, float]] | None) -> list[dict[str, Any]] | None:
+    """The extension beside OpenAI's top_logprobs: the same candidates as a list, most
+    likely first, each with its id and `Tokenizer.display` (what the page shows). A list,
+    not an object keyed by text: two tokens can look alike, and JavaScript reorders keys
+    that look like numbers."""
+    if top is None:
+        return None
+    return [{"id": token, "display": tokenizer.display(token), "logprob": logprob} for token, logprob in top]
+
+
 def prompt_logprobs(model: GPT, tokenizer: Tokenizer, ids: Sequence[int], k: int, window: str) -> dict[str, list]:
     """OpenAI's logprobs of an echoed prompt: each token's log-probability given the ones
     before it (none for the first) and the top k alternatives there, teacher-forced through
@@ -308,13 +396,15 @@ def prompt_logprobs(model: GPT, tokenizer: Tokenizer, ids: Sequence[int], k: int
         chosen.append(logprobs[0, ids[t + 1]].item())
         if k:
             values, best = logprobs[0].topk(min(k, logprobs.size(-1)))
-            top.append({tokenizer.token_text(i): v for i, v in zip(best.tolist(), values.tolist())})
+            top.append(list(zip(best.tolist(), values.tolist())))
         else:
             top.append(None)
     texts = [tokenizer.decode([t]) for t in ids]
     offsets = [sum(len(t) for t in texts[:i]) for i in range(len(ids))]
     return {"tokens": [tokenizer.token_text(t) for t in ids], "token_logprobs": [None, *chosen],
-            "top_logprobs": [None, *top], "text_offset": offsets}
+            "top_logprobs": [None, *({tokenizer.token_text(i): v for i, v in c} if c else None for c in top)],
+            "text_offset": offsets, "display_tokens": [tokenizer.display(t) for t in ids],
+            "top_display": [None, *(_top_display(tokenizer, c) for c in top)]}
 
 
 # ----------------------------------------------------------------------------------------
@@ -469,19 +559,34 @@ class Server:
         self.stopping = True
 
     async def _body(self, request: Request) -> dict:
-        size = 0
-        chunks = []
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                raise RequestError(f"the request body is larger than {MAX_BODY_BYTES} bytes", status=413)
-            chunks.append(chunk)
+        # Only JSON: a browser sends a cross-site POST of text/plain or a form without
+        # asking, but one of application/json only after a CORS preflight, which this
+        # server never grants; so no other site's page can make it generate.
+        media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media_type != "application/json":
+            raise RequestError(f"the request body must be JSON, sent with Content-Type: application/json "
+                               f"(got {media_type or 'none'!r})", status=415)
+        chunks, size = [], 0
+        try:
+            with anyio.fail_after(self.settings.body_timeout_s):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > MAX_BODY_BYTES:
+                        raise RequestError(f"the request body is larger than {MAX_BODY_BYTES} bytes", status=413,
+                                           headers={"Connection": "close"})
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise RequestError(f"the request body did not arrive within {self.settings.body_timeout_s:g} s",
+                               status=408, headers={"Connection": "close"}) from None
         try:
             body = json.loads(b"".join(chunks))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except RecursionError:
+            raise RequestError(f"the request body nests deeper than {MAX_JSON_DEPTH} levels") from None
+        except (UnicodeDecodeError, ValueError) as e:  # ValueError: also an integer too long to convert
             raise RequestError(f"the request body is not valid JSON ({e})") from None
         if not isinstance(body, dict):
             raise RequestError("the request body must be a JSON object")
+        _check_json(body)
         return body
 
     async def page(self, request: Request) -> Response:
@@ -569,27 +674,33 @@ class Server:
         return choices, generated
 
     async def _sse(self, job: CompletionJob, events: Iterator[list[Event]], ticket: Ticket, completion_id: str,
-                   created: int) -> AsyncIterator[str]:
-        def chunk(choices: list[dict], **extra) -> str:
+                   created: int) -> AsyncIterator[bytes]:
+        def chunk(choices: list[dict], **extra) -> bytes:  # encoded here, so that a failure is caught below
             payload = {"id": completion_id, "object": "text_completion", "created": created,
                        "model": self.settings.model_name, "choices": choices, **extra}
-            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
 
         generated = 0
-        async with ticket:
-            if job.echo or job.return_token_ids:
-                yield chunk(self._choices(job))
-            async with contextlib.aclosing(self._steps(events)) as steps:
-                async for step in steps:
-                    generated += _tokens(step)
-                    for event in step:
-                        piece = _choice(event.row, job, "")
-                        self._apply(piece, event, job)
-                        if piece["text"] or piece["finish_reason"] or job.logprobs is not None or job.return_token_ids:
-                            yield chunk([piece])
-        if job.include_usage:
-            yield chunk([], usage=_usage(job, generated))
-        yield "data: [DONE]\n\n"
+        try:
+            async with ticket:
+                if job.echo or job.return_token_ids:
+                    yield chunk(self._choices(job))
+                async with contextlib.aclosing(self._steps(events)) as steps:
+                    async for step in steps:
+                        generated += _tokens(step)
+                        for event in step:
+                            piece = _choice(event.row, job, "")
+                            self._apply(piece, event, job)
+                            if (piece["text"] or piece["finish_reason"] or job.logprobs is not None
+                                    or job.return_token_ids):
+                                yield chunk([piece])
+            if job.include_usage:
+                yield chunk([], usage=_usage(job, generated))
+        except Exception as error:  # a bug, after the 200 went out: say so in the stream (OpenAI's error
+            # chunk, which its clients raise), log it, and still end the stream as every stream ends
+            logging.getLogger("uvicorn.error").exception("error in a completion stream")
+            yield f"data: {_server_error(error).body()}\n\n".encode()
+        yield b"data: [DONE]\n\n"
 
     def _apply(self, choice: dict[str, Any], event: Event, job: CompletionJob) -> None:
         """Add one event to a choice in OpenAI's shape: finish_reason "stop" for the
@@ -603,6 +714,9 @@ class Server:
                 logprobs["token_logprobs"].append(event.logprob)
                 logprobs["top_logprobs"].append(_top_logprobs(self.tokenizer, event.detail))
                 logprobs["text_offset"].append(echoed + event.offset)
+                logprobs["display_tokens"].append(self.tokenizer.display(event.token))
+                logprobs["top_display"].append(_top_display(
+                    self.tokenizer, None if event.detail is None else [(t, raw) for t, raw, _ in event.detail.top]))
             if "token_ids" in choice:
                 choice["token_ids"].append(event.token)
         if event.finish is not None:
@@ -615,14 +729,54 @@ class Server:
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/distribution", self.distribution, methods=["POST"]),
         ]
-        app = Starlette(routes=routes, exception_handlers={
+        app = Starlette(routes=routes, middleware=[Middleware(HostCheck, allowed=self.settings.allowed_hosts)],
+                        exception_handlers={
             RequestError: lambda request, error: error.response(),
-            HTTPException: lambda request, error: RequestError(
-                str(error.detail), status=error.status_code,
+            HTTPException: lambda request, error: RequestError(  # 405 comes with its Allow header
+                str(error.detail), status=error.status_code, headers=error.headers,
                 kind="not_found_error" if error.status_code == 404 else "invalid_request_error").response(),
+            # The client went away while sending its body: nobody reads an answer, and it is
+            # no error of the server's (nothing to log).
+            ClientDisconnect: lambda request, error: Response(status_code=499),
+            # A bug: the same one-line JSON as any error (Starlette logs its traceback).
+            Exception: lambda request, error: _server_error(error).response(),
         })
         app.state.server = self
         return app
+
+
+class HostCheck:
+    """ASGI middleware: a request whose Host header names another host than ``allowed``
+    gets a 421 (see `ServeSettings.allowed_hosts`). A request without one (HTTP/1.0) is
+    let through: every browser sends it, and only a browser can be misled by DNS."""
+
+    def __init__(self, app, allowed: Sequence[str]):
+        self.app, self.allowed = app, {_host_name(host) for host in allowed}
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and "*" not in self.allowed:
+            host = Headers(scope=scope).get("host")
+            if host is not None and _host_name(host) not in self.allowed:
+                error = RequestError(f"this server does not answer for host {host!r}; it answers for "
+                                     f"{', '.join(sorted(self.allowed))} (sample.py serve --allow-host adds one)",
+                                     status=421)
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _host_name(host: str) -> str:
+    """The name of a Host header ("[::1]:8000" -> "::1", "Localhost." -> "localhost")."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    return host.removesuffix(".")
+
+
+def _server_error(error: BaseException) -> RequestError:
+    return RequestError(f"internal server error ({type(error).__name__}: {error})", status=500, kind="server_error")
 
 
 def _inference(function, *args):
@@ -634,7 +788,8 @@ def _inference(function, *args):
 def _choice(row: int, job: CompletionJob, text: str, logprobs: dict[str, list] | None = None) -> dict[str, Any]:
     choice: dict[str, Any] = {"index": row, "text": text, "logprobs": None, "finish_reason": None}
     if job.logprobs is not None:
-        choice["logprobs"] = logprobs or {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        choice["logprobs"] = logprobs or {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": [],
+                                          "display_tokens": [], "top_display": []}
     if job.return_token_ids:
         choice["token_ids"] = []
     return choice
@@ -671,6 +826,32 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def uvicorn_config(app: Starlette, *, access_log: bool = False, graceful_shutdown_s: float = 5):
+    """How uvicorn runs ``app`` (sample.py serve and the tests alike): HTTP/1.1 by h11, and
+    a connection that has no complete request for the settings' ``idle_timeout_s`` is closed."""
+    import uvicorn
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class TimedH11Protocol(H11Protocol):
+        """uvicorn's h11 protocol, whose keep-alive timer starts after each response only
+        and stops at the first byte that comes: a connection that never sends a request,
+        or sends its headers a byte at a time, would stay open for ever. Here the timer
+        also starts when the connection opens, and only a complete request stops it."""
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+                                                                self.timeout_keep_alive_handler)
+
+        def data_received(self, data: bytes) -> None:  # H11Protocol's, less the timer's stop
+            self.conn.receive_data(data)
+            self.handle_events()  # stops the timer once a request's headers are complete
+
+    return uvicorn.Config(app, http=TimedH11Protocol, log_level="warning", access_log=access_log,
+                          timeout_keep_alive=app.state.server.settings.idle_timeout_s,
+                          timeout_graceful_shutdown=graceful_shutdown_s)
+
+
 def serve_forever(app: Starlette, sock: socket.socket, *, access_log: bool = False) -> None:
     """Run ``app`` on ``sock`` with uvicorn until Ctrl-C or SIGTERM, which stop it cleanly
     (open streams get a moment to end, then are closed)."""
@@ -681,5 +862,4 @@ def serve_forever(app: Starlette, sock: socket.socket, *, access_log: bool = Fal
             app.state.server.stop()  # so that open streams end now instead of being cancelled
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(app, log_level="warning", access_log=access_log, timeout_graceful_shutdown=5)
-    Stopping(config).run(sockets=[sock])
+    Stopping(uvicorn_config(app, access_log=access_log)).run(sockets=[sock])

@@ -10,7 +10,7 @@ import time
 import openai
 import uvicorn
 
-from model.serve import listen
+from model.serve import listen, uvicorn_config
 
 
 class LiveServer:
@@ -20,7 +20,7 @@ class LiveServer:
         self.sock = listen("127.0.0.1", 0)
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
+        self.server = uvicorn.Server(uvicorn_config(app, graceful_shutdown_s=1))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> LiveServer:
@@ -38,12 +38,13 @@ class LiveServer:
     def client(self):
         return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=30)
 
-    def post(self, path: str, body: bytes | dict) -> tuple[int, http.client.HTTPMessage, str]:
-        """Status, headers and body text of one POST."""
+    def post(self, path: str, body: bytes | dict, headers: dict[str, str] | None = None,
+             method: str = "POST") -> tuple[int, http.client.HTTPMessage, str]:
+        """Status, headers and body text of one request (a JSON POST unless told otherwise)."""
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
         try:
-            connection.request("POST", path, body=data, headers={"Content-Type": "application/json"})
+            connection.request(method, path, body=data, headers=headers or {"Content-Type": "application/json"})
             response = connection.getresponse()
             return response.status, response.headers, response.read().decode(errors="replace")
         finally:

@@ -310,8 +310,8 @@ def test_showing_tokens():
 @pytest.mark.slow  # a subprocess of its own: kept out of the 2-minute default suite
 def test_serve_command_prints_its_url_and_stops_cleanly_on_ctrl_c_even_mid_stream(tiny_checkpoint):
     process = subprocess.Popen([sys.executable, "sample.py", "serve", str(tiny_checkpoint), "--port", "0",
-                                "--device", "cpu", "--max-tokens", "1000000"], cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                                "--device", "cpu", "--max-tokens", "1000000", "--allow-host", "box.lan"],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = process.stdout.readline()
         assert "http://127.0.0.1:" in line, line + process.stderr.read()
@@ -320,7 +320,12 @@ def test_serve_command_prints_its_url_and_stops_cleanly_on_ctrl_c_even_mid_strea
         connection.request("GET", "/")
         page = connection.getresponse()
         assert page.status == 200 and b"<html" in page.read()
-        connection.request("POST", "/v1/completions", body=json.dumps({"max_tokens": 1_000_000, "stream": True}))
+        for host, status in (("box.lan:80", 200), ("evil.example", 421)):
+            connection.request("GET", "/health", headers={"Host": host})
+            answer = connection.getresponse()
+            assert answer.status == status and answer.read()
+        connection.request("POST", "/v1/completions", body=json.dumps({"max_tokens": 1_000_000, "stream": True}),
+                           headers={"Content-Type": "application/json"})
         stream = connection.getresponse()
         assert stream.status == 200 and stream.readline().startswith(b"data: ")  # generating
         process.send_signal(signal.SIGINT)
@@ -352,3 +357,48 @@ def test_probabilities_sum_to_one_in_every_kept_set(server):
     assert status == 200
     for shown in json.loads(text)["strategies"]:
         assert math.fsum(c["kept_prob"] for c in shown["kept"]) == pytest.approx(1, abs=1e-9)
+
+
+def test_a_strategy_spec_samples_as_the_openai_fields_do(server):
+    client = server.client()
+    for spec, fields in (("greedy", {"temperature": 0}), ("top-k:k=5,t=0.8", {"temperature": 0.8, "top_k": 5}),
+                         ("top-p:p=0.7,rep=1.3", {"top_p": 0.7, "repetition_penalty": 1.3})):
+        by_spec = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=20, seed=4,
+                                            extra_body={"strategy": spec})
+        by_fields = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=20, seed=4,
+                                              extra_body={k: v for k, v in fields.items()})
+        assert by_spec.choices[0].text == by_fields.choices[0].text, spec
+
+
+@pytest.mark.parametrize(("body", "says"), [
+    ({"prompt": "x", "strategy": "top-p:p=0.9", "temperature": 0.5}, "strategy and temperature are two ways"),
+    ({"prompt": "x", "strategy": "greedy", "top_k": 3}, "strategy and top_k are two ways"),
+    ({"prompt": "x", "strategy": "top-q:p=0.9"}, "top-p"),  # parse_strategy's suggestion
+    ({"prompt": "x", "strategy": 3}, "must be a string"),
+])
+def test_a_bad_or_doubled_strategy_is_refused(server, body, says):
+    status, _, text = server.post("/v1/completions", body)
+    error = json.loads(text)["error"]
+    assert status == 400 and error["param"] == "strategy" and says in error["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_carry_each_tokens_display(server, loaded, stream):
+    _, tokenizer = loaded
+    status, _, text = server.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 12, "seed": 2, "logprobs": 3,
+                                                      "echo": True, "stream": stream})
+    assert status == 200
+    if stream:
+        choices = [json.loads(e[6:])["choices"][0] for e in text.split("\n\n") if e and e != "data: [DONE]"]
+        logprobs = {key: sum((c["logprobs"][key] for c in choices), []) for key in choices[0]["logprobs"]}
+    else:
+        logprobs = json.loads(text)["choices"][0]["logprobs"]
+    ids = tokenizer.encode(PROMPT) + [tokenizer.encode(t)[0] for t in logprobs["tokens"][len(PROMPT):]]
+    assert logprobs["display_tokens"] == [tokenizer.display(t) for t in ids]
+    assert "\u2423" in logprobs["display_tokens"]  # the space of "The quick", shown
+    assert logprobs["top_display"][0] is None  # the first prompt token has no context
+    for top, by_text in zip(logprobs["top_display"][1:], logprobs["top_logprobs"][1:]):
+        assert [c["display"] for c in top] == [tokenizer.display(c["id"]) for c in top]
+        assert [(tokenizer.token_text(c["id"]), c["logprob"]) for c in top] == list(by_text.items())
+    plain = server.client().completions.create(model="tiny", prompt=PROMPT, max_tokens=2)
+    assert plain.choices[0].logprobs is None  # only when asked for

@@ -55,8 +55,12 @@ def shown_percent(p: float) -> str:
     return f"{100 * p:.1f}%" if p >= 0.1 else f"{100 * p:.2f}%"
 
 
-def test_explorer_page_shows_what_the_library_computes(browser, tiny_checkpoint, tmp_path):
+def test_explorer_page_shows_what_the_library_computes(browser, tiny_checkpoint, tmp_path, monkeypatch):
     model, tokenizer, _ = load_for_generation(tiny_checkpoint, torch.device("cpu"))
+    # Tokens shown in brackets: what the page shows of a token must be the server's display
+    # string as it is, not one the page makes up (for most tokens the two would agree).
+    display = tokenizer.display
+    monkeypatch.setattr(tokenizer, "display", lambda token: f"[{display(token)}]")
     with LiveServer(create_app(model, tokenizer, ServeSettings("tiny", max_tokens=64))) as live:
         browser.get(live.url + "/")
         settled(browser)
@@ -107,9 +111,17 @@ def test_explorer_page_shows_what_the_library_computes(browser, tiny_checkpoint,
             run = browser.find_element(By.CSS_SELECTOR, f"#runs .run[data-strategy='{strategy}']")
             spans = run.find_elements(By.CSS_SELECTOR, ".out .tok")
             assert spans and all(s.get_attribute("data-alt") and s.get_attribute("data-p") for s in spans)
-            answer = live.client().completions.create(model="tiny", prompt=context, max_tokens=60, seed=1, **fields)
+            answer = live.client().completions.create(model="tiny", prompt=context, max_tokens=60, seed=1,
+                                                      logprobs=5, **fields)
             shown = run.find_element(By.CLASS_NAME, "out").get_attribute("textContent")
             assert shown == context + answer.choices[0].text
+            # each token's tooltip: the token and its alternatives as the server displays them
+            logprobs = answer.choices[0].logprobs
+            tooltips = [s.get_attribute("data-alt").split("\n") for s in spans]
+            assert [lines[0].rpartition("  p=")[0] for lines in tooltips] == logprobs.display_tokens
+            assert [[line.strip().rpartition("  ")[0] for line in lines[1:]] for lines in tooltips] == [
+                [c["display"] for c in top] for top in logprobs.top_display]
+            assert any(lines[0].startswith("[\u2423]") for lines in tooltips)  # a space, as the server shows it
         screenshot = tmp_path / "explorer.png"
         assert browser.save_screenshot(str(screenshot))
         print(f"screenshot: {screenshot}")
