@@ -847,9 +847,12 @@ def uvicorn_config(app: Starlette, *, access_log: bool = False, graceful_shutdow
             self.conn.receive_data(data)
             self.handle_events()  # stops the timer once a request's headers are complete
 
-    return uvicorn.Config(app, http=TimedH11Protocol, log_level="warning", access_log=access_log,
-                          timeout_keep_alive=app.state.server.settings.idle_timeout_s,
-                          timeout_graceful_shutdown=graceful_shutdown_s)
+    config = uvicorn.Config(app, http=TimedH11Protocol, log_level="warning", access_log=access_log,
+                            timeout_keep_alive=app.state.server.settings.idle_timeout_s,
+                            timeout_graceful_shutdown=graceful_shutdown_s)
+    if access_log:  # Config set every uvicorn logger to "warning", which hides the access lines (info)
+        logging.getLogger("uvicorn.access").setLevel(logging.INFO)
+    return config
 
 
 def serve_forever(app: Starlette, sock: socket.socket, *, access_log: bool = False) -> None:

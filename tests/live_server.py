@@ -16,11 +16,11 @@ from model.serve import listen, uvicorn_config
 class LiveServer:
     """A uvicorn server running an app in a thread, on a free port of 127.0.0.1."""
 
-    def __init__(self, app):
+    def __init__(self, app, access_log: bool = False):
         self.sock = listen("127.0.0.1", 0)
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn_config(app, graceful_shutdown_s=1))
+        self.server = uvicorn.Server(uvicorn_config(app, access_log=access_log, graceful_shutdown_s=1))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> LiveServer:

@@ -281,3 +281,15 @@ def test_allowed_hosts_are_a_setting(loaded, allowed, host, served):
     with LiveServer(create_app(*loaded, ServeSettings("tiny", allowed_hosts=allowed))) as live:
         status, _, _ = live.post("/health", b"", {"Host": host}, "GET")
     assert (status == 200) == served
+
+
+def test_the_access_log_prints_one_line_per_request(loaded, capfd):
+    model, tokenizer = loaded
+    with LiveServer(create_app(model, tokenizer, ServeSettings("tiny")), access_log=True) as live:
+        live.get("/health")
+        live.post("/v1/completions", {"prompt": "The", "max_tokens": 2})
+        time.sleep(0.2)
+    printed = capfd.readouterr()
+    lines = [line for line in (printed.out + printed.err).splitlines() if "HTTP/1.1" in line]
+    assert any('"GET /health HTTP/1.1" 200' in line for line in lines), printed
+    assert any('"POST /v1/completions HTTP/1.1" 200' in line for line in lines), printed
