@@ -317,7 +317,7 @@ def test_compare_on_a_folder_needs_a_dataset(tiny_gpt2, tiny_gpt2_dataset, capsy
                         "--num-prompts", "2",
                         "--prompt-tokens", "4", "--max-new-tokens", "4", "--device", "cpu", "--no-progress"]) == 0
     table = capsys.readouterr().out
-    rows = [line.split()[0] for line in table.splitlines()[2:]]
+    rows = [line.split()[0] for line in table.split("\n\n")[0].splitlines()[2:]]  # the table, not the samples under it
     assert rows == ["human", "greedy"], table
 
 
