@@ -236,7 +236,8 @@ def add_generate_command(commands) -> None:
     parser.add_argument("--num-beams", type=int, help="beams for beam search (default 4 with --strategy beam)")
     parser.add_argument("--num-samples", type=int, default=1, help="continuations per prompt, generated as one batch")
     parser.add_argument("--max-new-tokens", type=int, default=200, help="at most this many tokens per sample")
-    parser.add_argument("--seed", type=int, default=1337, help="sample i uses seed + i: same seed, same text")
+    parser.add_argument("--seed", type=int, default=1337, help="sample s of prompt p uses seed + p * num_samples + "
+                        "s: same seed, same text")
     parser.add_argument("--stop", action="append", default=[], help="end a sample at this string, which is not "
                         "printed (repeatable; taken literally: in bash, $'\\n\\n' is a blank line)")
     parser.add_argument("--window", choices=WINDOW_MODES, default="exact", help="past block_size tokens: exact "

@@ -172,7 +172,7 @@ def val_prompts(
 # ----------------------------------------------------------------------------- units and metrics
 
 
-def text_units(sample: Sample, units: str, eot_id: int) -> list:
+def text_units(sample: Sample, units: str) -> list:
     """What the text metrics count in one sample: words (see the module docstring) or tokens.
 
     words: `WORD` matches of the sample's text, without a last word that may have been cut
@@ -180,7 +180,7 @@ def text_units(sample: Sample, units: str, eot_id: int) -> list:
     tokens: the generated ids without a final end-of-text token.
     """
     if units == "tokens":
-        return sample.tokens[:-1] if sample.tokens and sample.tokens[-1] == eot_id else list(sample.tokens)
+        return generated_tokens(sample)
     if units != "words":
         raise UserError(f"units must be one of {', '.join(UNITS)}, got {units!r}")
     words = WORD.findall(sample.text)
@@ -314,7 +314,7 @@ def run_comparison(
             runs.append(Run(spec.label, spec, samples, time.perf_counter() - started))
             bar.update()
     byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
-    rows = [_row(run, len(prompts), num_samples, units, tokenizer.eot_id, byte_lengths) for run in runs]
+    rows = [_row(run, len(prompts), num_samples, units, byte_lengths) for run in runs]
     settings = {
         "num_samples": num_samples, "max_new_tokens": max_new_tokens, "seed": seed, "stop": list(stop),
         "window": window, "units": units, "human_row": human is not None,
@@ -341,14 +341,14 @@ def _human_run(model, tokenizer, prompts, human, max_new_tokens, stop, window) -
 
 
 def _row(
-    run: Run, num_prompts: int, num_samples: int, units: str, eot_id: int, byte_lengths: torch.Tensor
+    run: Run, num_prompts: int, num_samples: int, units: str, byte_lengths: torch.Tensor
 ) -> dict[str, Any]:
     """One table row. A deterministic strategy's one sample per prompt stands for the
     num_samples identical samples every seed would give; the human row has one per prompt."""
     per_prompt = len(run.samples) // num_prompts
     copies = num_samples if run.spec is not None and run.spec.is_deterministic else 1
     units_by_prompt = [
-        [text_units(sample, units, eot_id) for sample in run.samples[p * per_prompt : (p + 1) * per_prompt]] * copies
+        [text_units(sample, units) for sample in run.samples[p * per_prompt : (p + 1) * per_prompt]] * copies
         for p in range(num_prompts)
     ]
     row = {"strategy": run.label, **row_metrics(units_by_prompt, run.samples, byte_lengths)}

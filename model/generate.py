@@ -272,15 +272,16 @@ class Event:
     """One token released for one row of a generation, or the end of a row.
 
     A step of the token loop releases a list of events. Usually that is one per live
-    row; a row may get several in one step (a speculative step that accepts several
-    tokens), each with its own logprob. A row's last event carries ``finish``.
+    row; a row may get several in one step (beam search releases a prompt's whole beam
+    at once; a speculative step would release every token it accepts), each with its own
+    logprob. A row's last event carries ``finish``.
     """
 
     row: int  # prompt-major: prompt_index * num_samples + sample_index
     token: int | None  # None only on the end of a row that got no token (max_new_tokens 0)
     text: str  # newly printable text (held back while it could be part of a stop string or a character)
     logprob: float | None  # log p(token) under the model's raw distribution (None: not known, or no token)
-    offset: int  # characters of the row's text before this token's text
+    offset: int  # characters of the row's text before this token's text (at most the final text's length)
     detail: TokenDetail | None = None  # the top candidates, when asked for (top > 0)
     finish: str | None = None  # on the row's last event: "eot", "stop" or "length"
 
@@ -330,8 +331,8 @@ class RowEnd:
             text, finish = self.stream.finish(), "eot"
         else:
             text = self.stream.feed(token)
-            if self.stream.stopped:
-                finish = "stop"
+            if self.stream.stopped:  # the text was cut before the stop string, maybe before this token
+                finish, offset = "stop", min(offset, len(self.stream.text))
             elif self.taken == self.max_tokens:
                 text, finish = text + self.stream.finish(), "length"
         self.ended = finish is not None
@@ -433,6 +434,10 @@ def generate_events(
         raise UserError(f"num_samples must be >= 1, got {num_samples}")
     if any(s == "" for s in stop):
         raise UserError("a stop string must not be empty")
+    if window not in WINDOW_MODES:
+        raise UserError(f"window must be one of {', '.join(WINDOW_MODES)}, got {window!r}")
+    if not prompts:
+        raise UserError("there is no prompt to continue (an empty prompt, '', starts a new document)")
     if spec.is_beam and num_samples != 1:
         raise UserError("beam search is deterministic: use num_samples 1")
     if spec.is_beam and top:
@@ -441,9 +446,10 @@ def generate_events(
     if not 0 <= seed <= MAX_SEED - rows + 1:
         raise UserError(f"the seed must be in [0, {MAX_SEED - rows + 1}] (row r uses seed + r, at most {MAX_SEED}), "
                         f"got {seed}")
-    check_batch_memory(model, spec.num_beams if spec.is_beam else rows, max_new_tokens)  # beams: one prompt at a time
     names = ["prompt" if len(prompts) == 1 else f"prompt {i + 1}" for i in range(len(prompts))]
     encoded = [encode_prompt(tokenizer, p, name) for p, name in zip(prompts, names)]
+    longest = max(len(ids) for ids in encoded)
+    check_batch_memory(model, spec.num_beams if spec.is_beam else rows, max_new_tokens, longest)  # beams: per prompt
     if spec.is_beam:
         return _beam_events(model, tokenizer, encoded, spec, max_new_tokens, stop, window)
     return _sampled_events(model, tokenizer, [encoded[r // num_samples] for r in range(rows)], spec,
@@ -493,14 +499,15 @@ def generate(model: GPT, tokenizer: Tokenizer, prompts: Sequence[str | Sequence[
     return samples
 
 
-def check_batch_memory(model: GPT, rows: int, max_new_tokens: int) -> None:
+def check_batch_memory(model: GPT, rows: int, max_new_tokens: int, longest_prompt: int = 0) -> None:
     """Refuse, before anything is allocated, a batch whose KV cache and token buffer
     alone would not fit in the memory of the model's device (an absurd number of
-    samples would otherwise end in an allocator error, or in the machine swapping)."""
+    samples would otherwise end in an allocator error, or in the machine swapping).
+    The token buffer holds the longest prompt, which may be longer than the context."""
     cfg = model.config
     parameter = next(model.parameters())
     cache = 2 * cfg.n_layer * cfg.block_size * cfg.n_embd * parameter.element_size()
-    tokens = 8 * (cfg.block_size + min(max_new_tokens, 1024))
+    tokens = 8 * (max(cfg.block_size, longest_prompt) + min(max_new_tokens, 1024))
     needed, available = rows * (cache + tokens), device_memory(parameter.device)
     if available is not None and needed > available:
         raise UserError(f"a batch of {rows:,} rows needs about {needed / 2**30:,.1f} GiB for its KV cache and "

@@ -27,7 +27,7 @@ before ``data: [DONE]``. Only requests addressed to this host (421) with JSON bo
 (415) are read, which keeps other sites' pages out. At most ``max_concurrent`` requests
 use the model at once and at most ``max_waiting`` more wait for a turn; beyond that the
 answer is 503 with ``Retry-After``. A stream whose client goes away stops at the next
-token; a connection that sends no request, or not all of its body, is closed after a
+token (beam search: once the prompt's search ends); a connection that sends no request, or not all of its body, is closed after a
 timeout.
 """
 
@@ -389,7 +389,8 @@ def _top_display(tokenizer: Tokenizer, top: Sequence[tuple[int, float]] | None) 
 def prompt_logprobs(model: GPT, tokenizer: Tokenizer, ids: Sequence[int], k: int, window: str) -> dict[str, list]:
     """OpenAI's logprobs of an echoed prompt: each token's log-probability given the ones
     before it (none for the first) and the top k alternatives there, teacher-forced through
-    the token loop's context (`forced_logprobs`), so a long prompt is read as generation reads it."""
+    the token loop's context (`forced_logprobs`): past the context it is read through the
+    window as a generation that reached that length would read it."""
     chosen, top = [], []
     for t, logprobs in enumerate(forced_logprobs(model, [ids[:1]], [ids[1:]], window=window,
                                                  valid_vocab=tokenizer.vocab_size)):
@@ -655,7 +656,9 @@ class Server:
         choices = []
         for row in range(job.rows):
             prompt = row // job.n
-            choice = _choice(row, job, job.prompt_texts[prompt] if job.echo else "", echoed.get(prompt))
+            # each choice gets its own lists: the n samples of a prompt append different tokens to them
+            logprobs = {key: list(value) for key, value in echoed[prompt].items()} if prompt in echoed else None
+            choice = _choice(row, job, job.prompt_texts[prompt] if job.echo else "", logprobs)
             if job.return_token_ids:
                 choice["prompt_token_ids"] = job.prompts[prompt]
             choices.append(choice)
@@ -663,7 +666,8 @@ class Server:
 
     async def _collect(self, job: CompletionJob, events: Iterator[list[Event]],
                        request: Request) -> tuple[list[dict], int] | None:
-        choices, generated = self._choices(job), 0
+        # the echoed prompt's logprobs are a pass of the model: in a worker thread, as every step
+        choices, generated = await anyio.to_thread.run_sync(_inference, self._choices, job), 0
         async with contextlib.aclosing(self._steps(events)) as steps:
             async for step in steps:
                 if await request.is_disconnected():
@@ -684,7 +688,7 @@ class Server:
         try:
             async with ticket:
                 if job.echo or job.return_token_ids:
-                    yield chunk(self._choices(job))
+                    yield chunk(await anyio.to_thread.run_sync(_inference, self._choices, job))
                 async with contextlib.aclosing(self._steps(events)) as steps:
                     async for step in steps:
                         generated += _tokens(step)

@@ -161,12 +161,12 @@ def test_words_and_tokens():
     text = "Hark, the king's men!\nGo on"
     cut = Sample(0, 0, tokens=[1, 2, 5], text=text, finish="length")
     # "on" may have been cut mid-word by the length limit: dropped.
-    assert text_units(cut, "words", eot_id=5) == ["Hark", ",", "the", "king", "'", "s", "men", "!", "Go"]
+    assert text_units(cut, "words") == ["Hark", ",", "the", "king", "'", "s", "men", "!", "Go"]
     ended = Sample(0, 0, tokens=[1, 2, 5], text=text, finish="eot")
-    assert text_units(ended, "words", eot_id=5)[-1] == "on"
-    assert text_units(Sample(0, 0, text="Go on.", finish="length"), "words", 5) == ["Go", "on", "."]
-    assert text_units(ended, "tokens", eot_id=5) == [1, 2]  # the final end-of-text is not text
-    assert text_units(cut, "tokens", eot_id=9) == [1, 2, 5]
+    assert text_units(ended, "words")[-1] == "on"
+    assert text_units(Sample(0, 0, text="Go on.", finish="length"), "words") == ["Go", "on", "."]
+    assert text_units(ended, "tokens") == [1, 2]  # the final end-of-text is not text
+    assert text_units(cut, "tokens") == [1, 2, 5]
 
 
 def test_row_metrics_by_hand():
@@ -427,7 +427,7 @@ def test_loops_of_spaces_and_of_word_pieces_show_in_the_token_repetition():
     pieces = Sample(0, 1, tokens=[3] + [8, 9, 10] * 4, text="the " + "abcdef" * 4, finish="length")
     plain = Sample(0, 2, tokens=[3, 4, 5, 6, 9], text="the dog ran off home", finish="eot")
     samples = [spaces, pieces, plain]
-    words = [[text_units(s, "words", eot_id=99) for s in samples]]
+    words = [[text_units(s, "words") for s in samples]]
     row = row_metrics(words, samples)
     assert row["repetition"] == 0.0  # no words in the spaces, one long word in the pieces: words miss both
     assert row["repetition_tokens"] == pytest.approx(2 / 3)

@@ -121,3 +121,21 @@ def test_no_tokens_asked_is_one_end_per_row(tiny_model):
     tokenizer = CharTokenizer("".join(chr(97 + i) for i in range(36)))
     steps = list(generate_events(tiny_model, tokenizer, ["ab"], parse_strategy("greedy"), max_new_tokens=0))
     assert steps == [[Event(0, None, "", None, 0, None, "length")]]
+
+
+def test_the_offset_of_the_token_that_completes_a_stop_string_is_inside_the_text():
+    tokenizer = CharTokenizer("xab")
+    end = RowEnd(0, tokenizer, ["ab"], max_tokens=5)
+    events = [end.take(t) for t in tokenizer.encode("xab")]
+    assert "".join(e.text for e in events) == "x" and events[-1].finish == "stop"
+    assert [e.offset for e in events] == [0, 1, 1]  # "b" would start at 2, past the cut text
+
+
+def test_echoed_logprobs_are_each_choices_own(loaded):
+    model, tokenizer = loaded
+    with LiveServer(create_app(model, tokenizer, ServeSettings("tiny", max_tokens=64, max_rows=16))) as live:
+        result = live.client().completions.create(model="tiny", prompt="The quick", n=2, seed=3, max_tokens=5,
+                                                  echo=True, logprobs=1)
+    for choice in result.choices:
+        assert len(choice.logprobs.tokens) == len("The quick") + 5  # its prompt and its own 5 tokens
+        assert "".join(choice.logprobs.tokens) == choice.text

@@ -273,7 +273,9 @@ def test_busy_server_answers_503_and_a_client_that_leaves_stops_its_generation(l
     model, tokenizer = loaded
     settings = ServeSettings("tiny", max_tokens=1_000_000, max_concurrent=1, max_waiting=1)
     with LiveServer(create_app(model, tokenizer, settings)) as live:
-        first, response = open_stream(live, {"prompt": PROMPT, "max_tokens": 1_000_000})
+        # greedy: this model loops without end-of-text, so the first stream runs until its client
+        # leaves (sampled with a random seed it could end by itself within a few dozen tokens)
+        first, response = open_stream(live, {"prompt": PROMPT, "max_tokens": 1_000_000, "temperature": 0})
         response.readline()  # generation has begun
         wait_for(lambda: live.get("/health")["running"] == 1)
         second = threading.Thread(target=live.post, args=("/v1/completions", {"prompt": PROMPT, "max_tokens": 3}))
