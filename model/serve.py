@@ -63,7 +63,7 @@ from model.errors import UserError
 from model.generate import MAX_SEED, Context, Event, TokenDetail, encode_prompt, generate_events
 from model.score import forced_logprobs
 from model.gpt import GPT
-from model.strategy import DecodingSpec, parse_strategy
+from model.strategy import DecodingSpec, is_number, is_whole, parse_strategy
 from model.tokenizer import Tokenizer
 
 PAGE = Path(__file__).parent / "static" / "explorer.html"
@@ -163,14 +163,6 @@ _COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "n", "stop", "seed", "str
 _DISTRIBUTION_FIELDS = {"model", "prompt", "strategies", "top"}
 
 
-def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _is_whole(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def _check_json(body: dict) -> None:
     """Refuse a body nested deeper than MAX_JSON_DEPTH, and a string or field name with a
     lone surrogate ("\\ud800" is valid JSON but not text: it has no UTF-8, so it could be
@@ -215,7 +207,7 @@ def _whole(body: dict, name: str, default: int | None, low: int, high: int | Non
     value = body.get(name)
     if value is None:
         return default
-    if not _is_whole(value) or value < low or (high is not None and value > high):
+    if not is_whole(value) or value < low or (high is not None and value > high):
         bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
         raise RequestError(f"{name}={value!r} is invalid; it must be a whole number {bound}{limit_note}", name)
     return value
@@ -243,11 +235,11 @@ def read_spec(body: dict) -> DecodingSpec:
         value = body.get(name)
         if value is None:
             continue
-        if not _is_number(value) or not math.isfinite(value):
+        if not is_number(value) or not math.isfinite(value):
             raise RequestError(f"{name}={value!r} must be a finite number", name)
         fields[name] = value
     if "top_k" in fields:
-        if not _is_whole(fields["top_k"]):
+        if not is_whole(fields["top_k"]):
             raise RequestError(f"top_k={fields['top_k']!r} must be a whole number (0 or -1: off)", "top_k")
         if fields["top_k"] in (0, -1):
             del fields["top_k"]
@@ -286,9 +278,9 @@ def read_prompts(value: object, tokenizer: Tokenizer) -> tuple[list[list[int]], 
         items, kind = [value], "text"
     elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
         items, kind = value, "text"
-    elif isinstance(value, list) and value and all(_is_whole(v) for v in value):
+    elif isinstance(value, list) and value and all(is_whole(v) for v in value):
         items, kind = [value], "ids"
-    elif isinstance(value, list) and value and all(isinstance(v, list) and v and all(_is_whole(t) for t in v)
+    elif isinstance(value, list) and value and all(isinstance(v, list) and v and all(is_whole(t) for t in v)
                                                     for v in value):
         items, kind = value, "ids"
     else:

@@ -30,16 +30,18 @@ MAX_ABS_FREQUENCY_PRESENCE = 2.0
 # collects them all.
 
 
-def _is_number(x: object) -> bool:
+def is_number(x: object) -> bool:
+    """An int or float that is not a bool (JSON's and Python's numbers alike)."""
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _is_whole(x: object) -> bool:
+def is_whole(x: object) -> bool:
+    """An int that is not a bool."""
     return isinstance(x, int) and not isinstance(x, bool)
 
 
 def temperature_problem(t: float) -> str | None:
-    if not _is_number(t) or not math.isfinite(t) or t < 0:
+    if not is_number(t) or not math.isfinite(t) or t < 0:
         return f"temperature={t!r} is invalid; it must be a finite number >= 0 (0 means greedy decoding)"
     if 0 < t < MIN_TEMPERATURE:
         return f"temperature={t!r} is below the smallest supported {MIN_TEMPERATURE:g}; use 0 for greedy decoding"
@@ -47,44 +49,44 @@ def temperature_problem(t: float) -> str | None:
 
 
 def top_k_problem(k: int) -> str | None:
-    if not _is_whole(k) or k < 1:
+    if not is_whole(k) or k < 1:
         return f"top_k={k!r} is invalid; it must be a whole number >= 1"
     return None
 
 
 def top_p_problem(p: float) -> str | None:
-    if not _is_number(p) or not 0 < p <= 1:
+    if not is_number(p) or not 0 < p <= 1:
         return f"top_p={p!r} is out of range; it must be in (0, 1] (1 keeps every token)"
     return None
 
 
 def min_p_problem(min_p: float) -> str | None:
-    if not _is_number(min_p) or not 0 <= min_p <= 1:
+    if not is_number(min_p) or not 0 <= min_p <= 1:
         return f"min_p={min_p!r} is out of range; it must be in [0, 1] (0 keeps every token)"
     return None
 
 
 def typical_p_problem(mass: float) -> str | None:
-    if not _is_number(mass) or not 0 < mass <= 1:
+    if not is_number(mass) or not 0 < mass <= 1:
         return f"typical_p={mass!r} is out of range; it must be in (0, 1] (1 keeps every token)"
     return None
 
 
 def repetition_penalty_problem(penalty: float) -> str | None:
-    if not _is_number(penalty) or not math.isfinite(penalty) or penalty <= 0:
+    if not is_number(penalty) or not math.isfinite(penalty) or penalty <= 0:
         return f"repetition_penalty={penalty!r} is invalid; it must be a finite number > 0 (1 means no penalty)"
     return None
 
 
 def frequency_presence_problem(name: str, value: float) -> str | None:
     limit = MAX_ABS_FREQUENCY_PRESENCE
-    if not _is_number(value) or not -limit <= value <= limit:
+    if not is_number(value) or not -limit <= value <= limit:
         return f"{name}={value!r} is out of range; it must be in [{-limit:g}, {limit:g}] (0 means no penalty)"
     return None
 
 
 def num_beams_problem(n: int) -> str | None:
-    if not _is_whole(n) or n < 1:
+    if not is_whole(n) or n < 1:
         return f"num_beams={n!r} is invalid; it must be a whole number >= 1"
     return None
 

@@ -130,6 +130,14 @@ def tiny_checkpoint(tiny_dataset, tmp_path_factory) -> Path:
     return out / "best.pt"
 
 
+@pytest.fixture(scope="module")
+def loaded(tiny_checkpoint):
+    """(model, tokenizer) of the tiny checkpoint, once per test module."""
+    from model.checkpoint import load_for_generation
+
+    return load_for_generation(tiny_checkpoint, torch.device("cpu"))[:2]
+
+
 @pytest.fixture
 def two_threads():
     """torch on two threads for one test (the suite runs on one, above), then back: the

@@ -7,10 +7,8 @@ from __future__ import annotations
 import re
 
 import pytest
-import torch
 
 import sample
-from model.checkpoint import load_for_generation
 from model.compare import run_comparison
 from model.generate import Event, RowEnd, generate, generate_events, replay
 from model.serve import ServeSettings, create_app
@@ -23,11 +21,6 @@ from tests.live_server import LiveServer
 PROMPTS = ["The quick", "A small model learns the shape of the text it reads, one"]
 SEED, N, TOKENS, STOP = 5, 3, 40, "ck"
 SPEC = "top-k:k=8,t=1.2"  # high temperature: the stop string and the length limit both occur
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_checkpoint):
-    return load_for_generation(tiny_checkpoint, torch.device("cpu"))[:2]
 
 
 def cli_texts(capsys, checkpoint) -> list[tuple[str, str]]:

@@ -22,18 +22,12 @@ from tests.conftest import ROOT
 
 import sample
 from live_server import LiveServer
-from model.checkpoint import load_for_generation
 from model.decoding import process_logits
 from model.strategy import parse_strategy
 from model.serve import ServeSettings, create_app, listen
 from model.tokenizer import BPETokenizer
 
 PROMPT = "The quick"
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_checkpoint):
-    return load_for_generation(tiny_checkpoint, torch.device("cpu"))[:2]
 
 
 @pytest.fixture(scope="module")

@@ -15,18 +15,12 @@ import pytest
 import torch
 
 from live_server import LiveServer
-from model.checkpoint import load_for_generation
 from model.gpt import GPT
 from model.serve import ServeSettings, create_app
 from model.tokenizer import BPETokenizer
 from tests.conftest import tiny_config
 
 PROMPT = "The quick"
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_checkpoint):
-    return load_for_generation(tiny_checkpoint, torch.device("cpu"))[:2]
 
 
 @pytest.fixture(scope="module")
