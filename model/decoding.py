@@ -2,7 +2,8 @@
 
 Each step is one small pure function on a logits tensor of shape (B, V) (the filters
 also accept a single row of shape (V,)); `process_logits` applies the steps a
-`DecodingSpec` (model/strategy.py) asks for, in one fixed order, and `choose_tokens`
+`DecodingSpec` (model/strategy.py) asks for, in the chain order it names
+(`strategy.CHAIN_ORDERS`, defined there once), and `choose_tokens`
 picks the token. Generation, the strategy comparison and the "explain the next token"
 table all go through these two, so a strategy means the same thing everywhere.
 
@@ -15,8 +16,12 @@ Conventions shared by every function:
   probability distribution and sampling from it fails.
 * The filters' semantics follow Hugging Face transformers' logits warpers
   (TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper, TypicalLogitsWarper,
-  RepetitionPenaltyLogitsProcessor); where they differ (tie order in top-p, the
+  EpsilonLogitsWarper, EtaLogitsWarper, TopHLogitsWarper,
+  RepetitionPenaltyLogitsProcessor), and llama.cpp's samplers for what transformers does
+  not have (top-n-sigma, XTC, mirostat, DRY); where they differ (tie order in top-p, the
   float tolerances, p = 1 and mass = 1 allowed) the function's docstring says so.
+* A stateful sampler's state (mirostat's mu, DRY's token history, XTC's coin) lives in
+  `PenaltyState`, one per generation, one entry per row; the functions stay pure.
 * Probabilities used to decide what to filter are computed in float64 from the
   logits, so the decision does not drift with float32 rounding of cumulative sums.
 """

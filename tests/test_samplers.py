@@ -556,3 +556,85 @@ def test_stateful_specs_are_marked_for_the_speculative_decoder():
     for text in ("sample", "greedy", "top-p:p=0.9", "eta:eta=0.01", "top-n-sigma:n=1", "top-h:h=0.4",
                  "min-p:p=0.1,t=2,order=temperature-last", "greedy:rep=1.3"):
         assert not parse_strategy(text).is_stateful, text
+
+
+# ----------------------------------------------------------------------------------------
+# The command line's flags and the server's request fields.
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--strategy", "eta", "--eta-cutoff", "0.02"], DecodingSpec(eta_cutoff=0.02)),
+    (["--strategy", "epsilon"], DecodingSpec(epsilon_cutoff=0.0003)),
+    (["--strategy", "top-n-sigma", "--top-n-sigma", "1.5", "--temperature", "1.2"],
+     DecodingSpec(top_n_sigma=1.5, temperature=1.2)),
+    (["--strategy", "top-h", "--top-h", "0.6"], DecodingSpec(top_h=0.6)),
+    (["--strategy", "xtc", "--xtc-threshold", "0.2"], DecodingSpec(xtc_probability=0.5, xtc_threshold=0.2)),
+    (["--strategy", "mirostat", "--mirostat-tau", "3"], DecodingSpec(mirostat=2, mirostat_tau=3.0)),
+    (["--strategy", "top-p", "--mirostat", "1", "--top-p", "1"], None),  # mirostat ignores top-p: refused
+    (["--strategy", "dry", "--dry-allowed-length", "3", "--dry-sequence-breakers", '["\\n"]'],
+     DecodingSpec(dry_multiplier=0.8, dry_allowed_length=3, dry_sequence_breakers=("\n",))),
+    (["--strategy", "greedy", "--dry-multiplier", "1"], DecodingSpec(temperature=0.0, dry_multiplier=1.0)),
+    (["--strategy", "min-p", "--temperature", "1.5", "--order", "temperature-last"],
+     DecodingSpec(min_p=0.05, temperature=1.5, order="temperature-last")),
+])
+def test_generate_flags_set_the_new_samplers(args, expected):
+    import sample
+    parsed = sample.parse_args(["ckpt.pt", *args])
+    if expected is None:
+        with pytest.raises(UserError, match="does nothing with mirostat"):
+            sample.spec_from_args(parsed)
+    else:
+        assert sample.spec_from_args(parsed) == expected
+
+
+def test_explain_prints_the_chain_and_compare_prints_the_orders(tiny_checkpoint, capsys):
+    import sample
+    assert sample.main([str(tiny_checkpoint), "--prompt", "The", "--max-new-tokens", "2", "--strategy",
+                        "min-p:p=0.1,t=1.5,order=temperature-last", "--explain"]) == 0
+    out = capsys.readouterr().out
+    assert "min-p:p=0.1,t=1.5,order=temperature-last: min-p > temperature > sample (chain order temperature-last: " \
+           "penalties > dry > top-n-sigma > top-h > top-k > top-p > min-p > typical > epsilon > eta > xtc > " \
+           "temperature > mirostat > sample)" in out
+    assert sample.main(["compare", str(tiny_checkpoint), "--prompt", "The", "--max-new-tokens", "3",
+                        "--num-samples", "1", "-s", "greedy", "-s", "min-p:p=0.1,t=1.5,order=temperature-last",
+                        "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "chain order temperature-first: penalties > dry > temperature > top-n-sigma" in out
+    assert "chain order temperature-last: penalties > dry > top-n-sigma" in out
+
+
+@pytest.mark.parametrize("body, expected", [
+    ({"eta_cutoff": 0.01, "epsilon_cutoff": 0}, DecodingSpec(eta_cutoff=0.01)),
+    ({"top_n_sigma": -1, "top_h": 0.5}, DecodingSpec(top_h=0.5)),  # llama.cpp's off value, -1
+    ({"top_n_sigma": 1.0}, DecodingSpec(top_n_sigma=1.0)),
+    ({"xtc_probability": 0.5, "xtc_threshold": 0.2}, DecodingSpec(xtc_probability=0.5, xtc_threshold=0.2)),
+    ({"mirostat": 0, "mirostat_tau": 5.0, "mirostat_eta": 0.1}, DecodingSpec()),  # llama.cpp clients send these
+    ({"mirostat": 2, "mirostat_tau": 3, "mirostat_eta": 0.2}, DecodingSpec(mirostat=2, mirostat_tau=3, mirostat_eta=0.2)),
+    ({"dry_multiplier": 0.8, "dry_base": 2, "dry_allowed_length": 3, "dry_penalty_last_n": 64,
+      "dry_sequence_breakers": ["\n", "::"]},
+     DecodingSpec(dry_multiplier=0.8, dry_base=2, dry_allowed_length=3, dry_penalty_last_n=64,
+                  dry_sequence_breakers=("\n", "::"))),
+    ({"dry_multiplier": 0.8, "dry_penalty_last_n": 0}, DecodingSpec()),  # llama.cpp: last_n 0 turns DRY off
+    ({"min_p": 0.1, "temperature": 1.5, "temperature_last": True},
+     DecodingSpec(min_p=0.1, temperature=1.5, order="temperature-last")),
+    ({"min_p": 0.1, "temperature_last": False}, DecodingSpec(min_p=0.1)),
+])
+def test_request_fields_make_the_spec(body, expected):
+    from model.serve import read_spec
+    assert read_spec(body) == expected
+
+
+@pytest.mark.parametrize("body, param, fragment", [
+    ({"mirostat": 1.5}, "mirostat", "mirostat=1.5 must be a whole number"),
+    ({"dry_multiplier": 1, "dry_allowed_length": 2.5}, "dry_allowed_length", "must be a whole number"),
+    ({"dry_multiplier": 1, "dry_sequence_breakers": "\n"}, "dry_sequence_breakers", "must be a list of strings"),
+    ({"temperature_last": 1}, "temperature_last", "must be true or false"),
+    ({"xtc_probability": 0.5, "xtc_threshold": 0.7}, "xtc_threshold", "xtc_threshold=0.7 is out of range"),
+    ({"eta_cutoff": 1.5}, "eta_cutoff", "eta_cutoff=1.5 is out of range"),
+    ({"mirostat": 2, "top_k": 40}, "top_k", "top_k=40 does nothing with mirostat"),
+])
+def test_bad_request_fields_are_one_line_errors(body, param, fragment):
+    from model.serve import RequestError, read_spec
+    with pytest.raises(RequestError) as error:
+        read_spec(body)
+    assert fragment in error.value.message and error.value.param == param and "\n" not in error.value.message
