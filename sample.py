@@ -447,8 +447,8 @@ def run_compare(args: argparse.Namespace, out=None) -> Comparison:
     out.write(f"{len(prompts)} prompts x {args.num_samples} samples{once} x {args.max_new_tokens} tokens, "
               f"text metrics in {args.units}, {comparison.settings['wall_seconds']:.1f} s\n")
     out.write(format_table(comparison.rows) + "\n")
-    out.write("".join(f"{chain_order_text(order)}\n" for order in CHAIN_ORDERS
-                      if order == DEFAULT_ORDER or any(spec.order == order for spec in grid)))
+    out.write("\n" + "".join(f"{chain_order_text(order)}\n" for order in CHAIN_ORDERS
+                             if order == DEFAULT_ORDER or any(spec.order == order for spec in grid)))
     out.write(f"\nthe first sample of each row (all of them: --out, samples.jsonl)\n{sample_lines(comparison)}\n")
     if human is None:
         out.write("no human row: given prompts have no known continuation\n")
