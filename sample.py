@@ -45,7 +45,9 @@ from model.generate import (
     WINDOW_MODES, Event, Sample, encode_prompt, generate_events, long_prompt_note, new_samples,
 )
 from model.score import TextScore, score_tokens, token_byte_lengths, windows
-from model.strategy import DecodingSpec, parse_strategy_with_defaults, strategy_kind
+from model.strategy import (
+    CHAIN_ORDERS, DEFAULT_ORDER, DecodingSpec, chain_order_text, parse_strategy_with_defaults, strategy_kind,
+)
 from model.tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------- shared by the commands
@@ -61,9 +63,22 @@ class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
 
 
 DECODING_FLAGS = (  # the command-line flags that set a DecodingSpec field of the same name
-    "temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty", "frequency_penalty",
-    "presence_penalty", "num_beams",
+    "temperature", "top_k", "top_p", "min_p", "typical_p", "top_n_sigma", "top_h", "epsilon_cutoff", "eta_cutoff",
+    "xtc_probability", "xtc_threshold", "mirostat", "mirostat_tau", "mirostat_eta", "repetition_penalty",
+    "frequency_penalty", "presence_penalty", "dry_multiplier", "dry_base", "dry_allowed_length",
+    "dry_penalty_last_n", "dry_sequence_breakers", "order", "num_beams",
 )
+
+
+def breakers_flag(text: str) -> tuple[str, ...]:
+    """--dry-sequence-breakers: a JSON list of strings, as llama.cpp's server takes it."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON list of strings, e.g. '[\"\\n\", \":\"]'")
+    return tuple(value)
 
 
 def spec_from_args(args: argparse.Namespace) -> DecodingSpec:
@@ -217,7 +232,8 @@ def add_generate_command(commands) -> None:
     parser.add_argument("--prompt-file", action="append", help="read a prompt from a file, '-' for stdin; the whole "
                         "file is one prompt (repeatable)")
     parser.add_argument("--strategy", default="top-p", help="greedy | sample | temperature | top-k | top-p | "
-                        "min-p | typical | beam, or a compact spec such as top-p:p=0.9,t=0.8")
+                        "min-p | typical | top-n-sigma | top-h | epsilon | eta | xtc | mirostat | mirostat1 | dry | "
+                        "beam, or a compact spec such as top-p:p=0.9,t=0.8")
     parser.add_argument("--temperature", type=float, help="divide logits by this; 0 means greedy "
                         "(default: 0.7 with --strategy temperature, else 1)")
     parser.add_argument("--top-k", type=int, help="keep the k most likely tokens (default 40 with --strategy top-k)")
@@ -227,12 +243,40 @@ def add_generate_command(commands) -> None:
                         "--strategy min-p)")
     parser.add_argument("--typical-p", type=float, help="locally typical sampling mass (default 0.95 with "
                         "--strategy typical)")
+    parser.add_argument("--top-n-sigma", type=float, help="keep logits >= max - n * their standard deviation, n > 0 "
+                        "(default 1 with --strategy top-n-sigma)")
+    parser.add_argument("--top-h", type=float, help="keep the most likely tokens while their entropy stays within "
+                        "this share of the whole, in (0, 1] (default 0.4 with --strategy top-h)")
+    parser.add_argument("--epsilon-cutoff", type=float, help="drop tokens with p < this, in (0, 1) (default 0.0003, "
+                        "tuned for 50k tokens, with --strategy epsilon; scale by 50257 / vocabulary size)")
+    parser.add_argument("--eta-cutoff", type=float, help="drop tokens with p < min(eta, sqrt(eta) * exp(-entropy)), "
+                        "in (0, 1) (default 0.0009 with --strategy eta; scale as --epsilon-cutoff)")
+    parser.add_argument("--xtc-probability", type=float, help="chance per step that XTC removes the top choices, "
+                        "in [0, 1] (default 0.5 with --strategy xtc, else 0: off)")
+    parser.add_argument("--xtc-threshold", type=float, help="XTC removes all tokens with p >= this but the least "
+                        "likely of them, in [0, 0.5] (default 0.1)")
+    parser.add_argument("--mirostat", type=int, choices=(0, 1, 2), help="mirostat version, 0 off (default 2 with "
+                        "--strategy mirostat, 1 with mirostat1)")
+    parser.add_argument("--mirostat-tau", type=float, help="mirostat's target surprise in bits (default 5)")
+    parser.add_argument("--mirostat-eta", type=float, help="mirostat's learning rate (default 0.1)")
     parser.add_argument("--repetition-penalty", type=float, help="CTRL penalty (> 1 discourages tokens already "
                         "seen, prompt included; default 1, off)")
     parser.add_argument("--frequency-penalty", type=float, help="subtract count * this from each generated "
                         "token's logit (default 0)")
     parser.add_argument("--presence-penalty", type=float, help="subtract this from every generated token's logit "
                         "(default 0)")
+    parser.add_argument("--dry-multiplier", type=float, help="DRY penalty: a token that would continue a repeat of "
+                        "n tokens loses multiplier * base ** (n - allowed length) (default 0.8 with --strategy "
+                        "dry, else 0: off)")
+    parser.add_argument("--dry-base", type=float, help="DRY's base, >= 1 (default 1.75)")
+    parser.add_argument("--dry-allowed-length", type=int, help="a token that would continue a repeat shorter "
+                        "than this is not penalised (default 2)")
+    parser.add_argument("--dry-penalty-last-n", type=int, help="DRY looks at this many last tokens, -1 the "
+                        "model's context (default -1)")
+    parser.add_argument("--dry-sequence-breakers", type=breakers_flag, help="JSON list of strings that a repeat "
+                        'never crosses (default ["\\n", ":", "\\"", "*"])')
+    parser.add_argument("--order", choices=tuple(CHAIN_ORDERS), help="where temperature runs in the sampling "
+                        f"chain: first (transformers) or last (llama.cpp) (default {DEFAULT_ORDER})")
     parser.add_argument("--num-beams", type=int, help="beams for beam search (default 4 with --strategy beam)")
     parser.add_argument("--num-samples", type=int, default=1, help="continuations per prompt, generated as one batch")
     parser.add_argument("--max-new-tokens", type=int, default=200, help="at most this many tokens per sample")
@@ -284,6 +328,7 @@ def run_generate(args: argparse.Namespace) -> None:
                     printer.show(event, samples[event.row])
                 bar.update()
         if args.explain:
+            write_text(sys.stdout, f"{spec.label}: {' > '.join(spec.chain)} ({chain_order_text(spec.order)})\n")
             print_explanation(samples[0], tokenizer)
         if logprobs is not None:
             write_logprobs(samples, tokenizer, logprobs)
@@ -402,6 +447,8 @@ def run_compare(args: argparse.Namespace, out=None) -> Comparison:
     out.write(f"{len(prompts)} prompts x {args.num_samples} samples{once} x {args.max_new_tokens} tokens, "
               f"text metrics in {args.units}, {comparison.settings['wall_seconds']:.1f} s\n")
     out.write(format_table(comparison.rows) + "\n")
+    out.write("\n" + "".join(f"{chain_order_text(order)}\n" for order in CHAIN_ORDERS
+                             if order == DEFAULT_ORDER or any(spec.order == order for spec in grid)))
     out.write(f"\nthe first sample of each row (all of them: --out, samples.jsonl)\n{sample_lines(comparison)}\n")
     if human is None:
         out.write("no human row: given prompts have no known continuation\n")
