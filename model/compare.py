@@ -399,8 +399,7 @@ def oracle_columns(
     """
     nlls, entropies, ngrams_by_sample = [], [], []
     for sample in run.samples:
-        symbols = token_symbols(tokenizer, sample.tokens)
-        context = oracle.context_after(token_symbols(tokenizer, prompts[sample.prompt_index]))
+        symbols, context = oracle_view(sample, prompts[sample.prompt_index], tokenizer, oracle)
         nlls += [-lp for lp in oracle.smoothed_logprobs(symbols, context)]
         entropies += oracle.entropies(symbols, context)
         ngrams_by_sample.append(metrics._ngrams(symbols, n))
@@ -414,6 +413,13 @@ def oracle_columns(
         "support_precision": metrics.mean(map(float, oracle.producible(pooled))),
         "coverage": metrics.mean(r / len(probable) for r in reached) if probable else math.nan,
     }
+
+
+def oracle_view(sample: Sample, prompt: Sequence[int], tokenizer: Tokenizer, oracle: MarkovChain) -> tuple[list[str], str]:
+    """A sample as the oracle reads it: the symbols of its tokens (`token_symbols`) and the
+    chain's context after its prompt's (token ids). The sample's oracle NLL in nats is
+    ``-sum(oracle.smoothed_logprobs(symbols, context))``, over ``len(symbols)`` symbols."""
+    return token_symbols(tokenizer, sample.tokens), oracle.context_after(token_symbols(tokenizer, prompt))
 
 
 # ----------------------------------------------------------------------------- tables and files
