@@ -355,7 +355,7 @@ def add_compare_command(commands) -> None:
                         "continuation under the true chain, orc H = the chain's entropy at the same positions "
                         "(equal, in expectation, for text of the chain itself), sup prec = share of its "
                         "(order+1)-grams the chain can emit, cov = share of the chain's probable (order+1)-grams "
-                        "it reaches")
+                        "it reaches (more text reaches more: compare it beside the tokens column)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: %(default)s)")
     parser.add_argument("--out", type=Path, help="write results.json, results.csv, results.md, samples.jsonl "
                         "and chart.png (with matplotlib) into this folder")

@@ -49,7 +49,8 @@ How the comparison is run, and why:
   the chain itself the two agree in expectation: a strategy below it is sharper than
   the truth, above it more random), support precision (the share of its (order+1)-grams
   the chain can emit, pooled) and coverage (the share of the chain's probable
-  (order+1)-grams it holds, per draw like distinct-n). n-grams lie inside a continuation.
+  (order+1)-grams it holds, per draw like distinct-n; it grows with the amount of text,
+  so read it beside the tokens column). n-grams lie inside a continuation.
 """
 
 from __future__ import annotations
