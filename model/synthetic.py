@@ -119,8 +119,8 @@ class MarkovChain:
 
     def logprobs(self, symbols: Sequence[str], context: str = "") -> list[float]:
         """log P(symbols[i] | context and symbols[:i]) for each i: -inf for a symbol the
-        chain cannot emit there (a symbol outside it included). Their sum is the
-        log-probability of the whole sequence given ``context``."""
+        chain cannot emit there. Their sum is the log-probability of the whole sequence
+        given ``context``. A symbol that is not the chain's is a UserError (`check_symbols`)."""
         self.check_symbols(symbols)
         out = []
         for symbol in symbols:
@@ -165,17 +165,13 @@ class MarkovChain:
         is drawn by inverting the cumulative distribution of its context (symbols in
         the order of ``transitions[context]``) at a uniform number from numpy's
         default generator."""
-        rng = np.random.default_rng(seed)
+        uniforms = _uniforms(np.random.default_rng(seed))
         cumulative = {c: (list(d), list(itertools.accumulate(d.values()))) for c, d in self.transitions.items()}
-        uniforms: Iterator[float] = iter(())
         docs, total = [], 0
         while total < num_chars:
             doc, context = [], ""
             while True:
-                u = next(uniforms, None)
-                if u is None:
-                    uniforms = iter(rng.random(1 << 16).tolist())
-                    u = next(uniforms)
+                u = next(uniforms)
                 symbols, cum = cumulative[context]
                 # the last cumulative sum can round below 1: a u past it takes the last symbol
                 symbol = symbols[min(bisect.bisect_right(cum, u), len(symbols) - 1)]
@@ -290,6 +286,13 @@ class MarkovChain:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _uniforms(rng: np.random.Generator) -> Iterator[float]:
+    """Uniform numbers in [0, 1) without end, drawn from ``rng`` in blocks (one call per
+    symbol would cost more than the drawing itself)."""
+    while True:
+        yield from rng.random(1 << 16).tolist()
 
 
 def all_contexts(alphabet: str, order: int) -> list[str]:
