@@ -58,6 +58,14 @@ def test_hand_built_chain_nll_entropy_and_stationary_by_hand():
     assert HAND.entropy_rate() == pytest.approx(6 / 7 * math.log(2), abs=1e-12)
 
 
+def test_a_periodic_chain_has_its_stationary_distribution():
+    # a, b, a, b, ... for ever: period 2, so the plain iteration pi P^t never settles (it
+    # alternates between a and b); the long-run share of each is 1/2, and nothing is uncertain
+    periodic = MarkovChain(1, "ab", {"": {"a": 1.0}, "a": {"b": 1.0}, "b": {"a": 1.0}})
+    assert periodic.stationary() == pytest.approx({"": 0.0, "a": 0.5, "b": 0.5}, abs=1e-12)
+    assert periodic.entropy_rate() == 0.0
+
+
 def test_hand_built_chain_ngrams_by_hand():
     # P(g) = sum_c pi(c) P(g | c): P(ab) = pi("") 1/2 + pi_c 1/2 1/2 = 3/21, P(bc) = pi_a 1/2 +
     # pi_c 1/4 = 5/21, P(ca) = (pi_a 1/2 + pi_b) 1/2 = 4/21, ...; bigrams that start with END
