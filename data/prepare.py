@@ -89,7 +89,8 @@ def prepare(
             tokenizer.save(staging / TOKENIZER_FILE)
         if oracle is not None:
             oracle.save(staging / ORACLE_FILE)
-        about = {"synthetic": oracle.name, "seed": oracle.seed} if oracle else {"inputs": inputs or ["pydoc_data.topics"]}
+        about = ({"synthetic": oracle.name, "seed": oracle.seed} if oracle
+                 else {"inputs": inputs or ["pydoc_data.topics"]})
         meta = dataset_meta(
             tokenizer, dtype, {split: writers[split].count for split in SPLITS},
             source={**about, "documents": len(docs), "bytes": total_bytes},

@@ -338,7 +338,7 @@ def run_comparison(
     if oracle is not None:
         encoded = [encode_prompt(tokenizer, p) for p in prompts]
         n, probable = oracle.order + 1, oracle.probable_ngrams(oracle.order + 1, PROBABLE)
-        rows = [row | oracle_columns(run, encoded, tokenizer, oracle, num_samples, n, probable)
+        rows = [row | oracle_columns(run, encoded, tokenizer, oracle, n, probable)
                 for run, row in zip(runs, rows)]
         settings["oracle"] = {"name": oracle.name, "seed": oracle.seed, "order": oracle.order,
                               "entropy_rate": oracle.entropy_rate(), "ngram": n, "probable_threshold": PROBABLE,
@@ -383,7 +383,7 @@ def _row(
 
 
 def oracle_columns(
-    run: Run, prompts: Sequence[Sequence[int]], tokenizer: Tokenizer, oracle: MarkovChain, num_samples: int, n: int,
+    run: Run, prompts: Sequence[Sequence[int]], tokenizer: Tokenizer, oracle: MarkovChain, n: int,
     probable: dict[tuple[str, ...], float],
 ) -> dict[str, float]:
     """The oracle's columns of one row (see the module docstring; nan where there is
@@ -391,10 +391,10 @@ def oracle_columns(
 
     ``prompts[p]`` are the token ids of prompt p (its symbols give the chain's context:
     `MarkovChain.context_after`); ``probable`` are the chain's probable n-grams
-    (`MarkovChain.probable_ngrams`). oracle_nll: mean over all continuation tokens of
-    -log q (`MarkovChain.smoothed_logprobs`); oracle_entropy: mean of the chain's
-    entropy at the same positions; support_precision: producible / all n-grams, pooled
-    over the samples; coverage: |probable n-grams in the s-th sample of every prompt| /
+    (`MarkovChain.probable_ngrams`). oracle_nll: mean over all continuation symbols (its
+    tokens, for the char tokenizer) of -log q (`MarkovChain.smoothed_logprobs`);
+    oracle_entropy: mean of the chain's entropy at the same positions;
+    support_precision: producible / all n-grams, pooled over the samples; coverage: |probable n-grams in the s-th sample of every prompt| /
     |probable|, averaged over s (a deterministic strategy's one sample per prompt is
     every draw).
     """
@@ -416,7 +416,9 @@ def oracle_columns(
     }
 
 
-def oracle_view(sample: Sample, prompt: Sequence[int], tokenizer: Tokenizer, oracle: MarkovChain) -> tuple[list[str], str]:
+def oracle_view(
+    sample: Sample, prompt: Sequence[int], tokenizer: Tokenizer, oracle: MarkovChain
+) -> tuple[list[str], str]:
     """A sample as the oracle reads it: the symbols of its tokens (`token_symbols`) and the
     chain's context after its prompt's (token ids). The sample's oracle NLL in nats is
     ``-sum(oracle.smoothed_logprobs(symbols, context))``, over ``len(symbols)`` symbols."""

@@ -82,8 +82,7 @@ def test_oracle_columns_of_hand_built_samples():
     good = Sample(0, 0, tokens=[2, 0, 2, 3], finish="eot")
     bad = Sample(0, 1, tokens=[2, 1, 1], finish="length")
     run = Run("x", None, [good, bad], None)
-    row = oracle_columns(run, [[1]], HAND_CHARS, HAND, num_samples=2, n=2, probable={("b", "c"): 5 / 21,
-                                                                                     ("c", "a"): 4 / 21})
+    row = oracle_columns(run, [[1]], HAND_CHARS, HAND, n=2, probable={("b", "c"): 5 / 21, ("c", "a"): 4 / 21})
     p = [1, 1 / 2, 1 / 2, 1 / 4, 1, 1 / 4, 0]  # c a c END | c b b, each in its context
     q = [(1 - SMOOTHING) * x + SMOOTHING / 4 for x in p]
     assert row["oracle_nll"] == pytest.approx(-sum(map(math.log, q)) / 7)
@@ -147,14 +146,14 @@ def test_precision_is_one_for_the_oracle_and_below_one_for_a_corrupted_sampler()
     tokenizer = CharTokenizer(chain.alphabet)
     docs = chain.documents(20_000, 4)
     n, probable = 3, chain.probable_ngrams(3)
-    truth = oracle_columns(oracle_run(chain, tokenizer, docs), [[]], tokenizer, chain, len(docs), n, probable)
+    truth = oracle_columns(oracle_run(chain, tokenizer, docs), [[]], tokenizer, chain, n, probable)
     assert truth["support_precision"] == 1.0
     # text of the chain itself: its NLL is the chain's entropy where it went (law of large
     # numbers, 20,000 symbols) and both are near the entropy rate
     assert truth["oracle_nll"] == pytest.approx(truth["oracle_entropy"], abs=0.03)
     assert truth["oracle_entropy"] == pytest.approx(chain.entropy_rate(), abs=0.05)
     broken = ["".join(corrupted(list(d), 10, 5, chain.alphabet.replace("\n", ""))) for d in docs]
-    worse = oracle_columns(oracle_run(chain, tokenizer, broken), [[]], tokenizer, chain, len(docs), n, probable)
+    worse = oracle_columns(oracle_run(chain, tokenizer, broken), [[]], tokenizer, chain, n, probable)
     assert 0.5 < worse["support_precision"] < 0.95
     assert worse["oracle_nll"] > truth["oracle_nll"] + 0.3
 
