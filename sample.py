@@ -48,6 +48,7 @@ from model.score import TextScore, score_tokens, token_byte_lengths, windows
 from model.strategy import (
     CHAIN_ORDERS, DEFAULT_ORDER, DecodingSpec, chain_order_text, parse_strategy_with_defaults, strategy_kind,
 )
+from model.synthetic import load_oracle
 from model.tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------- shared by the commands
@@ -394,6 +395,12 @@ def add_compare_command(commands) -> None:
                         "(default: %(default)s)")
     parser.add_argument("--window", choices=WINDOW_MODES, default="exact", help="past block_size tokens: see "
                         "python sample.py generate --help (default: %(default)s)")
+    parser.add_argument("--oracle", metavar="DIR", help="a synthetic language prepared with data/prepare.py "
+                        "--synthetic (DIR/oracle.json): add its exact columns, orc NLL = nats per token of the "
+                        "continuation under the true chain, orc H = the chain's entropy at the same positions "
+                        "(equal, in expectation, for text of the chain itself), sup prec = share of its "
+                        "(order+1)-grams the chain can emit, cov = share of the chain's probable (order+1)-grams "
+                        "it reaches (more text reaches more: compare it beside the tokens column)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: %(default)s)")
     parser.add_argument("--out", type=Path, help="write results.json, results.csv, results.md, samples.jsonl "
                         "and chart.png (with matplotlib) into this folder")
@@ -420,6 +427,7 @@ def run_compare(args: argparse.Namespace, out=None) -> Comparison:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)  # a bad --out fails now, not after the whole grid
     given = list(args.prompt or []) + (read_prompt_lines(args.prompt_lines) if args.prompt_lines else [])
+    oracle = load_oracle(args.oracle) if args.oracle else None
     model, tokenizer, checkpoint = load_for_generation(args.checkpoint, resolve_device(args.device))
     human = None
     if given:
@@ -439,13 +447,18 @@ def run_compare(args: argparse.Namespace, out=None) -> Comparison:
     comparison = run_comparison(
         model, tokenizer, prompts, grid, human=human, num_samples=args.num_samples,
         max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop, window=args.window, units=args.units,
-        progress=not args.no_progress,
+        progress=not args.no_progress, oracle=oracle,
     )
     comparison.settings["wall_seconds"] = time.perf_counter() - started
     comparison.settings["checkpoint"] = str(args.checkpoint)
     once = " (greedy and beam: 1, the same for every seed)" if any(spec.is_deterministic for spec in grid) else ""
     out.write(f"{len(prompts)} prompts x {args.num_samples} samples{once} x {args.max_new_tokens} tokens, "
               f"text metrics in {args.units}, {comparison.settings['wall_seconds']:.1f} s\n")
+    if oracle is not None:
+        about = comparison.settings["oracle"]
+        out.write(f"oracle {args.oracle}: order {about['order']}, entropy rate {about['entropy_rate']:.4f} nats/token; "
+                  f"{about['ngram']}-grams, {about['probable_ngrams']} probable (stationary probability >= "
+                  f"{about['probable_threshold']:g})\n")
     out.write(format_table(comparison.rows) + "\n")
     out.write("\n" + "".join(f"{chain_order_text(order)}\n" for order in CHAIN_ORDERS
                              if order == DEFAULT_ORDER or any(spec.order == order for spec in grid)))

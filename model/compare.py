@@ -42,6 +42,15 @@ How the comparison is run, and why:
   perplexity, bits per byte (the same nats over the UTF-8 bytes of the tokens, which
   compare across tokenizers: model/score.py), lengths and the end rate are per sample or per token and pool every
   sample.
+* An oracle (a synthetic language's chain, model/synthetic.py) adds exact columns, from
+  the symbols of each continuation (its tokens' characters, end-of-text as END) in the
+  context of its prompt (`oracle_columns`): its NLL per token under the chain (smoothed,
+  see synthetic.SMOOTHING), the chain's own entropy at the same positions (for text of
+  the chain itself the two agree in expectation: a strategy below it is sharper than
+  the truth, above it more random), support precision (the share of its (order+1)-grams
+  the chain can emit, pooled) and coverage (the share of the chain's probable
+  (order+1)-grams it holds, per draw like distinct-n; it grows with the amount of text,
+  so read it beside the tokens column). n-grams lie inside a continuation.
 """
 
 from __future__ import annotations
@@ -68,6 +77,7 @@ from model.plot import plot_comparison
 from model.gpt import GPT
 from model.strategy import DecodingSpec, parse_strategy_with_defaults
 from model.score import bits_per_byte, score_continuations, token_byte_lengths
+from model.synthetic import PROBABLE, MarkovChain, check_tokenizer, token_symbols
 from model.tokenizer import Tokenizer
 
 DEFAULT_GRID = (
@@ -84,6 +94,8 @@ ROW_FIELDS = (
     "repetition_tokens", "self_bleu", "zipf",
     "mean_tokens", "mean_units", "end_rate", "tokens_per_s", "seconds", "samples",
 )
+# The columns an oracle adds (`oracle_columns`), after those.
+ORACLE_FIELDS = ("oracle_nll", "oracle_entropy", "support_precision", "coverage")
 
 
 # ----------------------------------------------------------------------------- the grid
@@ -288,6 +300,7 @@ def run_comparison(
     window: str = "exact",
     units: str = "words",
     progress: bool = True,
+    oracle: MarkovChain | None = None,
 ) -> Comparison:
     """Continue every prompt with every strategy of ``grid`` and measure each (one row each).
 
@@ -295,8 +308,11 @@ def run_comparison(
     true next tokens after prompt p (at most ``max_new_tokens`` of them are used); they
     make the first row. Sample s of prompt p uses seed ``seed + p * num_samples + s`` in
     every stochastic strategy, so all strategies see the same prompts and seeds. See the
-    module docstring for what is measured how.
+    module docstring for what is measured how. ``oracle``, the chain of a synthetic
+    language the model learnt, adds its columns (`oracle_columns`) to every row.
     """
+    if oracle is not None:
+        check_tokenizer(tokenizer, oracle)
     if units not in UNITS:
         raise UserError(f"units must be one of {', '.join(UNITS)}, got {units!r}")
     if max_new_tokens < 1:  # generate itself allows 0 tokens; a comparison of them measures nothing
@@ -319,6 +335,14 @@ def run_comparison(
         "num_samples": num_samples, "max_new_tokens": max_new_tokens, "seed": seed, "stop": list(stop),
         "window": window, "units": units, "human_row": human is not None,
     }
+    if oracle is not None:
+        encoded = [encode_prompt(tokenizer, p) for p in prompts]
+        n, probable = oracle.order + 1, oracle.probable_ngrams(oracle.order + 1, PROBABLE)
+        rows = [row | oracle_columns(run, encoded, tokenizer, oracle, n, probable)
+                for run, row in zip(runs, rows)]
+        settings["oracle"] = {"name": oracle.name, "seed": oracle.seed, "order": oracle.order,
+                              "entropy_rate": oracle.entropy_rate(), "ngram": n, "probable_threshold": PROBABLE,
+                              "probable_ngrams": len(probable)}
     texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts]
     return Comparison(texts, runs, rows, settings)
 
@@ -358,6 +382,49 @@ def _row(
     return {key: row[key] for key in ROW_FIELDS}
 
 
+def oracle_columns(
+    run: Run, prompts: Sequence[Sequence[int]], tokenizer: Tokenizer, oracle: MarkovChain, n: int,
+    probable: dict[tuple[str, ...], float],
+) -> dict[str, float]:
+    """The oracle's columns of one row (see the module docstring; nan where there is
+    nothing to measure).
+
+    ``prompts[p]`` are the token ids of prompt p (its symbols give the chain's context:
+    `MarkovChain.context_after`); ``probable`` are the chain's probable n-grams
+    (`MarkovChain.probable_ngrams`). oracle_nll: mean over all continuation symbols (its
+    tokens, for the char tokenizer) of -log q (`MarkovChain.smoothed_logprobs`);
+    oracle_entropy: mean of the chain's entropy at the same positions;
+    support_precision: producible / all n-grams, pooled over the samples; coverage: |probable n-grams in the s-th sample of every prompt| /
+    |probable|, averaged over s (a deterministic strategy's one sample per prompt is
+    every draw).
+    """
+    nlls, entropies, ngrams_by_sample = [], [], []
+    for sample in run.samples:
+        symbols, context = oracle_view(sample, prompts[sample.prompt_index], tokenizer, oracle)
+        nlls += [-lp for lp in oracle.smoothed_logprobs(symbols, context)]
+        entropies += oracle.entropies(symbols, context)
+        ngrams_by_sample.append(metrics._ngrams(symbols, n))
+    pooled = list(chain.from_iterable(ngrams_by_sample))
+    per_prompt = len(run.samples) // len(prompts)
+    draws = [[ngrams_by_sample[p * per_prompt + s] for p in range(len(prompts))] for s in range(per_prompt)]
+    reached = [len(probable.keys() & set(chain.from_iterable(draw))) for draw in draws]
+    return {
+        "oracle_nll": metrics.mean(nlls),
+        "oracle_entropy": metrics.mean(entropies),
+        "support_precision": metrics.mean(map(float, oracle.producible(pooled))),
+        "coverage": metrics.mean(r / len(probable) for r in reached) if probable else math.nan,
+    }
+
+
+def oracle_view(
+    sample: Sample, prompt: Sequence[int], tokenizer: Tokenizer, oracle: MarkovChain
+) -> tuple[list[str], str]:
+    """A sample as the oracle reads it: the symbols of its tokens (`token_symbols`) and the
+    chain's context after its prompt's (token ids). The sample's oracle NLL in nats is
+    ``-sum(oracle.smoothed_logprobs(symbols, context))``, over ``len(symbols)`` symbols."""
+    return token_symbols(tokenizer, sample.tokens), oracle.context_after(token_symbols(tokenizer, prompt))
+
+
 # ----------------------------------------------------------------------------- tables and files
 
 
@@ -377,11 +444,21 @@ COLUMNS = (
     ("ended %", "end_rate", "{:.1%}"),
     ("tok/s", "tokens_per_s", "{:.0f}"),
 )
+ORACLE_COLUMNS = (  # shown when the rows have them: nats per token, shares as percentages
+    ("orc NLL", "oracle_nll", "{:.3f}"),
+    ("orc H", "oracle_entropy", "{:.3f}"),
+    ("sup prec %", "support_precision", "{:.1%}"),
+    ("cov %", "coverage", "{:.1%}"),
+)
 
 
-def _cells(row: dict[str, Any]) -> list[str]:
+def _columns(rows: Sequence[dict[str, Any]]) -> tuple[tuple[str, str, str], ...]:
+    return COLUMNS + ORACLE_COLUMNS if rows and ORACLE_FIELDS[0] in rows[0] else COLUMNS
+
+
+def _cells(row: dict[str, Any], columns: Sequence[tuple[str, str, str]]) -> list[str]:
     cells = []
-    for _, key, fmt in COLUMNS:
+    for _, key, fmt in columns:
         value = row[key]
         missing = isinstance(value, float) and math.isnan(value)
         cells.append("-" if missing else fmt.format(value).replace("%", ""))
@@ -390,8 +467,9 @@ def _cells(row: dict[str, Any]) -> list[str]:
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """The rows as an aligned plain-text table (strategy left-aligned, numbers right); nan is '-'."""
-    table = [[title for title, _, _ in COLUMNS]] + [_cells(row) for row in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
+    columns = _columns(rows)
+    table = [[title for title, _, _ in columns]] + [_cells(row, columns) for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     lines = [
         "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
         for line in table
@@ -417,9 +495,10 @@ def _one_line(text: str, width: int, keep: str = "start") -> str:
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """The rows as a GitHub markdown table (the same cells as `format_table`)."""
-    header = "| " + " | ".join(title for title, _, _ in COLUMNS) + " |"
-    rule = "|" + "|".join([":---"] + ["---:"] * (len(COLUMNS) - 1)) + "|"
-    body = ["| " + " | ".join(_cells(row)) + " |" for row in rows]
+    columns = _columns(rows)
+    header = "| " + " | ".join(title for title, _, _ in columns) + " |"
+    rule = "|" + "|".join([":---"] + ["---:"] * (len(columns) - 1)) + "|"
+    body = ["| " + " | ".join(_cells(row, columns)) + " |" for row in rows]
     return "\n".join([header, rule, *body])
 
 
@@ -440,7 +519,7 @@ def write_results(comparison: Comparison, out_dir: Path, title: str = "") -> lis
     }
     paths[0].write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     with paths[1].open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=ROW_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ROW_FIELDS)
         writer.writeheader()
         writer.writerows({key: "" if _plain(v) is None else v for key, v in row.items()} for row in rows)
     paths[2].write_text(markdown_table(rows) + "\n", encoding="utf-8")
