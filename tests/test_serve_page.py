@@ -58,6 +58,8 @@ def screenshot(driver, tmp_path: Path, name: str, element=None) -> Path:
     folder = Path(os.environ.get("EXPLORER_SCREENSHOTS") or tmp_path)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.png"
+    if element is not None:  # the browser only captures what is inside the window
+        driver.execute_script("arguments[0].scrollIntoView()", element)
     saved = element.screenshot(str(path)) if element is not None else driver.save_screenshot(str(path))
     assert saved, path
     return path
