@@ -434,11 +434,14 @@ def distribution(model: GPT, tokenizer: Tokenizer, ids: Sequence[int], specs: Se
     each strategy the set `process_logits` keeps with its renormalised probabilities.
     A repetition penalty treats the context as seen (as generation treats the prompt);
     frequency and presence penalties count generated tokens, of which a context has none.
-    ``context_text`` is the context without its end-of-text tokens (what a text box shows)."""
+    ``context_text`` is the context without its end-of-text tokens (what a text box shows).
+    Each strategy's ``keeps_candidates`` says, for each of ``candidates`` in their order,
+    whether it keeps that token: the page marks each strategy's cut on one chart with it."""
     context = Context(model, [list(ids)], 0, window, tokenizer.vocab_size)
     logits = context.next_logits()  # (1, V)
     probs = torch.softmax(logits.double(), dim=-1)[0]
     entropy = -torch.where(probs > 0, probs * probs.log(), 0.0).sum().item()
+    best = probs.argsort(descending=True, stable=True)[:top]
     strategies = []
     for text, spec in specs:
         # the state of a generation's first step: the context is seen, nothing generated yet
@@ -452,8 +455,8 @@ def distribution(model: GPT, tokenizer: Tokenizer, ids: Sequence[int], specs: Se
             "strategy": text, "label": spec.label, "kept_count": int(kept.numel()),
             "kept_mass": float(probs[kept].sum()),
             "kept": [_candidate(tokenizer, int(t), float(probs[t]), float(kept_probs[t])) for t in order],
+            "keeps_candidates": (kept_probs[best] > 0).tolist(),
         })
-    best = probs.argsort(descending=True, stable=True)[:top]
     return {
         "prompt_tokens": len(ids), "context_ids": list(ids),
         "context_text": tokenizer.decode([t for t in ids if t != tokenizer.eot_id]),
