@@ -317,6 +317,8 @@ def add_compare_command(commands) -> None:
         "dist-n = distinct n-grams / all n-grams over one sample per prompt, averaged over samples; "
         "rep = share of samples ending in a loop (a phrase of >= 3 units repeated at the end); "
         "self-BLEU = BLEU-4 of each sample against the others of its prompt (lower = more diverse); "
+        "rep tok and self-BLEU tok = the same on model tokens (they see loops of spaces and of word pieces "
+        "without spaces, which have few words); "
         "Zipf = fitted exponent of unit frequencies; tokens = mean generated tokens; ended = share that "
         "ended on end-of-text or a stop string; tok/s = generated tokens per second. "
         "Example: python sample.py compare out/default/best.pt -s greedy -s top-p:p=0.9 --out out/compare",
