@@ -132,8 +132,11 @@ def export_gpt2_folder(checkpoint: Checkpoint, out: str | Path, *, overwrite: bo
     cfg = checkpoint.config.model
     texts, note = tokenizer_files(tokenizer)
     texts = {CONFIG_FILE: json.dumps(gpt2_config_json(cfg, tokenizer.eot_id), indent=2) + "\n", **texts}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".export.tmp", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".export.tmp", dir=out.parent))
+    except OSError as error:
+        raise UserError(f"cannot write into {out.parent} ({error.strerror or error})") from None
     try:
         save_file(gpt2_weights(checkpoint.weights, cfg), str(staging / SAFETENSORS_FILE), metadata={"format": "pt"})
         for name, text in texts.items():
