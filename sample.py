@@ -6,12 +6,12 @@
     python sample.py compare out/default/best.pt --out out/compare   # strategies side by side
     python sample.py score out/default/best.pt notes.txt             # bits per byte and perplexity of a text
     python sample.py serve out/default/best.pt    # the explorer page and an OpenAI-compatible API
-    python sample.py export out/default/best.pt --out models/mine   # a Hugging Face GPT-2 folder
+    python sample.py export out/finetune_gpt2/best.pt --out models/mine   # a Hugging Face GPT-2 folder
 
-Each command is a subcommand (``generate``, ``compare``, ``score``, ``serve``, ``info``, ``export``); ``generate`` is the default, so
-``sample.py CKPT ...`` means ``sample.py generate CKPT ...``. A command is one
-``add_<name>_command(commands)`` function that adds its parser and the function it runs
-(see `add_command`); `COMMANDS` lists them.
+Each command is a subcommand (``generate``, ``compare``, ``score``, ``serve``, ``info``,
+``export``); ``generate`` is the default, so ``sample.py CKPT ...`` means ``sample.py
+generate CKPT ...``. A command is one ``add_<name>_command(commands)`` function that adds
+its parser and the function it runs (see `add_command`); `COMMANDS` lists them.
 
 The checkpoint carries its tokenizer, so nothing else is needed. Strategies are the
 functions of model/decoding.py, described by the specs of model/strategy.py;
