@@ -25,7 +25,7 @@ from model.gpt import GPT
 from model.pretrained import ACTIVATIONS, load_gpt2
 from model.tokenizer import BPETokenizer, CharTokenizer, GPT2Tokenizer
 from tests.conftest import HF_PYTHON, ROOT, TINY_TEXT, one_line_error, run_cli
-from tests.gpt2_folders import TINY_VOCAB_SIZE, hf_config, write_folder
+from tests.gpt2_folders import TINY_VOCAB_SIZE, hf_config, pair_merges, write_folder, write_tokenizer
 from tests.test_pretrained import finetune_args, tiny_gpt2, tiny_gpt2_dataset  # noqa: F401  (fixtures)
 
 
@@ -256,13 +256,17 @@ torch.save({"logits": logits, "ids": tokenizer(text)["input_ids"], "eos": tokeni
 # slow: the transformers import alone takes several seconds
 @pytest.mark.slow
 @pytest.mark.skipif(not HF_PYTHON.exists(), reason=f"no transformers venv at {HF_PYTHON}")
-@pytest.mark.parametrize("changes", [{}, {"activation": "gelu", "bias": False, "vocab_size": 320}])
-def test_transformers_reads_the_export_as_the_same_model_and_tokenizer(tmp_path, gpt2_tokenizer, changes):
-    model = write_checkpoint(tmp_path / "ckpt.pt", gpt2_shaped(**changes), gpt2_tokenizer.state())
+@pytest.mark.parametrize("changes, trained_bpe", [({}, False), ({"activation": "gelu", "bias": False}, False),
+                                                  ({}, True)])
+def test_transformers_reads_the_export_as_the_same_model_and_tokenizer(tmp_path, gpt2_tokenizer, changes,
+                                                                       trained_bpe):
+    tokenizer = BPETokenizer(train_bpe([TINY_TEXT], 300)) if trained_bpe else gpt2_tokenizer
+    cfg = gpt2_shaped(**changes, vocab_size=320)  # padding rows past the tokenizer's ids
+    model = write_checkpoint(tmp_path / "ckpt.pt", cfg, tokenizer.state())
     export_gpt2_folder(read_checkpoint(tmp_path / "ckpt.pt"), tmp_path / "hf")
-    idx = torch.randint(TINY_VOCAB_SIZE, (3, 16), generator=torch.Generator().manual_seed(3))
+    idx = torch.randint(cfg.vocab_size, (3, 16), generator=torch.Generator().manual_seed(3))
     torch.save(idx, tmp_path / "idx.pt")
-    text = "hello world, well hell\n  wheel"
+    text = TINY_TEXT[:300] + "hello world, well hell\n  wheel  \u00e9t\u00e9 \u2013 done"
     result = subprocess.run([str(HF_PYTHON), "-c", HF_CHECK, str(tmp_path / "hf"), str(tmp_path / "idx.pt"),
                              str(tmp_path / "theirs.pt"), text], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -270,4 +274,28 @@ def test_transformers_reads_the_export_as_the_same_model_and_tokenizer(tmp_path,
     difference = (theirs["logits"] - logits(model, idx)).abs().max().item()
     print(f"max logit difference, transformers' GPT2LMHeadModel of the export against ours: {difference:.3g}")
     assert difference < 1e-5
-    assert theirs["ids"] == gpt2_tokenizer.encode(text) and theirs["eos"] == gpt2_tokenizer.eot_id
+    assert theirs["ids"] == tokenizer.encode(text) and theirs["eos"] == tokenizer.eot_id
+
+
+# slow: a GPT-2 small shape (124M parameters, 50,257 tokens) takes about 20 s and 2 GB
+@pytest.mark.slow
+@pytest.mark.skipif(not HF_PYTHON.exists(), reason=f"no transformers venv at {HF_PYTHON}")
+def test_a_gpt2_small_shaped_export_reads_back_in_transformers(tmp_path):
+    (tmp_path / "source").mkdir()
+    write_tokenizer(tmp_path / "source", pair_merges(50_000))  # 50,257 ids, as GPT-2's
+    tokenizer = GPT2Tokenizer.from_folder(tmp_path / "source")
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, block_size=1024, n_layer=12, n_head=12, n_embd=768,
+                      activation="gelu_tanh")
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    save_checkpoint(tmp_path / "ckpt.pt", model=model, config=Config(model=cfg).to_dict(), tokenizer=tokenizer.state())
+    export_gpt2_folder(read_checkpoint(tmp_path / "ckpt.pt"), tmp_path / "hf")
+    assert (tmp_path / "hf" / "merges.txt").read_text() == (tmp_path / "source" / "merges.txt").read_text()
+    idx = torch.randint(cfg.vocab_size, (2, 64), generator=torch.Generator().manual_seed(1))
+    torch.save(idx, tmp_path / "idx.pt")
+    result = subprocess.run([str(HF_PYTHON), "-c", HF_CHECK, str(tmp_path / "hf"), str(tmp_path / "idx.pt"),
+                             str(tmp_path / "theirs.pt"), "hello world"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    theirs = torch.load(tmp_path / "theirs.pt")
+    assert (theirs["logits"] - logits(model, idx)).abs().max().item() < 1e-5
+    assert theirs["ids"] == tokenizer.encode("hello world")
