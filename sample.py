@@ -6,11 +6,12 @@
     python sample.py compare out/default/best.pt --out out/compare   # strategies side by side
     python sample.py score out/default/best.pt notes.txt             # bits per byte and perplexity of a text
     python sample.py serve out/default/best.pt    # the explorer page and an OpenAI-compatible API
+    python sample.py export out/finetune_gpt2/best.pt --out models/mine   # a Hugging Face GPT-2 folder
 
-Each command is a subcommand (``generate``, ``compare``, ``score``, ``serve``); ``generate`` is the default, so
-``sample.py CKPT ...`` means ``sample.py generate CKPT ...``. A command is one
-``add_<name>_command(commands)`` function that adds its parser and the function it runs
-(see `add_command`); `COMMANDS` lists them.
+Each command is a subcommand (``generate``, ``compare``, ``score``, ``serve``, ``info``,
+``export``); ``generate`` is the default, so ``sample.py CKPT ...`` means ``sample.py
+generate CKPT ...``. A command is one ``add_<name>_command(commands)`` function that adds
+its parser and the function it runs (see `add_command`); `COMMANDS` lists them.
 
 The checkpoint carries its tokenizer, so nothing else is needed. Strategies are the
 functions of model/decoding.py, described by the specs of model/strategy.py;
@@ -33,7 +34,7 @@ from typing import Any, Callable, Sequence, TextIO
 import torch
 from tqdm import tqdm
 
-from model.checkpoint import load_for_generation
+from model.checkpoint import load_for_generation, read_checkpoint
 from model.cli import read_user_text, run_cli
 from model.compare import (
     DEFAULT_GRID, UNITS, Comparison, format_table, parse_grid, run_comparison, sample_lines, val_prompts,
@@ -41,6 +42,7 @@ from model.compare import (
 )
 from model.device import resolve_device
 from model.errors import UserError
+from model.export import export_gpt2_folder
 from model.generate import (
     WINDOW_MODES, Event, Sample, encode_prompt, generate_events, long_prompt_note, new_samples,
 )
@@ -361,6 +363,8 @@ def add_compare_command(commands) -> None:
         "dist-n = distinct n-grams / all n-grams over one sample per prompt, averaged over samples; "
         "rep = share of samples ending in a loop (a phrase of >= 3 units repeated at the end); "
         "self-BLEU = BLEU-4 of each sample against the others of its prompt (lower = more diverse); "
+        "rep tok and self-BLEU tok = the same on model tokens (they see loops of spaces and of word pieces "
+        "without spaces, which have few words); "
         "Zipf = fitted exponent of unit frequencies; tokens = mean generated tokens; ended = share that "
         "ended on end-of-text or a stop string; tok/s = generated tokens per second. "
         "Example: python sample.py compare out/default/best.pt -s greedy -s top-p:p=0.9 --out out/compare",
@@ -631,6 +635,35 @@ def run_info(args: argparse.Namespace, out=None) -> None:
     out.write(f"{args.checkpoint}\n" + "".join(f"  {line}\n" for line in lines))
 
 
+# ----------------------------------------------------------------------------- export
+
+def add_export_command(commands) -> None:
+    parser = add_command(
+        commands, "export", run_export, prog="sample.py export",
+        help="write a checkpoint as a Hugging Face GPT-2 folder (config.json, model.safetensors, tokenizer)",
+        description="Write a checkpoint as a Hugging Face GPT-2 folder that transformers' "
+        "GPT2LMHeadModel.from_pretrained and this project's commands read: config.json, model.safetensors and, "
+        "for a byte-level BPE tokenizer (GPT-2's or one trained by data/prepare.py), vocab.json and merges.txt. "
+        "A model GPT-2 cannot represent (rotary positions, RMSNorm) is refused.",
+        epilog="Example: python sample.py export out/finetune_gpt2/best.pt --out models/my_gpt2",
+    )
+    parser.add_argument("checkpoint", type=Path, help="a .pt file written by train.py")
+    parser.add_argument("--out", type=Path, required=True, help="the folder to write (missing or empty, unless "
+                        "--overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out when it holds files (the old "
+                        "folder is deleted once the new one is complete)")
+
+
+def run_export(args: argparse.Namespace, out=None) -> None:
+    out = out or sys.stdout
+    if args.checkpoint.is_dir():
+        raise UserError(f"{args.checkpoint} is a folder; export reads a .pt checkpoint written by train.py")
+    written = export_gpt2_folder(read_checkpoint(args.checkpoint), args.out, overwrite=args.overwrite)
+    out.write(f"wrote {written.folder}: {', '.join(written.files)}\n")
+    if written.tokenizer_note:
+        out.write(f"note: {written.tokenizer_note}\n")
+
+
 # ----------------------------------------------------------------------------- the commands
 
 def add_command(commands, name: str, run: Callable[[argparse.Namespace], Any], *, streams_text: bool = False,
@@ -643,7 +676,8 @@ def add_command(commands, name: str, run: Callable[[argparse.Namespace], Any], *
     return parser
 
 
-COMMANDS = (add_generate_command, add_compare_command, add_score_command, add_serve_command, add_info_command)
+COMMANDS = (add_generate_command, add_compare_command, add_score_command, add_serve_command, add_info_command,
+            add_export_command)
 DEFAULT_COMMAND = "generate"
 
 

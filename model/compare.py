@@ -91,7 +91,7 @@ WORD = re.compile(r"\w+|[^\w\s]")
 # One row of the table: these keys, in this order, in results.json, .csv and .md.
 ROW_FIELDS = (
     "strategy", "perplexity", "bits_per_byte", "distinct_1", "distinct_2", "distinct_3", "repetition",
-    "repetition_tokens", "self_bleu", "zipf",
+    "repetition_tokens", "self_bleu", "self_bleu_tokens", "zipf",
     "mean_tokens", "mean_units", "end_rate", "tokens_per_s", "seconds", "samples",
 )
 # The columns an oracle adds (`oracle_columns`), after those.
@@ -216,13 +216,16 @@ def row_metrics(
     deterministic strategy's one per prompt), which give the token-level numbers.
     ``byte_lengths`` (model.score.token_byte_lengths) gives bits_per_byte (else nan).
     Keys: perplexity, bits_per_byte, distinct_1..3, repetition, repetition_tokens, self_bleu,
-    zipf, mean_tokens, mean_units, end_rate; nan where a metric has nothing to measure.
-    ``repetition`` counts loops in the units, ``repetition_tokens`` in the model tokens:
-    a loop of spaces has no words, and a loop of word pieces without spaces is one long
-    word, so only the tokens show those.
+    self_bleu_tokens, zipf, mean_tokens, mean_units, end_rate; nan where a metric has
+    nothing to measure. ``repetition`` and ``self_bleu`` count the units,
+    ``repetition_tokens`` and ``self_bleu_tokens`` the model tokens: a loop of spaces has
+    no words, and a loop of word pieces without spaces is one long word, so only the
+    tokens show those (identical looping samples of fewer than 4 words score a self-BLEU
+    well below 1 on words).
     """
     per_draw = [[group[s] for group in units_by_prompt] for s in range(len(units_by_prompt[0]))]
     every_sample = [units for group in units_by_prompt for units in group]
+    tokens_by_prompt = _tokens_by_prompt(samples, [len(group) for group in units_by_prompt])
     return {
         "perplexity": metrics.perplexity(list(chain.from_iterable(s.logprobs for s in samples))),
         "bits_per_byte": _bits_per_byte(samples, byte_lengths),
@@ -232,12 +235,23 @@ def row_metrics(
         "repetition_tokens": metrics.repetition_rate(generated_tokens(s) for s in samples),
         "self_bleu": metrics.mean((metrics.self_bleu(group) for group in units_by_prompt if len(group) >= 2),
                                   skip_nan=True),
+        "self_bleu_tokens": metrics.mean((metrics.self_bleu(group) for group in tokens_by_prompt if len(group) >= 2),
+                                         skip_nan=True),
         "zipf": metrics.mean((metrics.zipf_coefficient(chain.from_iterable(draw)) for draw in per_draw),
                              skip_nan=True),
         "mean_tokens": metrics.mean(len(s.tokens) for s in samples),
         "mean_units": metrics.mean(len(units) for units in every_sample),
         "end_rate": metrics.mean(float(s.finish != "length") for s in samples),
     }
+
+
+def _tokens_by_prompt(samples: Sequence[Sample], group_sizes: Sequence[int]) -> list[list[list[int]]]:
+    """The generated tokens of each prompt's samples, as many per prompt as ``group_sizes``
+    says: a deterministic strategy's one sample per prompt stands for every copy of it."""
+    groups: list[list[list[int]]] = [[] for _ in group_sizes]
+    for sample in samples:
+        groups[sample.prompt_index].append(generated_tokens(sample))
+    return [group * (size // len(group)) if group else [] for group, size in zip(groups, group_sizes)]
 
 
 def _bits_per_byte(samples: Sequence[Sample], byte_lengths: torch.Tensor | None) -> float:
@@ -439,6 +453,7 @@ COLUMNS = (
     ("rep %", "repetition", "{:.1%}"),
     ("rep tok %", "repetition_tokens", "{:.1%}"),
     ("self-BLEU", "self_bleu", "{:.3f}"),
+    ("self-BLEU tok", "self_bleu_tokens", "{:.3f}"),
     ("Zipf", "zipf", "{:.2f}"),
     ("tokens", "mean_tokens", "{:.1f}"),
     ("ended %", "end_rate", "{:.1%}"),
