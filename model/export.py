@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from model.checkpoint import Checkpoint, _fsync_dir
+from model.checkpoint import Checkpoint, fsync_path
 from model.config import ModelConfig
 from model.errors import UserError
 from model.gpt import GPT
@@ -142,7 +142,7 @@ def export_gpt2_folder(checkpoint: Checkpoint, out: str | Path, *, overwrite: bo
         for name, text in texts.items():
             (staging / name).write_text(text, encoding="utf-8")
         for path in staging.iterdir():
-            _fsync_dir(path)  # checkpoint.py's fsync of a path: files too
+            fsync_path(path)
         _replace_folder(staging, out)
     except OSError as error:
         raise UserError(f"could not write {out} ({error.strerror or error}); nothing was changed there") from None
@@ -174,4 +174,4 @@ def _replace_folder(staging: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, out)  # onto a missing or empty folder
-    _fsync_dir(out.parent)
+    fsync_path(out.parent)
