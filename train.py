@@ -776,9 +776,9 @@ def command_config(args: argparse.Namespace, overrides: list[str]) -> tuple[Conf
 def keep_freed_memory() -> None:
     """Have glibc's malloc keep freed blocks below 1 GiB for reuse instead of handing them
     back to the OS. A step frees and allocates the same large buffers every time (with a
-    50k vocabulary the logits, their log-softmax and gradients, about 100 MB each at 2 x
-    256 tokens); past malloc's mmap threshold (32 MiB at most by default) each one was a
-    fresh mapping whose every page faulted again on first touch. Elsewhere: nothing."""
+    50k vocabulary, about four of the logits' size a step: 100 MB each at 2 x 256 tokens);
+    past malloc's mmap threshold (32 MiB at most by default) each one was a fresh mapping
+    whose every page faulted again on first touch. Where the C library is not glibc: nothing."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc
