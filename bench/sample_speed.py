@@ -2,7 +2,7 @@
 Hugging Face transformers' generate() on the same weights.
 
     python bench/sample_speed.py [--vocab 65] [--repeats 3] [--device cpu] [--out bench/results/sample_speed.json]
-        [--hf-python PYTHON] [--hf-vocabs 65,50304]
+        [--hf-python PYTHON] [--hf-vocabs 65,50304] [--floor-mib 1024]
 
 A GPT of 6 layers, 6 heads, width 384 and block_size 256 with random weights (speed
 does not depend on what the weights say), batch 1, fp32. It measures, in one run:
@@ -15,12 +15,23 @@ does not depend on what the weights say), batch 1, fp32. It measures, in one run
   holds that many tokens, with the cache (one decode step) and without (one forward
   pass over the whole context).
 
-* tokens/s of our token loop and of transformers' ``GPT2LMHeadModel.generate()`` with
-  its KV cache, built from the same weights (bench/hf_side.py, run by --hf-python, a
-  separate venv with transformers: it is never a dependency of the project), 255 new
-  tokens, plain sampling, for each vocabulary of --hf-vocabs; the two sides alternate,
-  one run each per repeat. --hf-python defaults to $HF_PYTHON, else .venv-hf/bin/python
-  in the checkout (make venv-hf). Without that Python the comparison is skipped with a note.
+* the bandwidth floor of batch-1 decoding: a one-token step reads every weight once
+  (the tied embedding once, as the LM head reads it whole; one row of a position table)
+  and the keys and values of its context in every layer, so no fp32 loop can make more
+  than bandwidth / those bytes tokens/s. The bandwidth is a streaming read measured in
+  the same run: torch's sum over a float32 tensor of --floor-mib MiB (make it larger
+  than the last-level cache), median of 5 passes. A last-level cache larger than the
+  weights can hold them between steps, so the same read of one step's bytes is
+  measured too ("cached floor"): the bound when every step reads from that cache;
+
+* tokens/s of our token loop, of that floor and of transformers'
+  ``GPT2LMHeadModel.generate()`` with its KV cache, built from the same weights
+  (bench/hf_side.py, run by --hf-python, a separate venv with transformers: it is never
+  a dependency of the project), 255 new tokens, plain sampling, for each vocabulary of
+  --hf-vocabs; the three alternate, one run each per repeat, and the table prints ours /
+  floor and ours / transformers. --hf-python defaults to $HF_PYTHON, else
+  .venv-hf/bin/python in the checkout (make venv-hf). Without that Python the
+  transformers column is skipped with a note; the floor is measured all the same.
 
 Figures are medians over --repeats runs. The machine is shared: compare numbers from
 the same run only.
@@ -93,29 +104,74 @@ def start_transformers_side(python: str, model: GPT, folder: Path) -> HuggingFac
     return HuggingFaceSide(python, weights, torch.get_num_threads())
 
 
-def compare_with_transformers(python: str, vocabs: list[int], shape: dict, new_tokens: int, repeats: int) -> dict:
-    """Our token loop and transformers' generate(), alternating, one run each per repeat."""
+def bytes_per_decode_step(model: GPT, context: float) -> float:
+    """Bytes a one-token decode step must read with ``context`` positions in the cache:
+    every parameter once (named_parameters counts the tied embedding and LM head once,
+    and the head reads all of it), except the position table, of which the step reads
+    one row; plus the keys and values of ``context`` positions in every layer, in the
+    cache's float32."""
+    weights = sum(p[:1].nbytes if name == "wpe.weight" else p.nbytes for name, p in model.named_parameters())
+    cfg = model.config
+    return weights + 2 * cfg.n_layer * context * cfg.n_embd * torch.float32.itemsize
+
+
+def streaming_read_bandwidth(data: torch.Tensor, passes: int = 5) -> float:
+    """Bytes/s of ``data.sum()`` (with torch's threads), median of ``passes`` after one
+    untimed pass: a read that streams from memory when ``data`` is larger than the
+    last-level cache, the same access pattern as a matrix-vector product's weights."""
+    data.sum()
+    times = []
+    for _ in range(passes):
+        started = time.perf_counter()
+        data.sum()
+        times.append(time.perf_counter() - started)
+    return data.nbytes / statistics.median(times)
+
+
+def against_floor_and_transformers(python: str | None, vocabs: list[int], shape: dict, new_tokens: int,
+                                   repeats: int, floor_bytes: int) -> dict:
+    """Our token loop, the streaming read of the floor and (with ``python``) transformers'
+    generate(), alternating, one run each per repeat, for each vocabulary."""
     results = {}
+    data = torch.ones(floor_bytes // torch.float32.itemsize)
+    mean_context = (new_tokens + 1) / 2  # step i of a one-token prompt attends to i + 1 positions
     with tempfile.TemporaryDirectory() as folder:
         for vocab in vocabs:
             model = build_model(vocab, "cpu", shape)
-            hf = start_transformers_side(python, model, Path(folder))
+            step_bytes = bytes_per_decode_step(model, mean_context)
+            step_sized = torch.ones(int(step_bytes) // torch.float32.itemsize)
+            hf = start_transformers_side(python, model, Path(folder)) if python else None
             try:
-                tokens_per_second(model, 8, "exact", 1)  # warm up both
-                hf.tokens_per_second(8, 0)
-                ours, theirs = [], []
+                tokens_per_second(model, 8, "exact", 1)  # warm up every side
+                if hf:
+                    hf.tokens_per_second(8, 0)
+                ours, theirs, bandwidths, cached = [], [], [], []
                 for repeat in range(repeats):
                     ours.append(tokens_per_second(model, new_tokens, "exact", 1, first_seed=repeat))
-                    theirs.append(hf.tokens_per_second(new_tokens, repeat))
+                    if hf:
+                        theirs.append(hf.tokens_per_second(new_tokens, repeat))
+                    bandwidths.append(streaming_read_bandwidth(data))
+                    cached.append(streaming_read_bandwidth(step_sized))
             finally:
-                hf.close()
-            results[vocab] = {"ours": statistics.median(ours), "transformers": statistics.median(theirs),
-                              "runs": {"ours": ours, "transformers": theirs},
-                              "max_abs_logit_difference": hf.info["logit_difference"]}
-            row = results[vocab]
-            print(f"vocab {vocab}: ours {row['ours']:.0f} tokens/s, transformers {row['transformers']:.0f} "
-                  f"({row['ours'] / row['transformers']:.2f}x; same weights: logits differ by at most "
-                  f"{hf.info['logit_difference']:.2g})", flush=True)
+                if hf:
+                    hf.close()
+            bandwidth, cached_bandwidth = statistics.median(bandwidths), statistics.median(cached)
+            row = results[vocab] = {
+                "ours": statistics.median(ours), "bytes_per_step": step_bytes,
+                "bandwidth_bytes_per_s": bandwidth, "floor": bandwidth / step_bytes,
+                "cached_bandwidth_bytes_per_s": cached_bandwidth, "cached_floor": cached_bandwidth / step_bytes,
+                "runs": {"ours": ours, "bandwidth_bytes_per_s": bandwidths, "cached_bandwidth_bytes_per_s": cached},
+                "transformers": statistics.median(theirs) if hf else None,
+            }
+            line = (f"vocab {vocab}: ours {row['ours']:.0f} tokens/s, floor {row['floor']:.0f} ({step_bytes / 1e6:.1f} "
+                    f"MB a step at {bandwidth / 1e9:.1f} GB/s; ours / floor {row['ours'] / row['floor']:.2f}), cached "
+                    f"floor {row['cached_floor']:.0f} ({cached_bandwidth / 1e9:.1f} GB/s)")
+            if hf:
+                row["runs"]["transformers"] = theirs
+                row["max_abs_logit_difference"] = hf.info["logit_difference"]
+                line += (f", transformers {row['transformers']:.0f} ({row['ours'] / row['transformers']:.2f}x; same "
+                         f"weights: logits differ by at most {hf.info['logit_difference']:.2g})")
+            print(line, flush=True)
     return results
 
 
@@ -127,12 +183,19 @@ def main() -> None:
     parser.add_argument("--hf-python", default=DEFAULT_HF_PYTHON, help="a Python with transformers for "
                         "the comparison with its generate() (default: $HF_PYTHON, else .venv-hf/bin/python, made "
                         "by make venv-hf); skipped with a note when it does not exist")
-    parser.add_argument("--hf-vocabs", default="65,50304", help="vocabulary sizes of the comparison, comma-separated")
+    parser.add_argument("--hf-vocabs", default="65,50304", help="vocabulary sizes of the comparison with the "
+                        "floor and with transformers, comma-separated")
+    parser.add_argument("--floor-mib", type=int, help="MiB of the streaming read that measures the bandwidth "
+                        "(default 1024, --tiny 64): more than the last-level cache")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer width-32 model with block 32 and few "
                         "tokens: a smoke run of every measurement, not a measurement")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "sample_speed.json")
     args = parser.parse_args()
     shape = TINY if args.tiny else SHAPE
+    if args.floor_mib is None:
+        args.floor_mib = 64 if args.tiny else 1024
+    if args.floor_mib < 1:
+        parser.error(f"--floor-mib must be at least 1, got {args.floor_mib}")
     block = shape["block_size"]
     inside, past = block - 1, 2 * block - 12  # 255 and 500 for block 256
 
@@ -158,14 +221,16 @@ def main() -> None:
 
     versus = None
     if args.device != "cpu":
-        print("\n(the comparison with transformers runs on the CPU only)")
-    elif not Path(args.hf_python).exists():
-        print(f"\nskipped the comparison with transformers: {args.hf_python} does not exist (make venv-hf makes "
-              ".venv-hf with torch and transformers; or name one with --hf-python or $HF_PYTHON)")
+        print("\n(the floor and the comparison with transformers run on the CPU only)")
     else:
+        python = args.hf_python
+        if not Path(python).exists():
+            print(f"\nskipped the comparison with transformers: {python} does not exist (make venv-hf makes "
+                  ".venv-hf with torch and transformers; or name one with --hf-python or $HF_PYTHON)")
+            python = None
         print()
         vocabs = [int(v) for v in args.hf_vocabs.split(",")]
-        versus = compare_with_transformers(args.hf_python, vocabs, shape, inside, args.repeats)
+        versus = against_floor_and_transformers(python, vocabs, shape, inside, args.repeats, args.floor_mib << 20)
 
     print("\n| measure | KV cache | no cache (recompute) | speed-up |\n|---|---|---|---|")
     for new_tokens, what in ((inside, "(inside the window)"), (past, "exact window"), (past, "shift window")):
@@ -176,18 +241,21 @@ def main() -> None:
         print(f"| ms/token at context {length} | {row['cache']:.2f} | {row['none']:.2f} | "
               f"{row['none'] / row['cache']:.1f}x |")
     if versus:
-        print(f"\n| vocabulary | ours, tokens/s | transformers generate(), tokens/s | ours / transformers |\n"
-              f"|---|---|---|---|")
+        print("\n| vocabulary | ours, tokens/s | floor, tokens/s | ours / floor | cached floor, tokens/s | ours / cached "
+              "floor | transformers generate(), tokens/s | ours / transformers |\n|---|---|---|---|---|---|---|---|")
         for vocab, row in versus.items():
-            print(f"| {vocab:,} | {row['ours']:.0f} | {row['transformers']:.0f} | "
-                  f"{row['ours'] / row['transformers']:.2f}x |")
+            theirs = (f"{row['transformers']:.0f} | {row['ours'] / row['transformers']:.2f}x" if row["transformers"]
+                      else "- | -")
+            print(f"| {vocab:,} | {row['ours']:.0f} | {row['floor']:.0f} | {row['ours'] / row['floor']:.2f} | "
+                  f"{row['cached_floor']:.0f} | {row['ours'] / row['cached_floor']:.2f} | {theirs} |")
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "model": {**shape, "vocab_size": args.vocab}, "batch_size": 1, "dtype": "float32",
         "strategy": "sample (t=1)", "device": args.device, "threads": torch.get_num_threads(),
         "torch": torch.__version__, "machine": platform.processor() or platform.machine(), "repeats": args.repeats,
-        "tokens_per_s": throughput, "ms_per_token": latency, "versus_transformers": versus,
+        "tokens_per_s": throughput, "ms_per_token": latency, "floor_mib": args.floor_mib,
+        "versus_floor_and_transformers": versus,
     }, indent=2) + "\n")
     print(f"\nwrote {args.out}")
 

@@ -113,9 +113,10 @@ class Context:
             return self.precision.dtype
         return next(model.parameters()).dtype
 
-    @torch.no_grad()
+    @torch.inference_mode()  # no autograd bookkeeping at all: per-operator overhead is most of a small step
     def next_logits(self) -> torch.Tensor:
-        """Float32 logits (B, V) of the next token after everything appended so far."""
+        """Float32 logits (B, V) of the next token after everything appended so far. They
+        are inference tensors: read them, or copy them to change them in place."""
         if self.cache is None or self.length - self.window_start > self.block_size:
             self._slide()
         pad = (self.pad - self.window_start).clamp(min=0) if self.padded else None

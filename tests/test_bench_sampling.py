@@ -11,6 +11,7 @@ from tests.conftest import HF_PYTHON, ROOT, run_cli
 
 sys.path.insert(0, str(ROOT / "bench"))
 from hf_client import HuggingFaceSide  # noqa: E402  (bench/hf_client.py)
+from sample_speed import TINY, build_model, bytes_per_decode_step  # noqa: E402  (bench/sample_speed.py)
 
 
 def test_sample_speed_runs_and_skips_transformers_without_its_venv(tmp_path):
@@ -20,9 +21,31 @@ def test_sample_speed_runs_and_skips_transformers_without_its_venv(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "skipped the comparison with transformers" in result.stdout
     saved = json.loads(out.read_text())
-    assert saved["versus_transformers"] is None
     assert set(saved["tokens_per_s"]) == {"31_exact", "31_none", "52_exact", "52_shift", "52_none"}
     assert all(rate > 0 for rate in saved["tokens_per_s"].values())
+    versus = saved["versus_floor_and_transformers"]
+    assert set(versus) == {"65", "50304"} and saved["floor_mib"] == 64
+    for vocab, row in versus.items():
+        assert row["transformers"] is None  # the floor is measured without the transformers venv
+        assert row["bytes_per_step"] == bytes_per_decode_step(build_model(int(vocab), "cpu", TINY), 16)  # 31 tokens
+        for floor, bandwidth in (("floor", "bandwidth_bytes_per_s"), ("cached_floor", "cached_bandwidth_bytes_per_s")):
+            assert row[bandwidth] > 0 and row[floor] == row[bandwidth] / row["bytes_per_step"]
+        assert (f"| {int(vocab):,} | {row['ours']:.0f} | {row['floor']:.0f} | {row['ours'] / row['floor']:.2f} | "
+                f"{row['cached_floor']:.0f} | {row['ours'] / row['cached_floor']:.2f} | - | - |") in result.stdout
+
+
+def test_bytes_per_decode_step_counts_each_weight_once_and_the_context_cache():
+    # 2 layers, width C = 32, vocabulary 65, learned positions, biases: per block two
+    # LayerNorms (4C), qkv (3C^2 + 3C), attention projection (C^2 + C), fc (4C^2 + 4C)
+    # and its projection (4C^2 + C); the tied embedding / head (65 C), one position row
+    # (C), the final LayerNorm (2C). Keys and values: 2 x 2 layers x context x C floats.
+    C, layers = 32, 2
+    weights = layers * (12 * C * C + 13 * C) + 65 * C + C + 2 * C
+    assert weights == 27_584
+    model = build_model(65, "cpu", TINY)
+    assert bytes_per_decode_step(model, 0) == 4 * weights
+    assert bytes_per_decode_step(model, 16) == 4 * (weights + 2 * layers * 16 * C)
+    assert bytes_per_decode_step(model, 8.5) == 4 * (weights + 2 * layers * 8.5 * C)  # a mean context
 
 
 @pytest.mark.slow
@@ -32,7 +55,7 @@ def test_sample_speed_compares_with_transformers_on_the_same_weights(tmp_path):
     result = run_cli("bench/sample_speed.py", "--tiny", "--repeats", "1", "--hf-python", str(HF_PYTHON),
                      "--hf-vocabs", "65", "--out", str(out), timeout=300)
     assert result.returncode == 0, result.stderr
-    versus = json.loads(out.read_text())["versus_transformers"]["65"]
+    versus = json.loads(out.read_text())["versus_floor_and_transformers"]["65"]
     assert versus["max_abs_logit_difference"] < 1e-4  # the GPT2LMHeadModel really holds our weights
     assert versus["ours"] > 0 and versus["transformers"] > 0
 
