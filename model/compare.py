@@ -42,11 +42,24 @@ How the comparison is run, and why:
   perplexity, bits per byte (the same nats over the UTF-8 bytes of the tokens, which
   compare across tokenizers: model/score.py), lengths and the end rate are per sample or per token and pool every
   sample.
+* A judge (``judge=``, a larger model of the same tokenizer) scores every sample and the
+  human text after the same prompt, teacher-forced through the same token loop: its NLL
+  per token (``judge_nll``) says how good the text is by a model other than the one that
+  wrote it, which finds its own greedy loops most probable.
+* Repetition escape (``escape_tokens`` > 0; Hewitt et al. 2022): every strategy also
+  continues each prompt followed by its last `LOOP_TOKENS` tokens repeated `LOOP_REPEATS`
+  times more, a loop the text can follow or leave. A sample is stuck when the mean NLL of
+  its ``escape_tokens`` tokens under the generator's raw distribution is below
+  `STUCK_NLL` (1 nat): it follows the loop with confidence. ``stuck`` is the share of
+  stuck samples (none for the human row, which has no continuation of a loop).
+* Per-prompt totals (`prompt_totals`) give every quantity of a sweep as per-prompt sums
+  and counts, so that model/sweep.py can resample prompts for its intervals.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import re
@@ -64,10 +77,11 @@ from model import metrics
 from model.data import open_split, read_meta
 from model.errors import UserError
 from model.generate import Sample, encode_prompt, generate, replay
-from model.plot import plot_comparison
+from model.plot import plot_comparison, plot_frontier
 from model.gpt import GPT
 from model.strategy import DecodingSpec, parse_strategy_with_defaults
 from model.score import bits_per_byte, score_continuations, token_byte_lengths
+from model.sweep import SweepSummary, Totals, summarize, sweep_tables
 from model.tokenizer import Tokenizer
 
 DEFAULT_GRID = (
@@ -84,6 +98,13 @@ ROW_FIELDS = (
     "repetition_tokens", "self_bleu", "zipf",
     "mean_tokens", "mean_units", "end_rate", "tokens_per_s", "seconds", "samples",
 )
+# Columns a row has only when the comparison measured them (a judge, the escape prompts),
+# after ROW_FIELDS in this order; a new optional column is one more name here, one in
+# COLUMNS and its value in `_row`.
+OPTIONAL_FIELDS = ("judge_nll", "stuck")
+LOOP_TOKENS = 4  # the repeated unit of an escape prompt...
+LOOP_REPEATS = 5  # ...appended this many more times after the prompt, which already ends in it
+STUCK_NLL = 1.0  # nats per token: below it, a continuation of the loop prompt is stuck
 
 
 # ----------------------------------------------------------------------------- the grid
@@ -247,6 +268,8 @@ class Run:
     spec: DecodingSpec | None
     samples: list[Sample]  # prompt-major; one per prompt for deterministic strategies and the human row
     seconds: float | None  # wall time of generation (None for the human row)
+    judge_logprobs: list[list[float]] | None = None  # the judge's log p of each sample's tokens
+    escapes: list[Sample] | None = None  # continuations of the loop prompts, in the order of samples
 
     @property
     def tokens_per_s(self) -> float:
@@ -262,7 +285,7 @@ class Comparison:
 
     prompts: list[str]  # the text of each prompt
     runs: list[Run]
-    rows: list[dict[str, Any]]  # one per run, keys ROW_FIELDS
+    rows: list[dict[str, Any]]  # one per run, keys `row_fields` (ROW_FIELDS and the optional ones measured)
     settings: dict[str, Any]
 
     def seed_of(self, run: Run, sample: Sample) -> int | None:
@@ -287,6 +310,8 @@ def run_comparison(
     stop: Sequence[str] = (),
     window: str = "exact",
     units: str = "words",
+    judge: GPT | None = None,
+    escape_tokens: int = 0,
     progress: bool = True,
 ) -> Comparison:
     """Continue every prompt with every strategy of ``grid`` and measure each (one row each).
@@ -294,13 +319,20 @@ def run_comparison(
     A prompt is a text or token ids (see `encode_prompt`). ``human[p]``, if given, are the
     true next tokens after prompt p (at most ``max_new_tokens`` of them are used); they
     make the first row. Sample s of prompt p uses seed ``seed + p * num_samples + s`` in
-    every stochastic strategy, so all strategies see the same prompts and seeds. See the
-    module docstring for what is measured how.
+    every stochastic strategy, so all strategies see the same prompts and seeds.
+    ``judge`` (a model of the same tokenizer) scores every sample: the judge_nll column.
+    ``escape_tokens`` > 0 also continues each loop prompt (`loop_prompt`) that many
+    tokens with every strategy, with the same seeds: the stuck column. See the module
+    docstring for what is measured how.
     """
     if units not in UNITS:
         raise UserError(f"units must be one of {', '.join(UNITS)}, got {units!r}")
     if max_new_tokens < 1:  # generate itself allows 0 tokens; a comparison of them measures nothing
         raise UserError(f"a comparison needs max_new_tokens >= 1, got {max_new_tokens}")
+    if escape_tokens < 0:
+        raise UserError(f"escape_tokens must be >= 0 (0: no escape prompts), got {escape_tokens}")
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    loops = [loop_prompt(ids) for ids in encoded] if escape_tokens else None
     runs: list[Run] = []
     with tqdm(total=len(grid) + (human is not None), desc="compare", unit="strategy", disable=not progress) as bar:
         if human is not None:
@@ -311,13 +343,22 @@ def run_comparison(
             bar.set_postfix_str(spec.label)
             started = time.perf_counter()
             samples = _generate(model, tokenizer, prompts, spec, num_samples, max_new_tokens, seed, stop, window)
-            runs.append(Run(spec.label, spec, samples, time.perf_counter() - started))
+            seconds = time.perf_counter() - started
+            escapes = None if loops is None else _generate(model, tokenizer, loops, spec, num_samples,
+                                                           escape_tokens, seed, stop, window)
+            runs.append(Run(spec.label, spec, samples, seconds, escapes=escapes))
             bar.update()
+        if judge is not None:
+            bar.set_postfix_str("judge")
+            for run in runs:
+                run.judge_logprobs = judge_scores(judge, tokenizer, encoded, run.samples, window)
     byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
     rows = [_row(run, len(prompts), num_samples, units, byte_lengths) for run in runs]
+    rows = [{key: row.get(key, math.nan) for key in row_fields(rows)} for row in rows]  # the human row has no stuck
     settings = {
         "num_samples": num_samples, "max_new_tokens": max_new_tokens, "seed": seed, "stop": list(stop),
-        "window": window, "units": units, "human_row": human is not None,
+        "window": window, "units": units, "human_row": human is not None, "judged": judge is not None,
+        "escape_tokens": escape_tokens,
     }
     texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts]
     return Comparison(texts, runs, rows, settings)
@@ -328,6 +369,58 @@ def _generate(model, tokenizer, prompts, spec, num_samples, max_new_tokens, seed
     runs = 1 if spec.is_deterministic else num_samples
     return generate(model, tokenizer, prompts, spec, num_samples=runs, seed=seed, max_new_tokens=max_new_tokens,
                     stop=stop, window=window)
+
+
+def loop_prompt(ids: Sequence[int]) -> list[int]:
+    """A repetition-escape prompt: ``ids`` followed by its last `LOOP_TOKENS` tokens
+    `LOOP_REPEATS` more times (a prompt shorter than that repeats all of itself)."""
+    loop = list(ids[-LOOP_TOKENS:])
+    return list(ids) + loop * LOOP_REPEATS
+
+
+def is_stuck(sample: Sample) -> bool:
+    """Whether a continuation of a loop prompt follows the loop with confidence: the mean
+    NLL of its tokens (the generator's raw distribution) is below `STUCK_NLL`."""
+    return bool(sample.logprobs) and -math.fsum(sample.logprobs) / len(sample.logprobs) < STUCK_NLL
+
+
+def judge_scores(judge: GPT, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]], samples: Sequence[Sample],
+                 window: str) -> list[list[float]]:
+    """The judge's log p of every token of every sample, after the sample's prompt, teacher-
+    forced through the token loop (`score_continuations`) in one batch."""
+    return score_continuations(judge, [prompts[s.prompt_index] for s in samples], [s.tokens for s in samples],
+                               window=window, valid_vocab=tokenizer.vocab_size)
+
+
+def prompt_totals(run: Run, num_prompts: int, units: str) -> Totals:
+    """A row's quantities as per-prompt sums and counts (model/sweep.py resamples prompts):
+    "nll" (the generator's nats, tokens), "judge_nll" (the judge's, when it scored),
+    "distinct_2" (the sum of the distinct-2 of each sample on its own, the samples that
+    have a bigram) and "stuck" (stuck loop-prompt samples, loop-prompt samples; when
+    there were escape prompts). A deterministic strategy's one sample per prompt stands
+    for every seed's: per prompt, copies change no ratio."""
+    def per_prompt(samples: Sequence[Sample], value, count) -> tuple[list[float], list[float]]:
+        sums, counts = [0.0] * num_prompts, [0.0] * num_prompts
+        for sample in samples:
+            sums[sample.prompt_index] += value(sample)
+            counts[sample.prompt_index] += count(sample)
+        return sums, counts
+
+    def distinct_2(sample: Sample) -> float:
+        value = metrics.distinct_n([text_units(sample, units)], 2)
+        return 0.0 if math.isnan(value) else value
+
+    has_bigram = lambda sample: float(len(text_units(sample, units)) >= 2)  # noqa: E731
+    values = {
+        "nll": per_prompt(run.samples, lambda s: -math.fsum(s.logprobs), lambda s: len(s.logprobs)),
+        "distinct_2": per_prompt(run.samples, distinct_2, has_bigram),
+    }
+    if run.judge_logprobs is not None:
+        nats = {id(s): -math.fsum(lp) for s, lp in zip(run.samples, run.judge_logprobs)}
+        values["judge_nll"] = per_prompt(run.samples, lambda s: nats[id(s)], lambda s: len(s.tokens))
+    if run.escapes is not None:
+        values["stuck"] = per_prompt(run.escapes, lambda s: float(is_stuck(s)), lambda s: 1.0)
+    return Totals(values)
 
 
 def _human_run(model, tokenizer, prompts, human, max_new_tokens, stop, window) -> Run:
@@ -355,7 +448,17 @@ def _row(
     row["tokens_per_s"] = run.tokens_per_s
     row["seconds"] = math.nan if run.seconds is None else run.seconds
     row["samples"] = len(run.samples)
-    return {key: row[key] for key in ROW_FIELDS}
+    if run.judge_logprobs is not None:
+        judged = list(chain.from_iterable(run.judge_logprobs))
+        row["judge_nll"] = -math.fsum(judged) / len(judged) if judged else math.nan
+    if run.escapes is not None:
+        row["stuck"] = metrics.mean(float(is_stuck(s)) for s in run.escapes)
+    return {key: row[key] for key in (*ROW_FIELDS, *OPTIONAL_FIELDS) if key in row}
+
+
+def row_fields(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The keys of a table's rows: ROW_FIELDS, then the optional ones any row has."""
+    return [*ROW_FIELDS, *(key for key in OPTIONAL_FIELDS if any(key in row for row in rows))]
 
 
 # ----------------------------------------------------------------------------- tables and files
@@ -376,12 +479,19 @@ COLUMNS = (
     ("tokens", "mean_tokens", "{:.1f}"),
     ("ended %", "end_rate", "{:.1%}"),
     ("tok/s", "tokens_per_s", "{:.0f}"),
+    ("judge NLL", "judge_nll", "{:.3f}"),  # optional columns: shown when the rows have them
+    ("stuck %", "stuck", "{:.1%}"),
 )
 
 
-def _cells(row: dict[str, Any]) -> list[str]:
+def _columns(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """The COLUMNS whose key the rows have (an optional column only when measured)."""
+    return [column for column in COLUMNS if column[1] in ROW_FIELDS or any(column[1] in row for row in rows)]
+
+
+def _cells(row: dict[str, Any], columns: Sequence[tuple[str, str, str]]) -> list[str]:
     cells = []
-    for _, key, fmt in COLUMNS:
+    for _, key, fmt in columns:
         value = row[key]
         missing = isinstance(value, float) and math.isnan(value)
         cells.append("-" if missing else fmt.format(value).replace("%", ""))
@@ -390,8 +500,9 @@ def _cells(row: dict[str, Any]) -> list[str]:
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """The rows as an aligned plain-text table (strategy left-aligned, numbers right); nan is '-'."""
-    table = [[title for title, _, _ in COLUMNS]] + [_cells(row) for row in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
+    columns = _columns(rows)
+    table = [[title for title, _, _ in columns]] + [_cells(row, columns) for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     lines = [
         "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
         for line in table
@@ -417,9 +528,10 @@ def _one_line(text: str, width: int, keep: str = "start") -> str:
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """The rows as a GitHub markdown table (the same cells as `format_table`)."""
-    header = "| " + " | ".join(title for title, _, _ in COLUMNS) + " |"
-    rule = "|" + "|".join([":---"] + ["---:"] * (len(COLUMNS) - 1)) + "|"
-    body = ["| " + " | ".join(_cells(row)) + " |" for row in rows]
+    columns = _columns(rows)
+    header = "| " + " | ".join(title for title, _, _ in columns) + " |"
+    rule = "|" + "|".join([":---"] + ["---:"] * (len(columns) - 1)) + "|"
+    body = ["| " + " | ".join(_cells(row, columns)) + " |" for row in rows]
     return "\n".join([header, rule, *body])
 
 
@@ -440,25 +552,66 @@ def write_results(comparison: Comparison, out_dir: Path, title: str = "") -> lis
     }
     paths[0].write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     with paths[1].open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=ROW_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=row_fields(rows))
         writer.writeheader()
         writer.writerows({key: "" if _plain(v) is None else v for key, v in row.items()} for row in rows)
     paths[2].write_text(markdown_table(rows) + "\n", encoding="utf-8")
     with paths[3].open("w", encoding="utf-8") as f:
         for run in comparison.runs:
-            for sample in run.samples:
-                f.write(json.dumps(_sample_record(run, sample, comparison), ensure_ascii=False) + "\n")
+            for index, sample in enumerate(run.samples):
+                f.write(json.dumps(_sample_record(run, index, comparison), ensure_ascii=False) + "\n")
     chart = out_dir / "chart.png"
     if plot_comparison(rows, chart, title, HUMAN):
         paths.append(chart)
     return paths
 
 
-def _sample_record(run: Run, sample: Sample, comparison: Comparison) -> dict[str, Any]:
-    return {
+def _sample_record(run: Run, index: int, comparison: Comparison) -> dict[str, Any]:
+    sample = run.samples[index]
+    record = {
         "strategy": run.label, "prompt_index": sample.prompt_index, "sample_index": sample.sample_index,
         "seed": comparison.seed_of(run, sample),
         "same_for_every_seed": run.spec is not None and run.spec.is_deterministic, "finish": sample.finish,
         "prompt": comparison.prompts[sample.prompt_index], "text": sample.text,
         "tokens": sample.tokens, "logprobs": sample.logprobs,
     }
+    if run.judge_logprobs is not None:
+        record["judge_logprobs"] = run.judge_logprobs[index]
+    return record
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+
+def summarize_sweep(comparison: Comparison, sweep: dict[str, list[DecodingSpec]], *, draws: int,
+                    seed: int) -> SweepSummary:
+    """The sweep's frontiers and intervals (model/sweep.py `summarize`) from a comparison of
+    its settings that has a human row; quality is the judge's NLL when a judge scored."""
+    if not comparison.settings["human_row"]:
+        raise UserError("a sweep needs the human text as its target: draw the prompts from the validation split "
+                        "(no --prompt or --prompt-lines)")
+    num_prompts = len(comparison.prompts)
+    totals = {run.label: prompt_totals(run, num_prompts, comparison.settings["units"]) for run in comparison.runs}
+    return summarize(sweep, totals, totals[HUMAN], judged=comparison.settings["judged"], draws=draws, seed=seed)
+
+
+def write_sweep(summary: SweepSummary, out_dir: Path, title: str = "") -> list[Path]:
+    """Write sweep.json, sweep.md and (with matplotlib) frontier.png into ``out_dir``;
+    return the paths written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / "sweep.json", out_dir / "sweep.md"]
+    record = {"title": title, **dataclasses.asdict(summary)}
+    paths[0].write_text(json.dumps(_plain_tree(record), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    paths[1].write_text(sweep_tables(summary, markdown=True) + "\n", encoding="utf-8")
+    if plot_frontier(summary, out_dir / "frontier.png", title):
+        paths.append(out_dir / "frontier.png")
+    return paths
+
+
+def _plain_tree(value: Any) -> Any:
+    """`_plain` all the way down (tuples become lists)."""
+    if isinstance(value, dict):
+        return {key: _plain_tree(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain_tree(v) for v in value]
+    return _plain(value)
