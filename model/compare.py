@@ -71,10 +71,13 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from model import metrics
 from model.data import open_split, read_meta
+from model.decoding import mask_vocab_padding
+from model.device import Precision
 from model.errors import UserError
 from model.generate import Sample, encode_prompt, generate, replay
 from model.plot import plot_comparison, plot_frontier
@@ -385,11 +388,35 @@ def is_stuck(sample: Sample) -> bool:
 
 
 def judge_scores(judge: GPT, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]], samples: Sequence[Sample],
-                 window: str) -> list[list[float]]:
-    """The judge's log p of every token of every sample, after the sample's prompt, teacher-
-    forced through the token loop (`score_continuations`) in one batch."""
-    return score_continuations(judge, [prompts[s.prompt_index] for s in samples], [s.tokens for s in samples],
-                               window=window, valid_vocab=tokenizer.vocab_size)
+                 window: str, batch_size: int = 16) -> list[list[float]]:
+    """The judge's log p of every token of every sample after the sample's prompt, under its
+    raw distribution (vocabulary padding masked, as in the token loop).
+
+    When every prompt + sample fits the judge's context, each batch of ``batch_size``
+    samples is one forward pass: rows right-padded, which causal attention never reads
+    back, and the logits at positions len(prompt) - 1 ... score the sample's tokens;
+    that is the token loop's teacher forcing (`score_continuations`) without its 200
+    sequential steps. Longer ones go through `score_continuations`, which reads them
+    through the window like a generated token."""
+    rows = [list(prompts[s.prompt_index]) + list(s.tokens) for s in samples]
+    if not rows or max(len(r) for r in rows) > judge.config.block_size:
+        return score_continuations(judge, [prompts[s.prompt_index] for s in samples], [s.tokens for s in samples],
+                                   window=window, valid_vocab=tokenizer.vocab_size)
+    device = next(judge.parameters()).device
+    precision = Precision.for_device(device)
+    scores: list[list[float]] = []
+    for first in range(0, len(rows), batch_size):
+        batch = rows[first : first + batch_size]
+        width = max(len(r) for r in batch)
+        ids = torch.tensor([r + [0] * (width - len(r)) for r in batch], device=device)
+        with precision.autocast():
+            logits, _ = judge(ids)
+        logprobs = F.log_softmax(mask_vocab_padding(logits.float(), tokenizer.vocab_size), dim=-1)
+        for row, sample in enumerate(samples[first : first + batch_size]):
+            start = len(prompts[sample.prompt_index]) - 1
+            targets = torch.tensor(sample.tokens, device=device, dtype=torch.long)
+            scores.append(logprobs[row, start : start + len(targets)].gather(1, targets[:, None])[:, 0].tolist())
+    return scores
 
 
 def prompt_totals(run: Run, num_prompts: int, units: str) -> Totals:

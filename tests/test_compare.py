@@ -37,7 +37,7 @@ from model.compare import (
 from model.data import open_split, read_meta
 from model.strategy import parse_strategy
 from model.errors import UserError
-from model.generate import Sample, replay
+from model.generate import Sample, generate, replay
 from model.score import score_continuations
 from model.gpt import GPT
 from model.tokenizer import CharTokenizer
@@ -440,7 +440,7 @@ def test_loops_of_spaces_and_of_word_pieces_show_in_the_token_repetition():
     assert row_metrics([[["x"]]], [looped])["repetition_tokens"] == 1.0  # the end-of-text token is not in the loop
 
 
-# ----------------------------------------------------------------------------- judge, repetition escape, per-prompt totals
+# ----------------------------------------------------------------------------- judge, escape, per-prompt totals
 
 
 def test_loop_prompt_and_stuck_by_hand():
@@ -480,8 +480,9 @@ def two_models():
 def test_the_judge_scores_every_sample_like_a_plain_forward_pass(two_models):
     model, judge = two_models
     prompts = [[2, 3, 1], [4, 4]]
-    comparison = run_comparison(model, CHARS, prompts, [parse_strategy("sample")], human=[[2, 2, 3, 1], [0, 1, 2, 3]],
-                                num_samples=2, max_new_tokens=6, seed=5, judge=judge, progress=False)
+    comparison = run_comparison(model, CHARS, prompts, [parse_strategy("sample")],
+                                human=[[2, 2, 3, 1], [0, 1, 2, 3]], num_samples=2, max_new_tokens=6, seed=5,
+                                judge=judge, progress=False)
     for run, row in zip(comparison.runs, comparison.rows):
         everything = []
         for sample, got in zip(run.samples, run.judge_logprobs):
@@ -496,9 +497,24 @@ def test_the_judge_scores_every_sample_like_a_plain_forward_pass(two_models):
     assert "judge NLL" in format_table(comparison.rows) and "stuck" not in format_table(comparison.rows)
 
 
-def test_escape_prompts_continue_the_loop_with_the_same_seeds(two_models):
-    from model.generate import generate
+def test_the_judge_reads_a_sample_longer_than_its_context_through_the_window(two_models):
+    from model.compare import judge_scores
 
+    _, judge = two_models  # the judge's context is 32 tokens
+    prompts = [[2, 3, 1], [4]]
+    rng = np.random.default_rng(0)
+    samples = [Sample(p, 0, tokens=rng.integers(0, 5, n).tolist()) for p, n in ((0, 40), (1, 25))]
+    assert len(prompts[0]) + len(samples[0].tokens) > 32  # past the judge's context: through the window
+    expected = score_continuations(judge, prompts, [s.tokens for s in samples], valid_vocab=CHARS.vocab_size)
+    assert judge_scores(judge, CHARS, prompts, samples, "exact") == expected
+    # rows that fit: the one-pass path and the token loop's teacher forcing agree
+    short = [Sample(p, 0, tokens=s.tokens[:20]) for p, s in enumerate(samples)]
+    looped = score_continuations(judge, prompts, [s.tokens for s in short], valid_vocab=CHARS.vocab_size)
+    for got, want in zip(judge_scores(judge, CHARS, prompts, short, "exact", batch_size=1), looped):
+        assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_escape_prompts_continue_the_loop_with_the_same_seeds(two_models):
     model, _ = two_models
     prompts, spec = [[2, 3, 1, 4, 0], [4, 4, 2, 3, 1]], parse_strategy("top-k:k=3,t=0.5")
     comparison = run_comparison(model, CHARS, prompts, [spec], human=[[1] * 4, [2] * 4], num_samples=2,

@@ -33,7 +33,8 @@ def test_compact_sweep_is_the_product_of_the_values_first_knob_slowest():
     assert [spec.label for spec in sweep["top-p"]] == [
         "top-p:p=0.8,t=0.7", "top-p:p=0.8", "top-p:p=0.95,t=0.7", "top-p:p=0.95"]
     assert [spec.label for spec in sweep["temperature"]] == ["temperature:t=0.5"]
-    assert [s.label for s in parse_sweep("top-k")["top-k"]] == [s.label for s in family_grid("top-k", DEFAULT_SWEEP["top-k"])]
+    default_top_k = family_grid("top-k", DEFAULT_SWEEP["top-k"])
+    assert [s.label for s in parse_sweep("top-k")["top-k"]] == [s.label for s in default_top_k]
 
 
 def test_toml_sweep_reads_like_the_compact_one():
