@@ -44,6 +44,8 @@ def main() -> None:
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap draws")
     parser.add_argument("--window", default="exact", help="compare's --window: exact, or shift (fast past the "
                         "generator's context)")
+    parser.add_argument("--units", default="words", help="compare's --units: words, or tokens (a char model's "
+                        "characters)")
     parser.add_argument("--data-dir", help="the prepared dataset (default: the checkpoint's own)")
     parser.add_argument("--compare-out", type=Path, help="also write compare's files (sweep.md, frontier.png, ...) "
                         "into this folder")
@@ -52,7 +54,8 @@ def main() -> None:
     args = parser.parse_args()
     argv = ["compare", args.checkpoint, "--sweep", args.sweep, "--num-prompts", str(args.num_prompts),
             "--num-samples", str(args.num_samples), "--max-new-tokens", str(args.max_new_tokens),
-            "--bootstrap", str(args.bootstrap), "--window", args.window, "--no-progress"]
+            "--bootstrap", str(args.bootstrap), "--window", args.window, "--units", args.units,
+            "--no-progress"]
     argv += ["--data-dir", args.data_dir] if args.data_dir else []
     argv += ["--judge", args.judge] if args.judge else []
     argv += ["--out", str(args.compare_out)] if args.compare_out else []
@@ -69,7 +72,7 @@ def main() -> None:
     record = {
         "checkpoint": args.checkpoint, "judge": args.judge, "sweep": args.sweep, "num_prompts": args.num_prompts,
         "num_samples": args.num_samples, "max_new_tokens": args.max_new_tokens, "bootstrap": args.bootstrap,
-        "window": args.window, "settings": len(settings), "wall_seconds": wall, "generation_seconds": generation,
+        "window": args.window, "units": args.units, "settings": len(settings), "wall_seconds": wall, "generation_seconds": generation,
         "torch_threads": torch.get_num_threads(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
