@@ -437,7 +437,9 @@ def prompt_totals(run: Run, num_prompts: int, units: str) -> Totals:
         value = metrics.distinct_n([text_units(sample, units)], 2)
         return 0.0 if math.isnan(value) else value
 
-    has_bigram = lambda sample: float(len(text_units(sample, units)) >= 2)  # noqa: E731
+    def has_bigram(sample: Sample) -> float:
+        return float(len(text_units(sample, units)) >= 2)
+
     values = {
         "nll": per_prompt(run.samples, lambda s: -math.fsum(s.logprobs), lambda s: len(s.logprobs)),
         "distinct_2": per_prompt(run.samples, distinct_2, has_bigram),
