@@ -6,11 +6,12 @@
     python sample.py compare out/default/best.pt --out out/compare   # strategies side by side
     python sample.py score out/default/best.pt notes.txt             # bits per byte and perplexity of a text
     python sample.py serve out/default/best.pt    # the explorer page and an OpenAI-compatible API
+    python sample.py export out/finetune_gpt2/best.pt --out models/mine   # a Hugging Face GPT-2 folder
 
-Each command is a subcommand (``generate``, ``compare``, ``score``, ``serve``); ``generate`` is the default, so
-``sample.py CKPT ...`` means ``sample.py generate CKPT ...``. A command is one
-``add_<name>_command(commands)`` function that adds its parser and the function it runs
-(see `add_command`); `COMMANDS` lists them.
+Each command is a subcommand (``generate``, ``compare``, ``score``, ``serve``, ``info``,
+``export``); ``generate`` is the default, so ``sample.py CKPT ...`` means ``sample.py
+generate CKPT ...``. A command is one ``add_<name>_command(commands)`` function that adds
+its parser and the function it runs (see `add_command`); `COMMANDS` lists them.
 
 The checkpoint carries its tokenizer, so nothing else is needed. Strategies are the
 functions of model/decoding.py, described by the specs of model/strategy.py;
@@ -33,7 +34,7 @@ from typing import Any, Callable, Sequence, TextIO
 import torch
 from tqdm import tqdm
 
-from model.checkpoint import load_for_generation
+from model.checkpoint import load_for_generation, read_checkpoint
 from model.cli import read_user_text, run_cli
 from model.compare import (
     DEFAULT_GRID, UNITS, Comparison, format_table, parse_grid, run_comparison, sample_lines, summarize_sweep,
@@ -41,11 +42,15 @@ from model.compare import (
 )
 from model.device import resolve_device
 from model.errors import UserError
+from model.export import export_gpt2_folder
 from model.generate import (
     WINDOW_MODES, Event, Sample, encode_prompt, generate_events, long_prompt_note, new_samples,
 )
 from model.score import TextScore, score_tokens, token_byte_lengths, windows
-from model.strategy import DecodingSpec, parse_strategy_with_defaults, strategy_kind
+from model.strategy import (
+    CHAIN_ORDERS, DEFAULT_ORDER, DecodingSpec, chain_order_text, parse_strategy_with_defaults, strategy_kind,
+)
+from model.synthetic import load_oracle
 from model.sweep import DEFAULT_SWEEP, flatten, parse_sweep, parse_sweep_toml, sweep_tables
 from model.tokenizer import Tokenizer
 
@@ -62,9 +67,22 @@ class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
 
 
 DECODING_FLAGS = (  # the command-line flags that set a DecodingSpec field of the same name
-    "temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty", "frequency_penalty",
-    "presence_penalty", "num_beams",
+    "temperature", "top_k", "top_p", "min_p", "typical_p", "top_n_sigma", "top_h", "epsilon_cutoff", "eta_cutoff",
+    "xtc_probability", "xtc_threshold", "mirostat", "mirostat_tau", "mirostat_eta", "repetition_penalty",
+    "frequency_penalty", "presence_penalty", "dry_multiplier", "dry_base", "dry_allowed_length",
+    "dry_penalty_last_n", "dry_sequence_breakers", "order", "num_beams",
 )
+
+
+def breakers_flag(text: str) -> tuple[str, ...]:
+    """--dry-sequence-breakers: a JSON list of strings, as llama.cpp's server takes it."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON list of strings, e.g. '[\"\\n\", \":\"]'")
+    return tuple(value)
 
 
 def spec_from_args(args: argparse.Namespace) -> DecodingSpec:
@@ -218,7 +236,8 @@ def add_generate_command(commands) -> None:
     parser.add_argument("--prompt-file", action="append", help="read a prompt from a file, '-' for stdin; the whole "
                         "file is one prompt (repeatable)")
     parser.add_argument("--strategy", default="top-p", help="greedy | sample | temperature | top-k | top-p | "
-                        "min-p | typical | beam, or a compact spec such as top-p:p=0.9,t=0.8")
+                        "min-p | typical | top-n-sigma | top-h | epsilon | eta | xtc | mirostat | mirostat1 | dry | "
+                        "beam, or a compact spec such as top-p:p=0.9,t=0.8")
     parser.add_argument("--temperature", type=float, help="divide logits by this; 0 means greedy "
                         "(default: 0.7 with --strategy temperature, else 1)")
     parser.add_argument("--top-k", type=int, help="keep the k most likely tokens (default 40 with --strategy top-k)")
@@ -228,12 +247,40 @@ def add_generate_command(commands) -> None:
                         "--strategy min-p)")
     parser.add_argument("--typical-p", type=float, help="locally typical sampling mass (default 0.95 with "
                         "--strategy typical)")
+    parser.add_argument("--top-n-sigma", type=float, help="keep logits >= max - n * their standard deviation, n > 0 "
+                        "(default 1 with --strategy top-n-sigma)")
+    parser.add_argument("--top-h", type=float, help="keep the most likely tokens while their entropy stays within "
+                        "this share of the whole, in (0, 1] (default 0.4 with --strategy top-h)")
+    parser.add_argument("--epsilon-cutoff", type=float, help="drop tokens with p < this, in (0, 1) (default 0.0003, "
+                        "tuned for 50k tokens, with --strategy epsilon; scale by 50257 / vocabulary size)")
+    parser.add_argument("--eta-cutoff", type=float, help="drop tokens with p < min(eta, sqrt(eta) * exp(-entropy)), "
+                        "in (0, 1) (default 0.0009 with --strategy eta; scale as --epsilon-cutoff)")
+    parser.add_argument("--xtc-probability", type=float, help="chance per step that XTC removes the top choices, "
+                        "in [0, 1] (default 0.5 with --strategy xtc, else 0: off)")
+    parser.add_argument("--xtc-threshold", type=float, help="XTC removes all tokens with p >= this but the least "
+                        "likely of them, in [0, 0.5] (default 0.1)")
+    parser.add_argument("--mirostat", type=int, choices=(0, 1, 2), help="mirostat version, 0 off (default 2 with "
+                        "--strategy mirostat, 1 with mirostat1)")
+    parser.add_argument("--mirostat-tau", type=float, help="mirostat's target surprise in bits (default 5)")
+    parser.add_argument("--mirostat-eta", type=float, help="mirostat's learning rate (default 0.1)")
     parser.add_argument("--repetition-penalty", type=float, help="CTRL penalty (> 1 discourages tokens already "
                         "seen, prompt included; default 1, off)")
     parser.add_argument("--frequency-penalty", type=float, help="subtract count * this from each generated "
                         "token's logit (default 0)")
     parser.add_argument("--presence-penalty", type=float, help="subtract this from every generated token's logit "
                         "(default 0)")
+    parser.add_argument("--dry-multiplier", type=float, help="DRY penalty: a token that would continue a repeat of "
+                        "n tokens loses multiplier * base ** (n - allowed length) (default 0.8 with --strategy "
+                        "dry, else 0: off)")
+    parser.add_argument("--dry-base", type=float, help="DRY's base, >= 1 (default 1.75)")
+    parser.add_argument("--dry-allowed-length", type=int, help="a token that would continue a repeat shorter "
+                        "than this is not penalised (default 2)")
+    parser.add_argument("--dry-penalty-last-n", type=int, help="DRY looks at this many last tokens, -1 the "
+                        "model's context (default -1)")
+    parser.add_argument("--dry-sequence-breakers", type=breakers_flag, help="JSON list of strings that a repeat "
+                        'never crosses (default ["\\n", ":", "\\"", "*"])')
+    parser.add_argument("--order", choices=tuple(CHAIN_ORDERS), help="where temperature runs in the sampling "
+                        f"chain: first (transformers) or last (llama.cpp) (default {DEFAULT_ORDER})")
     parser.add_argument("--num-beams", type=int, help="beams for beam search (default 4 with --strategy beam)")
     parser.add_argument("--num-samples", type=int, default=1, help="continuations per prompt, generated as one batch")
     parser.add_argument("--max-new-tokens", type=int, default=200, help="at most this many tokens per sample")
@@ -285,6 +332,7 @@ def run_generate(args: argparse.Namespace) -> None:
                     printer.show(event, samples[event.row])
                 bar.update()
         if args.explain:
+            write_text(sys.stdout, f"{spec.label}: {' > '.join(spec.chain)} ({chain_order_text(spec.order)})\n")
             print_explanation(samples[0], tokenizer)
         if logprobs is not None:
             write_logprobs(samples, tokenizer, logprobs)
@@ -316,6 +364,8 @@ def add_compare_command(commands) -> None:
         "dist-n = distinct n-grams / all n-grams over one sample per prompt, averaged over samples; "
         "rep = share of samples ending in a loop (a phrase of >= 3 units repeated at the end); "
         "self-BLEU = BLEU-4 of each sample against the others of its prompt (lower = more diverse); "
+        "rep tok and self-BLEU tok = the same on model tokens (they see loops of spaces and of word pieces "
+        "without spaces, which have few words); "
         "Zipf = fitted exponent of unit frequencies; tokens = mean generated tokens; ended = share that "
         "ended on end-of-text or a stop string; tok/s = generated tokens per second. "
         "Example: python sample.py compare out/default/best.pt -s greedy -s top-p:p=0.9 --out out/compare",
@@ -350,6 +400,12 @@ def add_compare_command(commands) -> None:
                         "(default: %(default)s)")
     parser.add_argument("--window", choices=WINDOW_MODES, default="exact", help="past block_size tokens: see "
                         "python sample.py generate --help (default: %(default)s)")
+    parser.add_argument("--oracle", metavar="DIR", help="a synthetic language prepared with data/prepare.py "
+                        "--synthetic (DIR/oracle.json): add its exact columns, orc NLL = nats per token of the "
+                        "continuation under the true chain, orc H = the chain's entropy at the same positions "
+                        "(equal, in expectation, for text of the chain itself), sup prec = share of its "
+                        "(order+1)-grams the chain can emit, cov = share of the chain's probable (order+1)-grams "
+                        "it reaches (more text reaches more: compare it beside the tokens column)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: %(default)s)")
     parser.add_argument("--sweep", nargs="?", const="default", metavar="FILE.toml|FAMILIES", help="instead of "
                         "-s, sweep each family's knob x temperature and compare families by their quality-diversity "
@@ -409,6 +465,7 @@ def run_compare(args: argparse.Namespace, out=None) -> Comparison:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)  # a bad --out fails now, not after the whole grid
     given = list(args.prompt or []) + (read_prompt_lines(args.prompt_lines) if args.prompt_lines else [])
+    oracle = load_oracle(args.oracle) if args.oracle else None
     device = resolve_device(args.device)
     model, tokenizer, checkpoint = load_for_generation(args.checkpoint, device)
     judge = None
@@ -435,7 +492,7 @@ def run_compare(args: argparse.Namespace, out=None) -> Comparison:
     comparison = run_comparison(
         model, tokenizer, prompts, grid, human=human, num_samples=args.num_samples,
         max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop, window=args.window, units=args.units,
-        judge=judge, escape_tokens=args.escape_tokens, progress=not args.no_progress,
+        judge=judge, escape_tokens=args.escape_tokens, progress=not args.no_progress, oracle=oracle,
     )
     summary = None if sweep is None else summarize_sweep(comparison, sweep, draws=args.bootstrap, seed=args.seed)
     comparison.settings["wall_seconds"] = time.perf_counter() - started
@@ -444,7 +501,14 @@ def run_compare(args: argparse.Namespace, out=None) -> Comparison:
     once = " (greedy and beam: 1, the same for every seed)" if any(spec.is_deterministic for spec in grid) else ""
     out.write(f"{len(prompts)} prompts x {args.num_samples} samples{once} x {args.max_new_tokens} tokens, "
               f"text metrics in {args.units}, {comparison.settings['wall_seconds']:.1f} s\n")
+    if oracle is not None:
+        about = comparison.settings["oracle"]
+        out.write(f"oracle {args.oracle}: order {about['order']}, entropy rate {about['entropy_rate']:.4f} nats/token; "
+                  f"{about['ngram']}-grams, {about['probable_ngrams']} probable (stationary probability >= "
+                  f"{about['probable_threshold']:g})\n")
     out.write(format_table(comparison.rows) + "\n")
+    out.write("\n" + "".join(f"{chain_order_text(order)}\n" for order in CHAIN_ORDERS
+                             if order == DEFAULT_ORDER or any(spec.order == order for spec in grid)))
     out.write(f"\nthe first sample of each row (all of them: --out, samples.jsonl)\n{sample_lines(comparison)}\n")
     if human is None:
         out.write("no human row: given prompts have no known continuation\n")
@@ -618,6 +682,35 @@ def run_info(args: argparse.Namespace, out=None) -> None:
     out.write(f"{args.checkpoint}\n" + "".join(f"  {line}\n" for line in lines))
 
 
+# ----------------------------------------------------------------------------- export
+
+def add_export_command(commands) -> None:
+    parser = add_command(
+        commands, "export", run_export, prog="sample.py export",
+        help="write a checkpoint as a Hugging Face GPT-2 folder (config.json, model.safetensors, tokenizer)",
+        description="Write a checkpoint as a Hugging Face GPT-2 folder that transformers' "
+        "GPT2LMHeadModel.from_pretrained and this project's commands read: config.json, model.safetensors and, "
+        "for a byte-level BPE tokenizer (GPT-2's or one trained by data/prepare.py), vocab.json and merges.txt. "
+        "A model GPT-2 cannot represent (rotary positions, RMSNorm) is refused.",
+        epilog="Example: python sample.py export out/finetune_gpt2/best.pt --out models/my_gpt2",
+    )
+    parser.add_argument("checkpoint", type=Path, help="a .pt file written by train.py")
+    parser.add_argument("--out", type=Path, required=True, help="the folder to write (missing or empty, unless "
+                        "--overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out when it holds files (the old "
+                        "folder is deleted once the new one is complete)")
+
+
+def run_export(args: argparse.Namespace, out=None) -> None:
+    out = out or sys.stdout
+    if args.checkpoint.is_dir():
+        raise UserError(f"{args.checkpoint} is a folder; export reads a .pt checkpoint written by train.py")
+    written = export_gpt2_folder(read_checkpoint(args.checkpoint), args.out, overwrite=args.overwrite)
+    out.write(f"wrote {written.folder}: {', '.join(written.files)}\n")
+    if written.tokenizer_note:
+        out.write(f"note: {written.tokenizer_note}\n")
+
+
 # ----------------------------------------------------------------------------- the commands
 
 def add_command(commands, name: str, run: Callable[[argparse.Namespace], Any], *, streams_text: bool = False,
@@ -630,7 +723,8 @@ def add_command(commands, name: str, run: Callable[[argparse.Namespace], Any], *
     return parser
 
 
-COMMANDS = (add_generate_command, add_compare_command, add_score_command, add_serve_command, add_info_command)
+COMMANDS = (add_generate_command, add_compare_command, add_score_command, add_serve_command, add_info_command,
+            add_export_command)
 DEFAULT_COMMAND = "generate"
 
 

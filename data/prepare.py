@@ -3,17 +3,21 @@
     python data/prepare.py                          # the default corpus (Python's doc topics)
     python data/prepare.py my_texts/ --tokenizer bpe --vocab-size 4096
     python data/prepare.py "books/**/*.txt" --out data/books
+    python data/prepare.py --synthetic markov2 --seed 1    # a language whose truth is known
 
 Writes ``<out>/train.bin``, ``<out>/val.bin`` and ``<out>/meta.json`` in the format of
 model/data.py (and, for BPE, ``tokenizer.tiktoken`` in tiktoken's rank-file format).
 Everything is written to a hidden staging folder beside ``<out>`` first and moved into
 place at the end, so a failed run never leaves half a dataset and never destroys the one
 already there; a later run removes the staging folders of runs that were killed.
+``--synthetic NAME`` draws the corpus from a preset Markov chain of model/synthetic.py
+instead (char tokenizer) and saves the chain beside the data as ``oracle.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import re
 import shutil
@@ -25,14 +29,18 @@ from pathlib import Path
 from tqdm import tqdm
 
 from model.cli import run_cli
-from model.corpus import check_not_empty, corpus_name, default_corpus, find_documents, iter_pieces, iter_texts
+from model.corpus import (
+    Document, check_not_empty, corpus_name, default_corpus, find_documents, iter_pieces, iter_texts,
+)
 from model.data import META_FILE, SPLITS, TokenWriter, dataset_meta, split_file, token_dtype, write_meta
 from model.errors import UserError
+from model.synthetic import ORACLE_FILE, PRESETS, MarkovChain, preset_chain
 from model.tokenizer import BPETokenizer, fit_tokenizer
 
 DATA_ROOT = Path(__file__).resolve().parent
 DEFAULT_VOCAB_SIZE = 2048
 TOKENIZER_FILE = "tokenizer.tiktoken"  # a BPE's ranks, for tiktoken and for the curious
+DEFAULT_SYNTHETIC_CHARS = 1_000_000
 
 
 def prepare(
@@ -43,11 +51,16 @@ def prepare(
     val_fraction: float = 0.1,
     encoding_errors: str = "strict",
     progress: bool = True,
+    documents: list[Document] | None = None,
+    oracle: MarkovChain | None = None,
 ) -> dict:
-    """Read, fit the tokenizer, encode both splits; returns the meta written."""
+    """Read, fit the tokenizer, encode both splits; returns the meta written.
+
+    ``documents``, when given, are the corpus instead of ``inputs`` (a synthetic one);
+    ``oracle``, the chain they were drawn from, is saved beside the data as oracle.json."""
     if not 0.0 < val_fraction < 1.0:
         raise UserError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
-    docs = find_documents(inputs) if inputs else default_corpus()
+    docs = documents if documents is not None else find_documents(inputs) if inputs else default_corpus()
     total_bytes = check_not_empty(docs, inputs)
     _check_replaceable(out_dir)
 
@@ -74,9 +87,13 @@ def prepare(
             writer.close()
         if isinstance(tokenizer, BPETokenizer):
             tokenizer.save(staging / TOKENIZER_FILE)
+        if oracle is not None:
+            oracle.save(staging / ORACLE_FILE)
+        about = ({"synthetic": oracle.name, "seed": oracle.seed} if oracle
+                 else {"inputs": inputs or ["pydoc_data.topics"]})
         meta = dataset_meta(
             tokenizer, dtype, {split: writers[split].count for split in SPLITS},
-            source={"inputs": inputs or ["pydoc_data.topics"], "documents": len(docs), "bytes": total_bytes},
+            source={**about, "documents": len(docs), "bytes": total_bytes},
             split={
                 "val_fraction": val_fraction,
                 "rule": "val is the text after the first line break at or after "
@@ -93,6 +110,20 @@ def prepare(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return meta
+
+
+def prepare_synthetic(name: str, out_dir: Path, seed: int = 1, num_chars: int = DEFAULT_SYNTHETIC_CHARS,
+                      val_fraction: float = 0.1, progress: bool = True) -> dict:
+    """A corpus of at least ``num_chars`` characters (whole documents) drawn from the preset
+    chain ``name`` built with ``seed``, prepared with the char tokenizer, the chain saved
+    beside it; returns the meta written. The documents are drawn with seed + 1, so the
+    chain and the text come from separate random streams."""
+    if num_chars < 1:
+        raise UserError(f"--num-chars must be >= 1, got {num_chars}")
+    chain = preset_chain(name, seed)
+    texts = [text.encode("utf-8") for text in chain.documents(num_chars, seed + 1)]
+    docs = [Document(f"{name}[{i}]", len(data), lambda data=data: io.BytesIO(data)) for i, data in enumerate(texts)]
+    return prepare([], out_dir, "char", val_fraction=val_fraction, progress=progress, documents=docs, oracle=chain)
 
 
 def _new_staging(out_dir: Path) -> Path:
@@ -144,7 +175,7 @@ def _check_replaceable(out_dir: Path) -> None:
         return
     if not (out_dir / META_FILE).is_file():
         raise UserError(f"{out_dir} exists and is not a prepared dataset; choose another --out")
-    dataset_files = {META_FILE, TOKENIZER_FILE, *(split_file(out_dir, split).name for split in SPLITS)}
+    dataset_files = {META_FILE, TOKENIZER_FILE, ORACLE_FILE, *(split_file(out_dir, split).name for split in SPLITS)}
     others = sorted(path.name for path in out_dir.iterdir() if path.name not in dataset_files)
     if others:
         raise UserError(
@@ -186,17 +217,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--encoding-errors", choices=("strict", "replace"), default="strict",
                         help="strict: stop at the first byte that is not UTF-8, naming file and offset; "
                         "replace: turn such bytes into U+FFFD and go on")
+    presets = "; ".join(f"{name}: {preset.about}" for name, preset in PRESETS.items())
+    parser.add_argument("--synthetic", metavar="NAME",
+                        help="instead of INPUTs, draw the corpus from a random sparse Markov chain whose "
+                        f"probabilities are exact, saved beside the data as {ORACLE_FILE} (for sample.py compare "
+                        f"--oracle); char tokenizer; --out defaults to data/NAME. Presets: {presets}")
+    parser.add_argument("--seed", type=int, default=1, help="with --synthetic: builds the chain; the text "
+                        "is drawn with seed + 1 (default 1)")
+    parser.add_argument("--num-chars", type=int, default=DEFAULT_SYNTHETIC_CHARS,
+                        help=f"with --synthetic: draw whole documents until they hold at least this many "
+                        f"characters (default {DEFAULT_SYNTHETIC_CHARS:,})")
     parser.add_argument("--no-progress", action="store_true", help="do not show progress bars")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_intermixed_args(argv)  # inputs on both sides of a flag
-    out_dir = args.out or DATA_ROOT / corpus_name(args.inputs)
+    parser = build_parser()
+    args = parser.parse_intermixed_args(argv)  # inputs on both sides of a flag
+    out_dir = args.out or DATA_ROOT / (args.synthetic or corpus_name(args.inputs))
 
     def action() -> None:
-        meta = prepare(args.inputs, out_dir, args.tokenizer, args.vocab_size, args.val_fraction,
-                       args.encoding_errors, progress=not args.no_progress)
+        check_synthetic_args(parser, args)
+        if args.synthetic:
+            meta = prepare_synthetic(args.synthetic, out_dir, args.seed, args.num_chars, args.val_fraction,
+                                     progress=not args.no_progress)
+        else:
+            meta = prepare(args.inputs, out_dir, args.tokenizer, args.vocab_size, args.val_fraction,
+                           args.encoding_errors, progress=not args.no_progress)
         tokens = meta["tokens"]
         print(
             f"{meta['source']['documents']} documents, {meta['source']['bytes']:,} bytes -> "
@@ -205,6 +252,23 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     return run_cli(action, interrupted="interrupted; nothing was written")
+
+
+def check_synthetic_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--synthetic makes its own text with the char tokenizer: refuse INPUTs and the options
+    it would ignore; --seed and --num-chars do nothing without it. (A flag given with its
+    default value changes nothing, so it passes.)"""
+    def changed(*names: str) -> list[str]:
+        return ["--" + name.replace("_", "-") for name in names if getattr(args, name) != parser.get_default(name)]
+
+    if args.synthetic:
+        ignored = changed("tokenizer", "vocab_size", "encoding_errors")
+        if args.inputs or ignored:
+            raise UserError(f"--synthetic draws its own corpus with the char tokenizer; drop "
+                            f"{', '.join(ignored) if ignored else 'the INPUTs'}")
+    elif changed("seed", "num_chars"):
+        raise UserError(f"{', '.join(changed('seed', 'num_chars'))}: only with --synthetic NAME")
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -92,7 +92,7 @@ def save_checkpoint(
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def _save_failed(path: Path, error: BaseException) -> UserError:
@@ -122,7 +122,7 @@ def copy_checkpoint(source: str | Path, target: str | Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(target.parent)
+    fsync_path(target.parent)
 
 
 def remove_stale_temporaries(directory: str | Path) -> list[Path]:
@@ -135,10 +135,11 @@ def remove_stale_temporaries(directory: str | Path) -> list[Path]:
     return stale
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename itself durable (a no-op where directories cannot be opened)."""
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a folder's entries (which makes a rename into it durable), to disk;
+    a no-op where the path cannot be opened (folders on some systems)."""
     try:
-        fd = os.open(directory, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:

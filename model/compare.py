@@ -42,6 +42,15 @@ How the comparison is run, and why:
   perplexity, bits per byte (the same nats over the UTF-8 bytes of the tokens, which
   compare across tokenizers: model/score.py), lengths and the end rate are per sample or per token and pool every
   sample.
+* An oracle (a synthetic language's chain, model/synthetic.py) adds exact columns, from
+  the symbols of each continuation (its tokens' characters, end-of-text as END) in the
+  context of its prompt (`oracle_columns`): its NLL per token under the chain (smoothed,
+  see synthetic.SMOOTHING), the chain's own entropy at the same positions (for text of
+  the chain itself the two agree in expectation: a strategy below it is sharper than
+  the truth, above it more random), support precision (the share of its (order+1)-grams
+  the chain can emit, pooled) and coverage (the share of the chain's probable
+  (order+1)-grams it holds, per draw like distinct-n; it grows with the amount of text,
+  so read it beside the tokens column). n-grams lie inside a continuation.
 * A judge (``judge=``, a larger model of the same tokenizer) scores every sample and the
   human text after the same prompt, teacher-forced through the same token loop: its NLL
   per token (``judge_nll``) says how good the text is by a model other than the one that
@@ -85,6 +94,7 @@ from model.gpt import GPT
 from model.strategy import DecodingSpec, parse_strategy_with_defaults
 from model.score import bits_per_byte, score_continuations, token_byte_lengths
 from model.sweep import SweepSummary, Totals, summarize, sweep_tables
+from model.synthetic import PROBABLE, MarkovChain, check_tokenizer, token_symbols
 from model.tokenizer import Tokenizer
 
 DEFAULT_GRID = (
@@ -98,13 +108,15 @@ WORD = re.compile(r"\w+|[^\w\s]")
 # One row of the table: these keys, in this order, in results.json, .csv and .md.
 ROW_FIELDS = (
     "strategy", "perplexity", "bits_per_byte", "distinct_1", "distinct_2", "distinct_3", "repetition",
-    "repetition_tokens", "self_bleu", "zipf",
+    "repetition_tokens", "self_bleu", "self_bleu_tokens", "zipf",
     "mean_tokens", "mean_units", "end_rate", "tokens_per_s", "seconds", "samples",
 )
-# Columns a row has only when the comparison measured them (a judge, the escape prompts),
+# The columns an oracle adds (`oracle_columns`), after those.
+ORACLE_FIELDS = ("oracle_nll", "oracle_entropy", "support_precision", "coverage")
+# Columns a row has only when the comparison measured them (a judge, the escape prompts, an oracle),
 # after ROW_FIELDS in this order; a new optional column is one more name here, one in
 # COLUMNS and its value in `_row`.
-OPTIONAL_FIELDS = ("judge_nll", "stuck")
+OPTIONAL_FIELDS = ("judge_nll", "stuck", *ORACLE_FIELDS)
 LOOP_TOKENS = 4  # the repeated unit of an escape prompt...
 LOOP_REPEATS = 5  # ...appended this many more times after the prompt, which already ends in it
 STUCK_NLL = 1.0  # nats per token: below it, a continuation of the loop prompt is stuck
@@ -228,13 +240,16 @@ def row_metrics(
     deterministic strategy's one per prompt), which give the token-level numbers.
     ``byte_lengths`` (model.score.token_byte_lengths) gives bits_per_byte (else nan).
     Keys: perplexity, bits_per_byte, distinct_1..3, repetition, repetition_tokens, self_bleu,
-    zipf, mean_tokens, mean_units, end_rate; nan where a metric has nothing to measure.
-    ``repetition`` counts loops in the units, ``repetition_tokens`` in the model tokens:
-    a loop of spaces has no words, and a loop of word pieces without spaces is one long
-    word, so only the tokens show those.
+    self_bleu_tokens, zipf, mean_tokens, mean_units, end_rate; nan where a metric has
+    nothing to measure. ``repetition`` and ``self_bleu`` count the units,
+    ``repetition_tokens`` and ``self_bleu_tokens`` the model tokens: a loop of spaces has
+    no words, and a loop of word pieces without spaces is one long word, so only the
+    tokens show those (identical looping samples of fewer than 4 words score a self-BLEU
+    well below 1 on words).
     """
     per_draw = [[group[s] for group in units_by_prompt] for s in range(len(units_by_prompt[0]))]
     every_sample = [units for group in units_by_prompt for units in group]
+    tokens_by_prompt = _tokens_by_prompt(samples, [len(group) for group in units_by_prompt])
     return {
         "perplexity": metrics.perplexity(list(chain.from_iterable(s.logprobs for s in samples))),
         "bits_per_byte": _bits_per_byte(samples, byte_lengths),
@@ -244,12 +259,23 @@ def row_metrics(
         "repetition_tokens": metrics.repetition_rate(generated_tokens(s) for s in samples),
         "self_bleu": metrics.mean((metrics.self_bleu(group) for group in units_by_prompt if len(group) >= 2),
                                   skip_nan=True),
+        "self_bleu_tokens": metrics.mean((metrics.self_bleu(group) for group in tokens_by_prompt if len(group) >= 2),
+                                         skip_nan=True),
         "zipf": metrics.mean((metrics.zipf_coefficient(chain.from_iterable(draw)) for draw in per_draw),
                              skip_nan=True),
         "mean_tokens": metrics.mean(len(s.tokens) for s in samples),
         "mean_units": metrics.mean(len(units) for units in every_sample),
         "end_rate": metrics.mean(float(s.finish != "length") for s in samples),
     }
+
+
+def _tokens_by_prompt(samples: Sequence[Sample], group_sizes: Sequence[int]) -> list[list[list[int]]]:
+    """The generated tokens of each prompt's samples, as many per prompt as ``group_sizes``
+    says: a deterministic strategy's one sample per prompt stands for every copy of it."""
+    groups: list[list[list[int]]] = [[] for _ in group_sizes]
+    for sample in samples:
+        groups[sample.prompt_index].append(generated_tokens(sample))
+    return [group * (size // len(group)) if group else [] for group, size in zip(groups, group_sizes)]
 
 
 def _bits_per_byte(samples: Sequence[Sample], byte_lengths: torch.Tensor | None) -> float:
@@ -316,6 +342,7 @@ def run_comparison(
     judge: GPT | None = None,
     escape_tokens: int = 0,
     progress: bool = True,
+    oracle: MarkovChain | None = None,
 ) -> Comparison:
     """Continue every prompt with every strategy of ``grid`` and measure each (one row each).
 
@@ -325,9 +352,12 @@ def run_comparison(
     every stochastic strategy, so all strategies see the same prompts and seeds.
     ``judge`` (a model of the same tokenizer) scores every sample: the judge_nll column.
     ``escape_tokens`` > 0 also continues each loop prompt (`loop_prompt`) that many
-    tokens with every strategy, with the same seeds: the stuck column. See the module
-    docstring for what is measured how.
+    tokens with every strategy, with the same seeds: the stuck column.
+    ``oracle``, the chain of a synthetic language the model learnt, adds its columns
+    (`oracle_columns`) to every row. See the module docstring for what is measured how.
     """
+    if oracle is not None:
+        check_tokenizer(tokenizer, oracle)
     if units not in UNITS:
         raise UserError(f"units must be one of {', '.join(UNITS)}, got {units!r}")
     if max_new_tokens < 1:  # generate itself allows 0 tokens; a comparison of them measures nothing
@@ -363,6 +393,13 @@ def run_comparison(
         "window": window, "units": units, "human_row": human is not None, "judged": judge is not None,
         "escape_tokens": escape_tokens,
     }
+    if oracle is not None:
+        n, probable = oracle.order + 1, oracle.probable_ngrams(oracle.order + 1, PROBABLE)
+        rows = [row | oracle_columns(run, encoded, tokenizer, oracle, n, probable)
+                for run, row in zip(runs, rows)]
+        settings["oracle"] = {"name": oracle.name, "seed": oracle.seed, "order": oracle.order,
+                              "entropy_rate": oracle.entropy_rate(), "ngram": n, "probable_threshold": PROBABLE,
+                              "probable_ngrams": len(probable)}
     texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts]
     return Comparison(texts, runs, rows, settings)
 
@@ -490,6 +527,49 @@ def row_fields(rows: Sequence[dict[str, Any]]) -> list[str]:
     return [*ROW_FIELDS, *(key for key in OPTIONAL_FIELDS if any(key in row for row in rows))]
 
 
+def oracle_columns(
+    run: Run, prompts: Sequence[Sequence[int]], tokenizer: Tokenizer, oracle: MarkovChain, n: int,
+    probable: dict[tuple[str, ...], float],
+) -> dict[str, float]:
+    """The oracle's columns of one row (see the module docstring; nan where there is
+    nothing to measure).
+
+    ``prompts[p]`` are the token ids of prompt p (its symbols give the chain's context:
+    `MarkovChain.context_after`); ``probable`` are the chain's probable n-grams
+    (`MarkovChain.probable_ngrams`). oracle_nll: mean over all continuation symbols (its
+    tokens, for the char tokenizer) of -log q (`MarkovChain.smoothed_logprobs`);
+    oracle_entropy: mean of the chain's entropy at the same positions;
+    support_precision: producible / all n-grams, pooled over the samples; coverage: |probable n-grams in the s-th sample of every prompt| /
+    |probable|, averaged over s (a deterministic strategy's one sample per prompt is
+    every draw).
+    """
+    nlls, entropies, ngrams_by_sample = [], [], []
+    for sample in run.samples:
+        symbols, context = oracle_view(sample, prompts[sample.prompt_index], tokenizer, oracle)
+        nlls += [-lp for lp in oracle.smoothed_logprobs(symbols, context)]
+        entropies += oracle.entropies(symbols, context)
+        ngrams_by_sample.append(metrics._ngrams(symbols, n))
+    pooled = list(chain.from_iterable(ngrams_by_sample))
+    per_prompt = len(run.samples) // len(prompts)
+    draws = [[ngrams_by_sample[p * per_prompt + s] for p in range(len(prompts))] for s in range(per_prompt)]
+    reached = [len(probable.keys() & set(chain.from_iterable(draw))) for draw in draws]
+    return {
+        "oracle_nll": metrics.mean(nlls),
+        "oracle_entropy": metrics.mean(entropies),
+        "support_precision": metrics.mean(map(float, oracle.producible(pooled))),
+        "coverage": metrics.mean(r / len(probable) for r in reached) if probable else math.nan,
+    }
+
+
+def oracle_view(
+    sample: Sample, prompt: Sequence[int], tokenizer: Tokenizer, oracle: MarkovChain
+) -> tuple[list[str], str]:
+    """A sample as the oracle reads it: the symbols of its tokens (`token_symbols`) and the
+    chain's context after its prompt's (token ids). The sample's oracle NLL in nats is
+    ``-sum(oracle.smoothed_logprobs(symbols, context))``, over ``len(symbols)`` symbols."""
+    return token_symbols(tokenizer, sample.tokens), oracle.context_after(token_symbols(tokenizer, prompt))
+
+
 # ----------------------------------------------------------------------------- tables and files
 
 
@@ -504,6 +584,7 @@ COLUMNS = (
     ("rep %", "repetition", "{:.1%}"),
     ("rep tok %", "repetition_tokens", "{:.1%}"),
     ("self-BLEU", "self_bleu", "{:.3f}"),
+    ("self-BLEU tok", "self_bleu_tokens", "{:.3f}"),
     ("Zipf", "zipf", "{:.2f}"),
     ("tokens", "mean_tokens", "{:.1f}"),
     ("ended %", "end_rate", "{:.1%}"),
@@ -511,11 +592,18 @@ COLUMNS = (
     ("judge NLL", "judge_nll", "{:.3f}"),  # optional columns: shown when the rows have them
     ("stuck %", "stuck", "{:.1%}"),
 )
+ORACLE_COLUMNS = (  # shown when the rows have them: nats per token, shares as percentages
+    ("orc NLL", "oracle_nll", "{:.3f}"),
+    ("orc H", "oracle_entropy", "{:.3f}"),
+    ("sup prec %", "support_precision", "{:.1%}"),
+    ("cov %", "coverage", "{:.1%}"),
+)
 
 
 def _columns(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str, str]]:
     """The COLUMNS whose key the rows have (an optional column only when measured)."""
-    return [column for column in COLUMNS if column[1] in ROW_FIELDS or any(column[1] in row for row in rows)]
+    return [column for column in (*COLUMNS, *ORACLE_COLUMNS)
+            if column[1] in ROW_FIELDS or any(column[1] in row for row in rows)]
 
 
 def _cells(row: dict[str, Any], columns: Sequence[tuple[str, str, str]]) -> list[str]:

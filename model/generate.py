@@ -40,7 +40,9 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from model.decoding import PenaltyState, choose_tokens, mask_vocab_padding, sampling_distribution
+from model.decoding import (
+    PenaltyState, choose_tokens, mask_vocab_padding, sampling_distribution, sequence_breaker_ids,
+)
 from model.device import Precision
 from model.errors import UserError
 from model.gpt import GPT, KVCache
@@ -164,29 +166,34 @@ def decode_steps(
     *,
     window: str = "exact",
     valid_vocab: int | None = None,
+    breaker_ids: frozenset[int] = frozenset(),
 ) -> Iterator[Step]:
     """Yield ``max_new_tokens`` steps (the caller may stop early). Row b samples with a
-    generator seeded ``seeds[b]``. Beam search is not a step-wise strategy: see beam_search."""
+    generator seeded ``seeds[b]``; the strategy's per-row state (`PenaltyState`: penalties,
+    DRY's history with its sequence breakers ``breaker_ids``, mirostat's mu, XTC's coins)
+    starts with the prompts and follows each row's tokens. Beam search is not a step-wise
+    strategy: see beam_search."""
     if spec.is_beam:
         raise ValueError("decode_steps samples token by token; use beam_search for num_beams > 1")
     if window == "shift" and len({len(p) for p in prompts}) > 1:
-        yield from _decode_by_length(model, prompts, spec, max_new_tokens, seeds, valid_vocab)
+        yield from _decode_by_length(model, prompts, spec, max_new_tokens, seeds, valid_vocab, breaker_ids)
         return
     context = Context(model, prompts, max_new_tokens, window, valid_vocab)
     device = context.tokens.device
     generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
-    penalties = PenaltyState(spec, prompts, model.config.vocab_size, device)
+    penalties = PenaltyState(spec, prompts, model.config.vocab_size, device, breaker_ids=breaker_ids,
+                             context_size=context.block_size)
     for _ in range(max_new_tokens):
         logits = context.next_logits()
-        processed = penalties.process(logits, spec)
+        processed = penalties.process(logits, spec, generators)
         tokens = choose_tokens(processed, spec, generators)
         yield Step(tokens, logits, processed)
         context.append(tokens)
-        penalties.add(tokens)
+        penalties.add(tokens, processed)
 
 
 def _decode_by_length(model: GPT, prompts: Sequence[Sequence[int]], spec: DecodingSpec, max_new_tokens: int,
-                      seeds: Sequence[int], valid_vocab: int | None) -> Iterator[Step]:
+                      seeds: Sequence[int], valid_vocab: int | None, breaker_ids: frozenset[int]) -> Iterator[Step]:
     """decode_steps in "shift" mode for prompts of different lengths. A batch shares one
     window, which restarts when its longest row fills it, so a shorter row would restart
     at other steps than alone. Rows of each prompt length therefore run as their own
@@ -197,7 +204,7 @@ def _decode_by_length(model: GPT, prompts: Sequence[Sequence[int]], spec: Decodi
     groups = list(by_length.values())
     batches = [
         decode_steps(model, [prompts[r] for r in rows], spec, max_new_tokens, [seeds[r] for r in rows],
-                     window="shift", valid_vocab=valid_vocab)
+                     window="shift", valid_vocab=valid_vocab, breaker_ids=breaker_ids)
         for rows in groups
     ]
     row_order = torch.tensor([row for rows in groups for row in rows]).argsort()
@@ -464,7 +471,7 @@ def _sampled_events(model: GPT, tokenizer: Tokenizer, rows: list[list[int]], spe
         yield [end.empty_end() for end in ends]
         return
     steps = decode_steps(model, rows, spec, max_new_tokens, [seed + row for row in range(len(rows))],
-                         window=window, valid_vocab=tokenizer.vocab_size)
+                         window=window, valid_vocab=tokenizer.vocab_size, breaker_ids=dry_breakers(tokenizer, spec))
     for step in steps:
         raw = F.log_softmax(step.logits, dim=-1)
         chosen = raw.gather(1, step.tokens[:, None]).squeeze(1).tolist()
@@ -478,8 +485,18 @@ def _sampled_events(model: GPT, tokenizer: Tokenizer, rows: list[list[int]], spe
 def _beam_events(model: GPT, tokenizer: Tokenizer, prompts: list[list[int]], spec: DecodingSpec,
                  max_new_tokens: int, stop: Sequence[str], window: str) -> Iterator[list[Event]]:
     for row, ids in enumerate(prompts):
-        beam = beam_search(model, ids, spec, max_new_tokens, tokenizer.eot_id, window, tokenizer.vocab_size)
+        beam = beam_search(model, ids, spec, max_new_tokens, tokenizer.eot_id, window, tokenizer.vocab_size,
+                           dry_breakers(tokenizer, spec))
         yield _replay_events(row, tokenizer, beam.tokens, stop, beam.logprobs)
+
+
+def dry_breakers(tokenizer: Tokenizer, spec: DecodingSpec) -> frozenset[int]:
+    """The tokens of ``tokenizer`` that are sequence breakers of the spec's DRY penalty
+    (none when DRY is off): `decoding.sequence_breaker_ids`."""
+    if not spec.uses_dry:
+        return frozenset()
+    token_bytes = [tokenizer.token_bytes(token) for token in range(tokenizer.vocab_size)]
+    return sequence_breaker_ids(spec.dry_sequence_breakers, token_bytes)
 
 
 def new_samples(num_prompts: int, num_samples: int) -> list[Sample]:
@@ -546,6 +563,7 @@ def beam_search(
     eot_id: int | None,
     window: str = "exact",
     valid_vocab: int | None = None,
+    breaker_ids: frozenset[int] = frozenset(),
 ) -> Beam:
     """Deterministic beam search with ``spec.num_beams`` beams.
 
@@ -558,13 +576,14 @@ def beam_search(
     two can rank finished beams differently and pick different texts when beams end. The search stops after ``max_new_tokens`` steps, or once
     ``num_beams`` beams have finished and no live beam can still beat the worst of them
     (a bound, not a guess: see _search_is_over). Penalties in ``spec`` apply to the
-    logits before the log-softmax.
+    logits before the log-softmax (DRY with ``breaker_ids`` as its sequence breakers).
     """
     n = spec.num_beams
     context = Context(model, [list(prompt)] * n, max_new_tokens, window, valid_vocab)
     beams = [Beam([], 0.0 if i == 0 else float("-inf"), []) for i in range(n)]  # start from one beam
     finished: list[Beam] = []
-    penalties = PenaltyState(spec, [prompt] * n, model.config.vocab_size, context.tokens.device)
+    penalties = PenaltyState(spec, [prompt] * n, model.config.vocab_size, context.tokens.device,
+                             breaker_ids=breaker_ids, context_size=context.block_size)
     for step in range(max_new_tokens):
         logits = context.next_logits()
         raw = F.log_softmax(logits, dim=-1)

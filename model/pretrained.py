@@ -52,16 +52,14 @@ ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu"
 # Entries of a Hugging Face GPT-2 file that are not parameters of our model.
 _IGNORED = re.compile(r"(h\.\d+\.attn\.(bias|masked_bias)|lm_head\.weight)")
 
-# Hugging Face name (without "transformer.") -> our name, and whether it is a Conv1D weight.
-_RENAMES = [
-    (re.compile(r"h\.(\d+)\.attn\.c_attn\.(weight|bias)"), r"blocks.\1.attn.qkv.\2"),
-    (re.compile(r"h\.(\d+)\.attn\.c_proj\.(weight|bias)"), r"blocks.\1.attn.proj.\2"),
-    (re.compile(r"h\.(\d+)\.mlp\.c_fc\.(weight|bias)"), r"blocks.\1.mlp.fc.\2"),
-    (re.compile(r"h\.(\d+)\.mlp\.c_proj\.(weight|bias)"), r"blocks.\1.mlp.proj.\2"),
-    (re.compile(r"h\.(\d+)\.(ln_1|ln_2)\.(weight|bias)"), r"blocks.\1.\2.\3"),
-    (re.compile(r"(wte|wpe|ln_f)\.(weight|bias)"), r"\1.\2"),
-]
-_CONV1D = re.compile(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight")
+# GPT-2's module names -> ours, inside layer N (h.N. -> blocks.N.) and outside the layers
+# (the same names). Read in both directions: loading here, exporting in model/export.py.
+LAYER_MODULES = {"ln_1": "ln_1", "attn.c_attn": "attn.qkv", "attn.c_proj": "attn.proj", "ln_2": "ln_2",
+                 "mlp.c_fc": "mlp.fc", "mlp.c_proj": "mlp.proj"}
+TOP_MODULES = ("wte", "wpe", "ln_f")
+# GPT-2's linear layers are "Conv1D" modules: their weight is stored (in, out), nn.Linear's transposed.
+CONV1D_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+_PARAMETER = re.compile(r"(?:(h|blocks)\.(\d+)\.)?(.+)\.(weight|bias)")
 
 
 def is_gpt2_folder(path: str | Path) -> bool:
@@ -130,14 +128,16 @@ def load_gpt2(
     """The GPT and the tokenizer of a Hugging Face GPT-2 folder (the model in eval mode).
 
     Every problem with the folder (a missing file, another architecture, weights that do
-    not fit config.json, a damaged file, a tokenizer of another size) is a one-line
+    not fit config.json, a damaged file, a tokenizer larger than vocab_size) is a one-line
     UserError; nothing is written.
     """
     folder = Path(folder)
     check_folder(folder)
     cfg = gpt2_config(folder, block_size)
     tokenizer = GPT2Tokenizer.from_folder(folder)
-    if tokenizer.vocab_size != cfg.vocab_size:
+    # A larger vocab_size is padding (train.py's vocab_multiple; an exported checkpoint
+    # keeps it): the decoding never samples those ids (decoding.mask_vocab_padding).
+    if tokenizer.vocab_size > cfg.vocab_size:
         raise UserError(f"{folder}: {GPT2_VOCAB_FILE} and {GPT2_MERGES_FILE} make {tokenizer.vocab_size:,} tokens "
                         f"but {CONFIG_FILE} says vocab_size {cfg.vocab_size:,}")
     return load_gpt2_weights(folder, cfg, device=device, dtype=dtype), tokenizer
@@ -197,10 +197,29 @@ def _our_name(hf_name: str) -> tuple[str | None, bool]:
     name = hf_name.removeprefix("transformer.")
     if _IGNORED.fullmatch(name):
         return None, False
-    for pattern, replacement in _RENAMES:
-        if pattern.fullmatch(name):
-            return pattern.sub(replacement, name), bool(_CONV1D.fullmatch(name))
+    match = _PARAMETER.fullmatch(name)
+    if match and match[1] == "h" and match[3] in LAYER_MODULES:
+        return (f"blocks.{match[2]}.{LAYER_MODULES[match[3]]}.{match[4]}",
+                match[3] in CONV1D_MODULES and match[4] == "weight")
+    if match and match[1] is None and match[3] in TOP_MODULES:
+        return name, False
     return f"<unknown {hf_name}>", False
+
+
+_HF_MODULES = {ours: theirs for theirs, ours in LAYER_MODULES.items()}
+
+
+def gpt2_name(name: str) -> tuple[str, bool]:
+    """The inverse of reading a folder: our parameter name (not the tied lm_head.weight)
+    -> (its name in a GPT2LMHeadModel file, whether it is stored transposed as a Conv1D
+    weight). A KeyError for a name GPT-2 has no place for."""
+    match = _PARAMETER.fullmatch(name)
+    if match and match[1] == "blocks" and match[3] in _HF_MODULES:
+        module = _HF_MODULES[match[3]]
+        return f"transformer.h.{match[2]}.{module}.{match[4]}", module in CONV1D_MODULES and match[4] == "weight"
+    if match and match[1] is None and match[3] in TOP_MODULES:
+        return f"transformer.{name}", False
+    raise KeyError(name)
 
 
 CHUNK_BYTES = 2**20  # how much of a tensor is read at once

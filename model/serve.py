@@ -60,7 +60,7 @@ from starlette.routing import Route
 
 from model.decoding import PenaltyState, sampling_distribution
 from model.errors import UserError
-from model.generate import MAX_SEED, Context, Event, TokenDetail, encode_prompt, generate_events
+from model.generate import MAX_SEED, Context, Event, TokenDetail, dry_breakers, encode_prompt, generate_events
 from model.score import forced_logprobs
 from model.gpt import GPT
 from model.strategy import DecodingSpec, is_number, is_whole, parse_strategy
@@ -154,9 +154,16 @@ class CompletionJob:
 
 
 # Extension fields for the project's other strategies, named as vLLM names them (top_k,
-# min_p, repetition_penalty) and, for typical_p, as text-generation-inference and llama.cpp do.
-_SPEC_FIELDS = ("temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty", "frequency_penalty",
-                "presence_penalty")
+# min_p, repetition_penalty, eta_cutoff, epsilon_cutoff, as transformers does), as
+# text-generation-inference and llama.cpp name typical_p, as llama.cpp names top_n_sigma,
+# mirostat*, xtc_* and dry_*, top_h as transformers, and temperature_last (true: the chain
+# order temperature-last) as text-generation-webui.
+_SPEC_FIELDS = ("temperature", "top_p", "top_k", "min_p", "typical_p", "top_n_sigma", "top_h", "epsilon_cutoff",
+                "eta_cutoff", "xtc_probability", "xtc_threshold", "mirostat", "mirostat_tau", "mirostat_eta",
+                "repetition_penalty", "frequency_penalty", "presence_penalty", "dry_multiplier", "dry_base",
+                "dry_allowed_length", "dry_penalty_last_n", "dry_sequence_breakers", "temperature_last")
+_WHOLE_SPEC_FIELDS = ("top_k", "mirostat", "dry_allowed_length", "dry_penalty_last_n")
+_DRY_FIELDS = ("dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n", "dry_sequence_breakers")
 _COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "n", "stop", "seed", "stream", "stream_options", "logprobs",
                       "echo", "return_token_ids", "user", "best_of", "logit_bias", "suffix", "strategy",
                       *_SPEC_FIELDS}
@@ -225,9 +232,12 @@ def _flag(body: dict, name: str) -> bool:
 def read_spec(body: dict) -> DecodingSpec:
     """The DecodingSpec of a request: the extension field ``strategy``, a spec as
     `parse_strategy` reads it ("top-p:p=0.9", as the distribution view takes them), or
-    else OpenAI-style sampling fields. Off values as OpenAI clients send them (top_p 1,
-    top_k 0 or -1 as in vLLM, min_p 0, typical_p 1) mean no filter; temperature 0 is
-    greedy decoding. The two ways are not mixed: which would win is anybody's guess."""
+    else OpenAI-style sampling fields. Off values as OpenAI, vLLM and llama.cpp clients
+    send them (top_p 1, top_k 0 or -1, min_p 0, typical_p 1, eta_cutoff and epsilon_cutoff
+    0, top_n_sigma <= 0, and dry_penalty_last_n 0, which turns DRY off) mean no filter;
+    a setting at its default is the same as leaving it out (llama.cpp clients send
+    mirostat_tau 5 with mirostat 0); temperature 0 is greedy decoding. The two ways are
+    not mixed: which would win is anybody's guess."""
     if body.get("strategy") is not None:
         return _read_strategy(body)
     fields: dict[str, Any] = {}
@@ -235,17 +245,31 @@ def read_spec(body: dict) -> DecodingSpec:
         value = body.get(name)
         if value is None:
             continue
-        if not is_number(value) or not math.isfinite(value):
+        if name == "dry_sequence_breakers":
+            if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+                raise RequestError(f"{name} must be a list of strings such as [\"\\n\", \":\"]", name)
+            value = tuple(value)
+        elif name == "temperature_last":
+            if not isinstance(value, bool):
+                raise RequestError(f"{name}={value!r} must be true or false", name)
+        elif not is_number(value) or not math.isfinite(value):
             raise RequestError(f"{name}={value!r} must be a finite number", name)
+        elif name in _WHOLE_SPEC_FIELDS and not is_whole(value):
+            off = " (0 or -1: off)" if name == "top_k" else ""
+            raise RequestError(f"{name}={value!r} must be a whole number{off}", name)
         fields[name] = value
-    if "top_k" in fields:
-        if not is_whole(fields["top_k"]):
-            raise RequestError(f"top_k={fields['top_k']!r} must be a whole number (0 or -1: off)", "top_k")
-        if fields["top_k"] in (0, -1):
-            del fields["top_k"]
-    for name, off in (("top_p", 1), ("min_p", 0), ("typical_p", 1)):
+    if fields.get("top_k") in (0, -1):
+        del fields["top_k"]
+    for name, off in (("top_p", 1), ("min_p", 0), ("typical_p", 1), ("eta_cutoff", 0), ("epsilon_cutoff", 0)):
         if fields.get(name) == off:
             del fields[name]
+    if fields.get("top_n_sigma", 1) <= 0:
+        del fields["top_n_sigma"]
+    if fields.get("dry_penalty_last_n") == 0:
+        for name in _DRY_FIELDS:
+            fields.pop(name, None)
+    if fields.pop("temperature_last", False):
+        fields["order"] = "temperature-last"
     try:
         return DecodingSpec(**fields)
     except UserError as error:
@@ -410,15 +434,20 @@ def distribution(model: GPT, tokenizer: Tokenizer, ids: Sequence[int], specs: Se
     each strategy the set `process_logits` keeps with its renormalised probabilities.
     A repetition penalty treats the context as seen (as generation treats the prompt);
     frequency and presence penalties count generated tokens, of which a context has none.
-    ``context_text`` is the context without its end-of-text tokens (what a text box shows)."""
+    ``context_text`` is the context without its end-of-text tokens (what a text box shows).
+    Each strategy's ``keeps_candidates`` says, for each of ``candidates`` in their order,
+    whether it keeps that token: the page marks each strategy's cut on one chart with it."""
     context = Context(model, [list(ids)], 0, window, tokenizer.vocab_size)
     logits = context.next_logits()  # (1, V)
     probs = torch.softmax(logits.double(), dim=-1)[0]
     entropy = -torch.where(probs > 0, probs * probs.log(), 0.0).sum().item()
+    best = probs.argsort(descending=True, stable=True)[:top]
     strategies = []
     for text, spec in specs:
         # the state of a generation's first step: the context is seen, nothing generated yet
-        processed = PenaltyState(spec, [ids], logits.size(-1), logits.device).process(logits, spec)
+        state = PenaltyState(spec, [ids], logits.size(-1), logits.device, breaker_ids=dry_breakers(tokenizer, spec),
+                             context_size=model.config.block_size)
+        processed = state.process(logits, spec)  # XTC: as when its coin comes up
         kept_probs = sampling_distribution(processed, spec, torch.float64)[0]
         kept = (kept_probs > 0).nonzero().squeeze(1)
         order = kept[kept_probs[kept].argsort(descending=True, stable=True)][:top]
@@ -426,8 +455,8 @@ def distribution(model: GPT, tokenizer: Tokenizer, ids: Sequence[int], specs: Se
             "strategy": text, "label": spec.label, "kept_count": int(kept.numel()),
             "kept_mass": float(probs[kept].sum()),
             "kept": [_candidate(tokenizer, int(t), float(probs[t]), float(kept_probs[t])) for t in order],
+            "keeps_candidates": (kept_probs[best] > 0).tolist(),
         })
-    best = probs.argsort(descending=True, stable=True)[:top]
     return {
         "prompt_tokens": len(ids), "context_ids": list(ids),
         "context_text": tokenizer.decode([t for t in ids if t != tokenizer.eot_id]),

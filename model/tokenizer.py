@@ -257,6 +257,53 @@ class BPETokenizer(_TiktokenBacked):
     def state(self) -> dict[str, Any]:
         return {"kind": "bpe", "ranks": self.rank_file_text()}
 
+    def gpt2_files(self) -> tuple[str, str]:
+        """The texts of vocab.json and merges.txt in a Hugging Face GPT-2 folder's format,
+        which GPT2Tokenizer.from_files reads back into these ranks (and transformers'
+        GPT2Tokenizer reads as the same tokenizer).
+
+        vocab.json maps each token, its bytes spelled with GPT-2's byte symbols, to its id,
+        and EOT_TEXT to eot_id. merges.txt lists, for the ids 256, 257, ... in order, the
+        two tokens whose merge makes that id. The ranks do not store the pair: it is what
+        BPE makes of the token's bytes with only the tokens ranked below it (those merges
+        come first), which stops at two parts. A UserError when the ranks have no such
+        form: a single byte ranked past 255, or a token that lower ranks do not build in
+        two parts.
+        """
+        symbol = {byte: char for char, byte in _gpt2_byte_symbols().items()}
+
+        def spelled(token: bytes) -> str:
+            return "".join(symbol[b] for b in token)
+
+        by_rank = sorted(self.ranks.items(), key=lambda item: item[1])
+        if any(len(token) != 1 for token, _ in by_rank[:256]):
+            raise UserError(f"the {self.name} tokenizer does not give ids 0-255 to the single bytes, as GPT-2's "
+                            "vocab.json and merges.txt need")
+        vocab = {spelled(token): rank for token, rank in by_rank}
+        if EOT_TEXT in vocab:
+            raise UserError(f"the {self.name} tokenizer has an ordinary token spelled {EOT_TEXT}, which GPT-2's "
+                            "vocab.json keeps for end-of-text")
+        vocab[EOT_TEXT] = self.eot_id
+        merges = [" ".join(map(spelled, _last_merge(self.ranks, token, rank))) for token, rank in by_rank[256:]]
+        return json.dumps(vocab, ensure_ascii=False), "\n".join(["#version: 0.2", *merges]) + "\n"
+
+
+def _last_merge(ranks: dict[bytes, int], token: bytes, rank: int) -> tuple[bytes, bytes]:
+    """The two tokens that BPE with the ranks below ``rank`` makes of ``token``'s bytes:
+    repeatedly join the adjacent pair whose join ranks lowest, while that rank is below
+    ``rank``, until two parts are left."""
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 2:
+        joined = [ranks.get(first + second, rank) for first, second in zip(parts, parts[1:])]
+        best = min(range(len(joined)), key=joined.__getitem__)
+        if joined[best] >= rank:
+            break
+        parts[best : best + 2] = [parts[best] + parts[best + 1]]
+    if len(parts) != 2:
+        raise UserError(f"token {rank} ({token!r}) is not the merge of two tokens ranked below it: these BPE ranks "
+                        "have no merges.txt")
+    return parts[0], parts[1]
+
 
 def _check_ranks(ranks: dict[bytes, int], source: str = "BPE ranks") -> None:
     """Raise UserError unless the ranks are 0..n-1 and include every single byte."""

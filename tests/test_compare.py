@@ -233,6 +233,8 @@ def test_numbers_equal_the_metrics_of_the_samples_written(compared):
         if deterministic:
             groups = [group * 3 for group in groups]  # the one text stands for every seed's sample
         draws = [[group[s] for group in groups] for s in range(per_prompt)]
+        token_groups = [[r["tokens"][:-1] if r["finish"] == "eot" else r["tokens"] for r in mine
+                         if r["prompt_index"] == p] * (3 if deterministic else 1) for p in range(3)]
         logprobs = [lp for r in mine for lp in r["logprobs"]]
         expected = {
             "perplexity": metrics.perplexity(logprobs),
@@ -240,6 +242,9 @@ def test_numbers_equal_the_metrics_of_the_samples_written(compared):
             "repetition": metrics.repetition_rate([units for group in groups for units in group]),
             "self_bleu": (
                 None if per_prompt == 1 else np.mean([metrics.self_bleu(group) for group in groups])
+            ),
+            "self_bleu_tokens": (
+                None if per_prompt == 1 else np.mean([metrics.self_bleu(group) for group in token_groups])
             ),
             "mean_tokens": np.mean([len(r["tokens"]) for r in mine]),
             "end_rate": np.mean([r["finish"] != "length" for r in mine]),

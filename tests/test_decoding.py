@@ -25,12 +25,17 @@ from model.decoding import (
     apply_repetition_penalty,
     apply_temperature,
     choose_tokens,
+    epsilon_filter,
+    eta_filter,
     greedy_tokens,
     min_p_filter,
     process_logits,
+    top_h_filter,
     top_k_filter,
+    top_n_sigma_filter,
     top_p_filter,
     typical_filter,
+    xtc_filter,
 )
 from model.errors import UserError
 from model.strategy import MIN_TEMPERATURE, DecodingSpec, parse_strategy
@@ -93,6 +98,11 @@ FILTERS = {
     "top_p": (top_p_filter, st.floats(1e-9, 1.0)),
     "min_p": (min_p_filter, st.floats(0.0, 1.0)),
     "typical": (typical_filter, st.floats(1e-9, 1.0)),
+    "epsilon": (epsilon_filter, st.floats(1e-9, 0.999)),
+    "eta": (eta_filter, st.floats(1e-9, 0.999)),
+    "top_n_sigma": (top_n_sigma_filter, st.floats(1e-3, 5.0)),
+    "top_h": (top_h_filter, st.floats(1e-9, 1.0)),
+    "xtc": (xtc_filter, st.floats(0.0, 0.5)),
 }
 
 
@@ -300,22 +310,46 @@ def test_min_p_worked_examples():
     assert kept(min_p_filter(logits, 0.5)) == {0, 1}  # threshold .25: drops .15 and .05
     assert kept(min_p_filter(logits, 1.0)) == {0}  # only the maximum
     assert kept(min_p_filter(torch.tensor([0.4, 0.4, 0.2]).log(), 1.0)) == {0, 1}  # ties with the max
-    # exactly on the threshold is kept: .25 >= .5 * .5, .1 >= .25 * .4
-    assert kept(min_p_filter(torch.tensor([0.5, 0.25, 0.1, 0.15]).log(), 0.5)) == {0, 1}
-    assert kept(min_p_filter(torch.tensor([0.4, 0.1, 0.3, 0.2]).log(), 0.25)) == {0, 1, 2, 3}
+    # exactly on the threshold is kept: .25 >= .5 * .5, .1 >= .25 * .4 (float64 logits: the
+    # ratios come out within float64 rounding of .5 and .25)
+    wide = torch.tensor([0.5, 0.25, 0.1, 0.15], dtype=torch.float64).log()
+    assert kept(min_p_filter(wide, 0.5)) == {0, 1}
+    assert kept(min_p_filter(torch.tensor([0.4, 0.1, 0.3, 0.2], dtype=torch.float64).log(), 0.25)) == {0, 1, 2, 3}
+    # float32 logits are taken as given: log(.25) - log(.5) rounds to a ratio of 0.49999999905
+    assert kept(min_p_filter(torch.tensor([0.5, 0.25]).log(), 0.5)) == {0}
     with pytest.raises(UserError, match="min_p"):
         min_p_filter(logits, 1.1)
     with pytest.raises(UserError, match="min_p"):
         min_p_filter(logits, -0.1)
 
 
-def test_min_p_tolerance_is_relative_to_min_p():
+def test_min_p_tiny_values_still_filter():
     # ratios to the most likely token: 1, 8e-7, 1e-7, 1e-9
     logits = torch.tensor([0.0, math.log(8e-7), math.log(1e-7), math.log(1e-9)], dtype=torch.float64)
-    assert kept(min_p_filter(logits, 1e-6)) == {0}  # 8e-7 is 20% short of 1e-6, not a rounding error
-    assert kept(min_p_filter(logits, 2e-7)) == {0, 1}  # a tiny min_p still filters
+    assert kept(min_p_filter(logits, 1e-6)) == {0}  # 8e-7 is 20% short of 1e-6
+    assert kept(min_p_filter(logits, 2e-7)) == {0, 1}
     assert kept(min_p_filter(logits, 1e-8)) == {0, 1, 2}
-    assert kept(min_p_filter(logits, 8e-7 * (1 + 1e-7))) == {0, 1}  # within the tolerance: reached
+    assert kept(min_p_filter(logits, 8e-7 * (1 + 1e-7))) == {0}  # 1e-7 short: not a float64 rounding
+
+
+def test_min_p_boundary_follows_the_documented_rule_exactly():
+    """min_p = 1 keeps only the ties with the maximum, and a min_p set exactly to a token's
+    p_i / p_max (computed as an independent check would: a float64 softmax, then a
+    division) keeps exactly the tokens at least as likely as that token, on 600 draws
+    with a float32 neighbour one ulp below a logit (the old 2.4e-7 tolerance kept it)."""
+    assert kept(min_p_filter(torch.tensor([0.0, -1e-7]), 1.0)) == {0}
+    assert kept(min_p_filter(torch.tensor([0.0, -1e-7, 0.0]), 1.0)) == {0, 2}
+    assert kept(min_p_filter(torch.tensor([3.0, 3.0 - 1e-6, -INF]), 1.0)) == {0}
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(600, 12, generator=generator) * 3
+    rows[:, 1] = torch.nextafter(rows[:, 0], torch.tensor(-INF))  # token 1: one float32 ulp below token 0
+    picks = torch.randint(0, 12, (600,), generator=generator).tolist()
+    for row, pick in zip(rows, picks):
+        values = row.tolist()
+        probs = probabilities(values)
+        min_p = probs[pick] / max(probs)
+        assert kept(min_p_filter(row, min_p)) == {j for j, x in enumerate(values) if x >= values[pick]}
+        assert kept(min_p_filter(row, 1.0)) == {j for j, x in enumerate(values) if x == max(values)}
 
 
 @FAST
@@ -325,8 +359,8 @@ def test_min_p_keeps_exactly_the_tokens_above_the_scaled_threshold(logits, min_p
     for row, row_out in zip(logits.tolist(), out):
         probs = probabilities(row)
         threshold = min_p * max(probs)
-        # Skip draws that sit on the boundary, where rounding decides either way.
-        assume(all(abs(q - threshold) > PROBABILITY_TOLERANCE * max(probs) for q in probs))
+        # Skip draws within float64 rounding of the boundary (the rule's 8.9e-16 tolerance).
+        assume(all(abs(q - threshold) > 1e-12 * max(probs) for q in probs))
         expected = [x if q >= threshold else -INF for x, q in zip(row, probs)]
         assert row_out.tolist() == expected
 

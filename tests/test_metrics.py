@@ -318,3 +318,44 @@ def test_repetition_rate():
     # loops: yes, no, yes, no -> 2 / 4
     assert repetition_rate(samples) == 0.5
     assert math.isnan(repetition_rate([]))
+
+
+# ----------------------------------------------------------------------------- loops in a comparison row
+
+
+def test_self_bleu_on_tokens_sees_the_loops_that_words_miss():
+    """A greedy row: one looping text per prompt standing for 4 identical samples. On words
+    a loop of spaces adds no word and a loop of word pieces at most one, so the identical samples score
+    far below 1; on tokens they score 1, as identical samples must."""
+    from model.compare import format_table, row_metrics, text_units
+    from model.generate import Sample
+
+    # Token ids stand for BPE pieces: 7 = " ", 8 = "ab", 9 = "cd", 10 = "ef".
+    spaces = Sample(0, 0, tokens=[3, 4, 5] + [7] * 20, text="the dog ran" + " " * 20, finish="length")
+    pieces = Sample(1, 0, tokens=[3] + [8, 9, 10] * 6, text="the " + "abcdef" * 6, finish="length")
+    units_by_prompt = [[text_units(sample, "words")] * 4 for sample in (spaces, pieces)]
+    row = row_metrics(units_by_prompt, [spaces, pieces])
+    # BLEU-4 of a text against its copy: precisions 1 up to its length, then NLTK's 0.1 / 1
+    # 3 words; 1 word ("the": the cut "abcdef..." is dropped, text_units' rule for a sample cut mid-word)
+    words_by_hand = (0.1 ** (1 / 4) + 0.1 ** (3 / 4)) / 2
+    assert row["self_bleu"] == pytest.approx(words_by_hand, rel=1e-12)
+    assert row["self_bleu_tokens"] == 1.0
+    assert row["repetition"] == 0.0 and row["repetition_tokens"] == 1.0
+    header, line = format_table([{"strategy": "greedy", **row, "tokens_per_s": math.nan, "seconds": math.nan,
+                                  "samples": 2}]).splitlines()
+    assert "self-BLEU tok" in header and "1.000" in line.split()
+
+
+def test_self_bleu_on_tokens_of_sampled_loops_of_spaces():
+    """Four sampled samples, each "the" and then spaces (16 to 19 tokens): to words they are
+    one word each (BLEU-4 of a single word against copies of it: 0.1^(3/4)); as tokens, each
+    is nearly all of the longest one."""
+    from model.compare import row_metrics, text_units
+    from model.generate import Sample
+
+    samples = [Sample(0, s, tokens=[3] + [7] * (15 + s), text="the" + " " * (15 + s), finish="length")
+               for s in range(4)]
+    row = row_metrics([[text_units(sample, "words") for sample in samples]], samples)
+    assert row["self_bleu"] == pytest.approx(0.1 ** 0.75, rel=1e-12)
+    tokens = [sample.tokens for sample in samples]
+    assert row["self_bleu_tokens"] == pytest.approx(self_bleu(tokens), rel=1e-12) and row["self_bleu_tokens"] > 0.9

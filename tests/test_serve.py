@@ -177,6 +177,7 @@ def test_distribution_is_process_logits_of_the_context(server, loaded):
             expected = {i: kept_probs[i].item() for i in torch.nonzero(kept_probs > 0).flatten().tolist()}
         assert {c["id"]: c["kept_prob"] for c in shown["kept"]} == pytest.approx(expected, abs=1e-6), text
         assert shown["kept_count"] == len(expected)
+        assert shown["keeps_candidates"] == [c["id"] in expected for c in view["candidates"]], text
         assert shown["kept_mass"] == pytest.approx(sum(probs[i].item() for i in expected), abs=1e-6)
     assert view["context_ids"] == ids and view["context_text"] == PROMPT
 

@@ -1,11 +1,19 @@
 """The explorer page in a real headless browser (Debian's chromium through selenium and
 chromedriver; .ci/run installs them). What the page shows is held to the library: the
-kept set of the top-p column to process_logits at the slider's setting, the generated
-text to the API's own answer for the same request."""
+kept set of the top-p column to process_logits at the slider's setting, the cuts on the
+distribution chart to process_logits, the generated text and the sampled token to the
+API's own answer for the same request; and its layout to geometry: the painted text of
+a token stays inside its box.
+
+Each test saves a screenshot of every state it checks into $EXPLORER_SCREENSHOTS (a
+folder; default: the test's tmp dir), so that a person can look at what was tested."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,6 +51,18 @@ def browser(tmp_path):
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     yield driver
     driver.quit()
+
+
+def screenshot(driver, tmp_path: Path, name: str, element=None) -> Path:
+    """Save the page (or one element of it) as NAME.png in $EXPLORER_SCREENSHOTS or tmp_path."""
+    folder = Path(os.environ.get("EXPLORER_SCREENSHOTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.png"
+    if element is not None:  # the browser only captures what is inside the window
+        driver.execute_script("arguments[0].scrollIntoView()", element)
+    saved = element.screenshot(str(path)) if element is not None else driver.save_screenshot(str(path))
+    assert saved, path
+    return path
 
 
 def settled(driver, timeout: float = 20) -> None:
@@ -122,6 +142,214 @@ def test_explorer_page_shows_what_the_library_computes(browser, tiny_checkpoint,
             assert [[line.strip().rpartition("  ")[0] for line in lines[1:]] for lines in tooltips] == [
                 [c["display"] for c in top] for top in logprobs.top_display]
             assert any(lines[0].startswith("[\u2423]") for lines in tooltips)  # a space, as the server shows it
-        screenshot = tmp_path / "explorer.png"
-        assert browser.save_screenshot(str(screenshot))
-        print(f"screenshot: {screenshot}")
+        print(f"screenshot: {screenshot(browser, tmp_path, 'explorer')}")
+
+
+# The part of each element's text that is painted outside the element's own box, or the
+# element's box outside its row: the text's layout rectangle (a Range over it), cut by
+# every ancestor that clips its overflow. [] when every text stays inside its box.
+SPILLS = """
+const spills = [];
+for (const element of document.querySelectorAll(arguments[0])) {
+  const range = document.createRange();
+  range.selectNodeContents(element);
+  const text = range.getBoundingClientRect();
+  let left = text.left, right = text.right;
+  for (let a = element; a; a = a.parentElement) {
+    if (getComputedStyle(a).overflowX !== "visible") {
+      const clip = a.getBoundingClientRect();
+      left = Math.max(left, clip.left);
+      right = Math.min(right, clip.right);
+    }
+  }
+  const box = element.getBoundingClientRect(), row = element.closest(arguments[1]).getBoundingClientRect();
+  if (left < box.left - 0.5 || right > box.right + 0.5 || box.left < row.left - 0.5 || box.right > row.right + 0.5)
+    spills.push(element.textContent);
+}
+return spills;
+"""
+
+
+def spills(driver, selector: str, row: str) -> list[str]:
+    return driver.execute_script(SPILLS, selector, row)
+
+
+def long_display(display):
+    """Token glyphs as long as GPT-2's: a space becomes a run of 24 (GPT-2 has tokens of
+    many spaces), every other token a BPE-like `␣-----...` run after its own glyph."""
+    return lambda token: "\u2423" * 24 if display(token) == "\u2423" else f"\u2423{display(token)}" + "-" * 30
+
+
+def test_long_tokens_and_space_runs_stay_in_their_boxes(browser, loaded, tmp_path, monkeypatch):
+    model, tokenizer = loaded
+    glyph = long_display(tokenizer.display)
+    monkeypatch.setattr(tokenizer, "display", glyph)
+    with LiveServer(create_app(model, tokenizer, ServeSettings("tiny", max_tokens=64))) as live:
+        browser.get(live.url + "/")
+        settled(browser)
+        browser.find_element(By.ID, "prompt").send_keys("The quick brown fox ")
+        WebDriverWait(browser, 10).until(lambda d: "context 20 tokens" in d.find_element(By.ID, "entropy").text)
+        settled(browser)
+        texts = browser.find_elements(By.CSS_SELECTOR, ".row .tok-text")
+        assert len(texts) >= 20 + 12  # the chart's rows and the strategy cards' rows
+        assert any(t.get_attribute("textContent") == "\u2423" * 24 for t in texts)  # a run of spaces is shown
+        assert spills(browser, ".row .tok-text", ".row") == []
+        assert spills(browser, "#context-tail .chip", "#context-tail") == []
+        # the full glyphs are a hover away: each box's tooltip is the server's display of its token
+        for text in texts:
+            row = text.find_element(By.XPATH, "./ancestor::div[contains(@class, 'row')]")
+            token = int(row.get_attribute("data-id"))
+            assert text.get_attribute("title") == glyph(token)
+        screenshot(browser, tmp_path, "long-tokens", browser.find_element(By.TAG_NAME, "main"))
+
+
+def test_appending_shows_what_was_appended(browser, loaded, tmp_path):
+    model, tokenizer = loaded
+    with LiveServer(create_app(model, tokenizer, ServeSettings("tiny", max_tokens=64))) as live:
+        browser.get(live.url + "/")
+        settled(browser)
+        browser.find_element(By.ID, "prompt").send_keys("The quick")
+        WebDriverWait(browser, 10).until(lambda d: "context 9 tokens" in d.find_element(By.ID, "entropy").text)
+        settled(browser)
+        appended = browser.find_element(By.ID, "appended")
+        assert not appended.text  # typing appends nothing by token
+
+        # Click the space: the text box only gains an invisible trailing space, so the page
+        # must say what it appended, with the server's glyph, and mark it as new.
+        space = tokenizer.encode(" ")[0]
+        browser.find_element(By.CSS_SELECTOR, f"#candidates .row[data-id='{space}']").click()
+        WebDriverWait(browser, 10).until(lambda d: "context 10 tokens" in d.find_element(By.ID, "entropy").text)
+        settled(browser)
+        assert browser.find_element(By.ID, "prompt").get_attribute("value") == "The quick "
+        assert appended.is_displayed() and appended.get_attribute("data-id") == str(space)
+        assert "\u2423" in appended.text and "flash" in appended.get_attribute("class")
+        last = browser.find_elements(By.CSS_SELECTOR, "#context-tail .chip")[-1]
+        assert last.text == "\u2423" and "new" in last.get_attribute("class")
+        screenshot(browser, tmp_path, "appended-space", browser.find_element(By.ID, "context"))
+
+        # Sample one token with top-p at seed 1: the page appends and shows the token that
+        # the API samples for the same request.
+        status, _, body = live.post("/v1/completions", {"prompt": "The quick ", "max_tokens": 1, "seed": 1,
+                                                        "strategy": "top-p:p=0.9", "return_token_ids": True})
+        assert status == 200, body
+        token = json.loads(body)["choices"][0]["token_ids"][0]
+        browser.find_element(By.ID, "sample").click()
+        WebDriverWait(browser, 10).until(lambda d: "context 11 tokens" in d.find_element(By.ID, "entropy").text)
+        settled(browser)
+        assert appended.get_attribute("data-id") == str(token)
+        assert tokenizer.display(token) in appended.text and "top-p:p=0.9" in appended.text
+        last = browser.find_elements(By.CSS_SELECTOR, "#context-tail .chip")[-1]
+        assert last.text == tokenizer.display(token) and "new" in last.get_attribute("class")
+        screenshot(browser, tmp_path, "sampled-token", browser.find_element(By.ID, "context"))
+
+
+def test_an_invalid_prompt_clears_the_distribution_and_says_why_in_place(browser, loaded, tmp_path):
+    model, tokenizer = loaded
+    with LiveServer(create_app(model, tokenizer, ServeSettings("tiny", max_tokens=64))) as live:
+        browser.get(live.url + "/")
+        settled(browser)
+        prompt = browser.find_element(By.ID, "prompt")
+        prompt.send_keys("The ")
+        WebDriverWait(browser, 10).until(lambda d: "context 4 tokens" in d.find_element(By.ID, "entropy").text)
+        settled(browser)
+        assert browser.find_elements(By.CSS_SELECTOR, "#candidates .row")
+        assert tokenizer.unknown_characters("~")  # not in the tiny corpus
+        status, _, body = live.post("/v1/distribution", {"prompt": "The ~"})
+        assert status == 400
+        message = json.loads(body)["error"]["message"]
+        prompt.send_keys("~")
+        WebDriverWait(browser, 10).until(lambda d: message in d.find_element(By.TAG_NAME, "body").text)
+        settled(browser)
+        assert browser.find_elements(By.CSS_SELECTOR, ".row") == []  # no stale candidates anywhere
+        assert message in browser.find_element(By.ID, "distribution").text  # said where they were
+        assert browser.find_element(By.ID, "entropy").text == ""
+        for column in browser.find_elements(By.CSS_SELECTOR, "#columns .column"):
+            assert "keeps" not in column.find_element(By.CLASS_NAME, "summary").text
+        screenshot(browser, tmp_path, "invalid-prompt")
+        # fixing the prompt brings the distribution back and the message goes
+        prompt.send_keys(Keys.BACKSPACE)
+        WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#candidates .row"))
+        settled(browser)
+        assert message not in browser.find_element(By.ID, "distribution").text
+
+
+def test_every_checked_strategy_runs(browser, loaded, tmp_path):
+    model, tokenizer = loaded
+    # two generations at a time, none waiting on the server: the page must queue the rest itself
+    settings = ServeSettings("tiny", max_tokens=64, max_concurrent=2, max_waiting=0)
+    with LiveServer(create_app(model, tokenizer, settings)) as live:
+        browser.get(live.url + "/")
+        settled(browser)
+        browser.find_element(By.ID, "prompt").send_keys("The ")
+        WebDriverWait(browser, 10).until(lambda d: "context 4 tokens" in d.find_element(By.ID, "entropy").text)
+        settled(browser)
+        browser.find_element(By.ID, "max-tokens").clear()
+        browser.find_element(By.ID, "max-tokens").send_keys("30")
+        boxes = browser.find_elements(By.CSS_SELECTOR, "#columns .run-check")
+        assert len(boxes) >= 6
+        for box in boxes:
+            if not box.is_selected():
+                box.click()
+        settled(browser)
+        columns = browser.find_elements(By.CSS_SELECTOR, "#columns .column")
+        labels = [c.find_element(By.CLASS_NAME, "label").text for c in columns]
+        browser.find_element(By.ID, "generate").click()
+        settled(browser, 60)
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#runs .run[data-done='1']")) == len(boxes)
+        runs = browser.find_elements(By.CSS_SELECTOR, "#runs .run")
+        assert len(runs) == len(boxes)
+        for run, label in zip(runs, labels):
+            answer = live.client().completions.create(model="tiny", prompt="The ", max_tokens=30, seed=1,
+                                                      extra_body={"strategy": label})
+            shown = run.find_element(By.CLASS_NAME, "out").get_attribute("textContent")
+            assert shown == "The " + answer.choices[0].text
+            assert "error" not in run.find_element(By.CLASS_NAME, "finish").text
+        screenshot(browser, tmp_path, "six-runs", browser.find_element(By.ID, "runs"))
+
+
+def test_the_chart_marks_where_each_strategy_cuts(browser, loaded, tmp_path):
+    model, tokenizer = loaded
+    with LiveServer(create_app(model, tokenizer, ServeSettings("tiny", max_tokens=64))) as live:
+        browser.get(live.url + "/")
+        settled(browser)
+        browser.find_element(By.ID, "prompt").send_keys(PROMPT)
+        WebDriverWait(browser, 10).until(lambda d: "context 4 tokens" in d.find_element(By.ID, "entropy").text)
+        settled(browser)
+        top_k = browser.find_element(By.ID, "knob-top-k")
+        top_k.send_keys(Keys.HOME, *[Keys.ARROW_RIGHT] * 2)  # k = 3
+        settled(browser)
+        browser.find_element(By.CSS_SELECTOR, "#col-typical .chart-check").click()  # a set, not always a prefix
+        ids = tokenizer.encode(PROMPT)
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]))[0][0, -1:].float()
+        rows = browser.find_elements(By.CSS_SELECTOR, "#candidates .row")
+        chart_ids = [int(r.get_attribute("data-id")) for r in rows]
+        legend = browser.find_elements(By.CSS_SELECTOR, "#chart-legend .entry")
+        charted = [entry.get_attribute("data-strategy") for entry in legend]
+        assert {"top-k", "top-p", "min-p", "typical"} <= set(charted)  # three on by default, one clicked
+        for kind in charted:
+            label = browser.find_element(By.CSS_SELECTOR, f"#col-{kind} .label").text
+            kept = torch.softmax(process_logits(logits, parse_strategy(label))[0].double(), -1) > 0
+            if parse_strategy(label).is_greedy:
+                kept = torch.zeros_like(kept).index_fill_(0, logits[0].argmax().view(1), True)
+            lanes = [r.find_element(By.CSS_SELECTOR, f".lane[data-strategy='{kind}']") for r in rows]
+            assert ["in" in lane.get_attribute("class") for lane in lanes] == [bool(kept[t]) for t in chart_ids], kind
+            # a strategy that keeps the first n and drops the rest of the chart: a labelled line after row n
+            n = int(kept[chart_ids].sum())
+            if kept[chart_ids[:n]].all() and n < len(chart_ids):
+                cut = browser.find_element(By.CSS_SELECTOR, f"#candidates .cut[data-strategy='{kind}']")
+                assert rows[n - 1].rect["y"] < cut.rect["y"] < rows[n].rect["y"], kind
+                assert f"{label} keeps the {n} above" in cut.text
+            else:
+                assert browser.find_elements(By.CSS_SELECTOR, f"#candidates .cut[data-strategy='{kind}']") == []
+        assert parse_strategy(browser.find_element(By.CSS_SELECTOR, "#col-top-k .label").text).top_k == 3
+        # top-k at k=3 keeps a prefix shorter than the chart: the line check above ran for it
+        cuts = browser.find_elements(By.CSS_SELECTOR, "#candidates .cut")
+        assert "top-k" in {cut.get_attribute("data-strategy") for cut in cuts}
+        # each strategy card says in one sentence what its knob does, and no two say the same
+        sentences = [w.text for w in browser.find_elements(By.CSS_SELECTOR, "#columns .column .what")]
+        assert len(sentences) == len(browser.find_elements(By.CSS_SELECTOR, "#columns .column"))
+        assert all(s.endswith(".") for s in sentences) and len(set(sentences)) == len(sentences)
+        assert browser.find_element(By.ID, "rep-what").text.endswith(".")
+        screenshot(browser, tmp_path, "chart", browser.find_element(By.ID, "distribution"))
+        screenshot(browser, tmp_path, "explorer-chart")

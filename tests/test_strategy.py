@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -133,6 +134,20 @@ def test_spec_reports_every_problem_on_one_line():
         ("top-p:p=0.9,freq=0.5,pres=0.25", DecodingSpec(top_p=0.9, frequency_penalty=0.5, presence_penalty=0.25)),
         ("beam:n=3,rep=1.5", DecodingSpec(num_beams=3, repetition_penalty=1.5)),
         ("sample:top-k=40,top-p=0.9", DecodingSpec(top_k=40, top_p=0.9)),
+        ("eta:eta=0.01", DecodingSpec(eta_cutoff=0.01)),
+        ("epsilon:eps=0.02,t=0.9", DecodingSpec(epsilon_cutoff=0.02, temperature=0.9)),
+        ("top-n-sigma:n=1.5", DecodingSpec(top_n_sigma=1.5)),
+        ("top-h:h=0.4", DecodingSpec(top_h=0.4)),
+        ("xtc:threshold=0.2,prob=0.5", DecodingSpec(xtc_threshold=0.2, xtc_probability=0.5)),
+        ("mirostat:tau=4,lr=0.2", DecodingSpec(mirostat=2, mirostat_tau=4.0, mirostat_eta=0.2)),
+        ("mirostat1", DecodingSpec(mirostat=1)),
+        ("dry:mult=0.8,base=2,allowed=3,last=64", DecodingSpec(dry_multiplier=0.8, dry_base=2.0,
+                                                              dry_allowed_length=3, dry_penalty_last_n=64)),
+        ("greedy:dry=0.5,dry-breakers=%5B%22%5Cn%22%5D", DecodingSpec(temperature=0.0, dry_multiplier=0.5,
+                                                                      dry_sequence_breakers=("\n",))),
+        ("min-p:p=0.1,t=1.5,order=temperature-last", DecodingSpec(min_p=0.1, temperature=1.5,
+                                                                  order="temperature-last")),
+        ("sample:min-p=0.1,xtc-prob=0.3", DecodingSpec(min_p=0.1, xtc_probability=0.3)),
         ("  top-k : k = 40 , t = 0.5 ", DecodingSpec(top_k=40, temperature=0.5)),
     ],
 )
@@ -146,7 +161,24 @@ def test_parse_good_specs(text, expected):
         ("", "unknown decoding strategy ''"),
         ("topk:k=40", "did you mean 'top-k'"),
         ("nucleus", "choose from greedy, sample"),
-        ("top-k:p=0.9", "'p' does not apply to decoding strategy 'top-k'; it takes k, t, rep, freq, pres"),
+        ("top-k:p=0.9", "'p' does not apply to decoding strategy 'top-k'; it takes k, t, order, rep, freq, pres, "
+                        "dry, dry-base"),
+        ("greedy:order=temperature-last", "'order' does not apply to decoding strategy 'greedy'"),
+        ("min-p:p=0.1,order=backwards", "order='backwards' is not a known chain order"),
+        ("sample:order=temperature-last", "order='temperature-last' does nothing without a sampling filter"),
+        ("xtc:threshold=0.2", "'xtc' needs prob=..., e.g. xtc:threshold=0.1,prob=0.5"),
+        ("xtc:prob=0.5,threshold=0.6", "xtc_threshold=0.6 is out of range"),
+        ("mirostat:tau=0", "mirostat_tau=0.0 is invalid"),
+        ("mirostat:top-k=3", "'top-k' does not apply to decoding strategy 'mirostat'"),
+        ("dry:mult=0.8,allowed=1.5", "allowed='1.5' is not a whole number"),
+        ("dry:mult=0.8,last=0", "dry_penalty_last_n=0 is invalid"),
+        ("dry:mult=0.8,breakers=x", "is not a percent-encoded JSON list"),
+        ("top-p:p=0.9,dry-base=2", "dry_base=2.0 does nothing without dry_multiplier"),
+        ("eta:eta=1", "eta_cutoff=1.0 is out of range"),
+        ("epsilon:eps=0", "epsilon_cutoff=0.0 is out of range"),
+        ("top-n-sigma:n=-1", "top_n_sigma=-1.0 is invalid"),
+        ("top-h:h=1.5", "top_h=1.5 is out of range"),
+        ("greedy:dry=0.8,dry-allowed=-1", "dry_allowed_length=-1 is invalid"),
         ("greedy:t=0.5", "'t' does not apply to decoding strategy 'greedy'"),
         ("beam:n=4,t=0.7", "'t' does not apply"),
         ("top-k:k=40,temp=0.7", "'temp' is not a known key"),
@@ -180,6 +212,36 @@ def test_labels_are_canonical():
     assert DecodingSpec(top_k=40, top_p=0.9).label == "sample:top-k=40,top-p=0.9"
     assert parse_strategy("sample:top-p=0.9").label == "top-p:p=0.9"  # one filter: its own name
     assert parse_strategy("temperature:t=1").label == "sample"
+    assert DecodingSpec(eta_cutoff=0.01, temperature=0.8).label == "eta:eta=0.01,t=0.8"
+    assert DecodingSpec(xtc_probability=0.5).label == "xtc:threshold=0.1,prob=0.5"
+    assert DecodingSpec(mirostat=2).label == "mirostat:tau=5,lr=0.1"
+    assert DecodingSpec(dry_multiplier=0.8, temperature=0.7, repetition_penalty=1.1).label == "dry:mult=0.8,t=0.7,rep=1.1"
+    assert DecodingSpec(top_k=40, dry_multiplier=0.8, dry_base=2).label == "top-k:k=40,dry=0.8,dry-base=2"
+    assert DecodingSpec(top_h=0.5, xtc_probability=0.2).label == "sample:top-h=0.5,xtc-threshold=0.1,xtc-prob=0.2"
+    assert DecodingSpec(min_p=0.1, temperature=2, order="temperature-last").label == (
+        "min-p:p=0.1,t=2,order=temperature-last")
+
+
+def test_settings_of_a_step_that_is_off_or_ignored_are_rejected():
+    for kwargs, fragment in [
+        ({"xtc_threshold": 0.2}, "xtc_threshold=0.2 does nothing without xtc_probability"),
+        ({"mirostat_tau": 3.0}, "mirostat_tau=3.0 does nothing without mirostat"),
+        ({"dry_allowed_length": 3}, "dry_allowed_length=3 does nothing without dry_multiplier"),
+        ({"mirostat": 2, "top_k": 40}, "top_k=40 does nothing with mirostat"),
+        ({"mirostat": 2, "xtc_probability": 0.5}, "xtc_probability=0.5 does nothing with mirostat"),
+        ({"temperature": 0, "xtc_probability": 0.5}, "xtc_probability=0.5 does nothing with greedy decoding"),
+        ({"temperature": 0, "mirostat": 2}, "mirostat=2 does nothing with greedy decoding"),
+        ({"num_beams": 3, "eta_cutoff": 0.01}, "eta_cutoff=0.01 does nothing with beam search"),
+        ({"num_beams": 3, "top_n_sigma": 1.0, "order": "temperature-last"}, "order='temperature-last' does nothing"),
+        ({"mirostat": 3}, "mirostat=3 is invalid"),
+        ({"dry_sequence_breakers": ("",)}, "dry_sequence_breakers=('',) is invalid"),
+    ]:
+        with pytest.raises(UserError, match=re.escape(fragment)):
+            DecodingSpec(**kwargs)
+    DecodingSpec(temperature=0, dry_multiplier=0.8)  # DRY is a penalty: every strategy takes it
+    DecodingSpec(num_beams=3, dry_multiplier=0.8, dry_allowed_length=3)
+    DecodingSpec(mirostat=1, dry_multiplier=0.8, repetition_penalty=1.2, temperature=0.8)
+    assert DecodingSpec(dry_sequence_breakers=["a"], dry_multiplier=1).dry_sequence_breakers == ("a",)  # lists: tuples
 
 
 @st.composite
@@ -189,19 +251,39 @@ def decoding_specs(draw) -> DecodingSpec:
         "frequency_penalty": draw(st.just(0.0) | st.floats(-2.0, 2.0)),
         "presence_penalty": draw(st.just(0.0) | st.floats(-2.0, 2.0)),
     }
-    kind = draw(st.sampled_from(["greedy", "beam", "sample"]))
+    kind = draw(st.sampled_from(["greedy", "beam", "sample", "mirostat"]))
+    dry = draw(st.just({}) | st.fixed_dictionaries({
+        "dry_multiplier": st.floats(0.01, 5.0),
+        "dry_base": st.just(1.75) | st.floats(1.0, 4.0),
+        "dry_allowed_length": st.just(2) | st.integers(0, 10),
+        "dry_penalty_last_n": st.just(-1) | st.integers(1, 4096),
+        "dry_sequence_breakers": st.just(("\n", ":", '"', "*")) | st.lists(
+            st.text(min_size=1, max_size=3), max_size=3).map(tuple),
+    }))
     if kind == "greedy":
-        return DecodingSpec(temperature=0.0, **penalties)
+        return DecodingSpec(temperature=0.0, **penalties, **dry)
     if kind == "beam":
-        return DecodingSpec(num_beams=draw(st.integers(2, 16)), **penalties)
-    return DecodingSpec(
-        temperature=draw(st.just(1.0) | st.floats(MIN_TEMPERATURE, 100.0)),
-        top_k=draw(st.none() | st.integers(1, 100_000)),
-        top_p=draw(st.none() | st.floats(0.0, 1.0, exclude_min=True)),
-        min_p=draw(st.none() | st.floats(0.0, 1.0)),
-        typical_p=draw(st.none() | st.floats(0.0, 1.0, exclude_min=True)),
-        **penalties,
-    )
+        return DecodingSpec(num_beams=draw(st.integers(2, 16)), **penalties, **dry)
+    temperature = draw(st.just(1.0) | st.floats(MIN_TEMPERATURE, 100.0))
+    if kind == "mirostat":
+        return DecodingSpec(temperature=temperature, mirostat=draw(st.sampled_from([1, 2])),
+                            mirostat_tau=draw(st.floats(0.01, 20.0)), mirostat_eta=draw(st.floats(0.001, 1.0)),
+                            **penalties, **dry)
+    xtc = draw(st.just({}) | st.fixed_dictionaries({"xtc_probability": st.floats(0.0, 1.0, exclude_min=True),
+                                                     "xtc_threshold": st.floats(0.0, 0.5)}))
+    filters = {
+        "top_k": draw(st.none() | st.integers(1, 100_000)),
+        "top_p": draw(st.none() | st.floats(0.0, 1.0, exclude_min=True)),
+        "min_p": draw(st.none() | st.floats(0.0, 1.0)),
+        "typical_p": draw(st.none() | st.floats(0.0, 1.0, exclude_min=True)),
+        "top_n_sigma": draw(st.none() | st.floats(0.001, 10.0)),
+        "top_h": draw(st.none() | st.floats(0.0, 1.0, exclude_min=True)),
+        "epsilon_cutoff": draw(st.none() | st.floats(0.0, 1.0, exclude_min=True, exclude_max=True)),
+        "eta_cutoff": draw(st.none() | st.floats(0.0, 1.0, exclude_min=True, exclude_max=True)),
+    }
+    has_filter = xtc or any(value is not None for value in filters.values())
+    order = draw(st.sampled_from(["temperature-first", "temperature-last"])) if has_filter else "temperature-first"
+    return DecodingSpec(temperature=temperature, order=order, **filters, **xtc, **penalties, **dry)
 
 
 @settings(max_examples=200, deadline=None)
@@ -220,6 +302,13 @@ def test_label_parses_back_to_an_equal_spec(spec):
     ("min-p", DecodingSpec(min_p=0.05)),
     ("typical", DecodingSpec(typical_p=0.95)),
     ("beam", DecodingSpec(num_beams=4)),
+    ("eta", DecodingSpec(eta_cutoff=0.0009)),
+    ("epsilon", DecodingSpec(epsilon_cutoff=0.0003)),
+    ("top-n-sigma", DecodingSpec(top_n_sigma=1.0)),
+    ("top-h", DecodingSpec(top_h=0.4)),
+    ("xtc", DecodingSpec(xtc_probability=0.5)),
+    ("mirostat", DecodingSpec(mirostat=2)),
+    ("dry", DecodingSpec(dry_multiplier=0.8)),
     ("top-k:k=7,t=0.5", DecodingSpec(top_k=7, temperature=0.5)),  # a full spec is read as it is
 ])
 def test_bare_names_take_their_default_settings(text, expected):
