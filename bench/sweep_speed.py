@@ -46,6 +46,8 @@ def main() -> None:
                         "generator's context)")
     parser.add_argument("--units", default="words", help="compare's --units: words, or tokens (a char model's "
                         "characters)")
+    parser.add_argument("--oracle", help="compare's --oracle DIR: a synthetic language's chain, then the sweep's "
+                        "quality axis")
     parser.add_argument("--data-dir", help="the prepared dataset (default: the checkpoint's own)")
     parser.add_argument("--compare-out", type=Path, help="also write compare's files (sweep.md, frontier.png, ...) "
                         "into this folder")
@@ -57,6 +59,7 @@ def main() -> None:
             "--bootstrap", str(args.bootstrap), "--window", args.window, "--units", args.units,
             "--no-progress"]
     argv += ["--data-dir", args.data_dir] if args.data_dir else []
+    argv += ["--oracle", args.oracle] if args.oracle else []
     argv += ["--judge", args.judge] if args.judge else []
     argv += ["--out", str(args.compare_out)] if args.compare_out else []
     printed = io.StringIO()
@@ -70,7 +73,7 @@ def main() -> None:
           f"samples x {args.max_new_tokens} tokens ({generation:.1f} s generating the samples; "
           f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs)")
     record = {
-        "checkpoint": args.checkpoint, "judge": args.judge, "sweep": args.sweep, "num_prompts": args.num_prompts,
+        "checkpoint": args.checkpoint, "judge": args.judge, "oracle": args.oracle, "sweep": args.sweep, "num_prompts": args.num_prompts,
         "num_samples": args.num_samples, "max_new_tokens": args.max_new_tokens, "bootstrap": args.bootstrap,
         "window": args.window, "units": args.units, "settings": len(settings), "wall_seconds": wall, "generation_seconds": generation,
         "torch_threads": torch.get_num_threads(),

@@ -299,6 +299,7 @@ class Run:
     seconds: float | None  # wall time of generation (None for the human row)
     judge_logprobs: list[list[float]] | None = None  # the judge's log p of each sample's tokens
     escapes: list[Sample] | None = None  # continuations of the loop prompts, in the order of samples
+    oracle_nats: list[tuple[float, int]] | None = None  # each sample's (nats, symbols) under an oracle
 
     @property
     def tokens_per_s(self) -> float:
@@ -394,6 +395,9 @@ def run_comparison(
         "escape_tokens": escape_tokens,
     }
     if oracle is not None:
+        for run in runs:
+            run.oracle_nats = [oracle_nats(sample, encoded[sample.prompt_index], tokenizer, oracle)
+                               for sample in run.samples]
         n, probable = oracle.order + 1, oracle.probable_ngrams(oracle.order + 1, PROBABLE)
         rows = [row | oracle_columns(run, encoded, tokenizer, oracle, n, probable)
                 for run, row in zip(runs, rows)]
@@ -460,8 +464,9 @@ def prompt_totals(run: Run, num_prompts: int, units: str) -> Totals:
     """A row's quantities as per-prompt sums and counts (model/sweep.py resamples prompts):
     "nll" (the generator's nats, tokens), "judge_nll" (the judge's, when it scored),
     "distinct_2" (the sum of the distinct-2 of each sample on its own, the samples that
-    have a bigram) and "stuck" (stuck loop-prompt samples, loop-prompt samples; when
-    there were escape prompts). A deterministic strategy's one sample per prompt stands
+    have a bigram), "stuck" (stuck loop-prompt samples, loop-prompt samples; when there
+    were escape prompts) and "oracle_nll" (nats and symbols under a synthetic language's
+    chain, when there was one). A deterministic strategy's one sample per prompt stands
     for every seed's: per prompt, copies change no ratio."""
     def per_prompt(samples: Sequence[Sample], value, count) -> tuple[list[float], list[float]]:
         sums, counts = [0.0] * num_prompts, [0.0] * num_prompts
@@ -486,6 +491,9 @@ def prompt_totals(run: Run, num_prompts: int, units: str) -> Totals:
         values["judge_nll"] = per_prompt(run.samples, lambda s: nats[id(s)], lambda s: len(s.tokens))
     if run.escapes is not None:
         values["stuck"] = per_prompt(run.escapes, lambda s: float(is_stuck(s)), lambda s: 1.0)
+    if run.oracle_nats is not None:
+        oracle = {id(s): nats for s, nats in zip(run.samples, run.oracle_nats)}
+        values["oracle_nll"] = per_prompt(run.samples, lambda s: oracle[id(s)][0], lambda s: oracle[id(s)][1])
     return Totals(values)
 
 
@@ -559,6 +567,13 @@ def oracle_columns(
         "support_precision": metrics.mean(map(float, oracle.producible(pooled))),
         "coverage": metrics.mean(r / len(probable) for r in reached) if probable else math.nan,
     }
+
+
+def oracle_nats(sample: Sample, prompt: Sequence[int], tokenizer: Tokenizer,
+                oracle: MarkovChain) -> tuple[float, int]:
+    """A sample's NLL under the oracle (smoothed, `oracle_view`): (nats, symbols)."""
+    symbols, context = oracle_view(sample, prompt, tokenizer, oracle)
+    return -math.fsum(oracle.smoothed_logprobs(symbols, context)), len(symbols)
 
 
 def oracle_view(
@@ -703,13 +718,15 @@ def _sample_record(run: Run, index: int, comparison: Comparison) -> dict[str, An
 def summarize_sweep(comparison: Comparison, sweep: dict[str, list[DecodingSpec]], *, draws: int,
                     seed: int) -> SweepSummary:
     """The sweep's frontiers and intervals (model/sweep.py `summarize`) from a comparison of
-    its settings that has a human row; quality is the judge's NLL when a judge scored."""
+    its settings that has a human row; quality is the oracle's NLL when there is one (the
+    truth of a synthetic language), else the judge's when a judge scored."""
     if not comparison.settings["human_row"]:
         raise UserError("a sweep needs the human text as its target: draw the prompts from the validation split "
                         "(no --prompt or --prompt-lines)")
     num_prompts = len(comparison.prompts)
     totals = {run.label: prompt_totals(run, num_prompts, comparison.settings["units"]) for run in comparison.runs}
-    return summarize(sweep, totals, totals[HUMAN], judged=comparison.settings["judged"], draws=draws, seed=seed)
+    judge = "oracle_nll" if "oracle" in comparison.settings else "judge_nll" if comparison.settings["judged"] else None
+    return summarize(sweep, totals, totals[HUMAN], judge=judge, draws=draws, seed=seed)
 
 
 def write_sweep(summary: SweepSummary, out_dir: Path, title: str = "") -> list[Path]:

@@ -288,12 +288,14 @@ class SweepSummary:
 
 
 def summarize(sweep: Mapping[str, Sequence[DecodingSpec]], totals: Mapping[str, Totals], human: Totals, *,
-              judged: bool, draws: int = 1000, seed: int = 0) -> SweepSummary:
+              judge: str | None, draws: int = 1000, seed: int = 0) -> SweepSummary:
     """Frontiers, matched diversity, best-of-N and intervals of a sweep.
 
     ``totals[label]`` are the per-prompt totals of each spec's samples, ``human`` those of
     the human text: "nll" (the generator's nats, tokens), "judge_nll" (the judge's nats,
-    tokens; needed when ``judged``), "distinct_2" (the sum of per-sample distinct-2, the
+    tokens) or "oracle_nll" (a synthetic language's true chain: nats, symbols), the one
+    named by ``judge`` being the quality axis (None: the generator's distance to the human
+    text's NLL), "distinct_2" (the sum of per-sample distinct-2, the
     samples that have a bigram) and optionally "stuck" (stuck samples, loop-prompt
     samples). Every quantity is recomputed in each of ``draws`` paired bootstrap draws of
     the prompts (seeded ``seed``).
@@ -316,7 +318,8 @@ def summarize(sweep: Mapping[str, Sequence[DecodingSpec]], totals: Mapping[str, 
         return ratio_of_sums(sums, counts), ratio_of_sums(sums, counts, indices)
 
     rows = [totals[label] for label in labels]
-    nll_name = "judge_nll" if judged else "nll"
+    judged = judge is not None
+    nll_name = judge or "nll"
     div, div_b = both("distinct_2", rows)
     nll, nll_b = both(nll_name, rows)
     own, own_b = both("nll", rows)
@@ -372,7 +375,8 @@ def summarize(sweep: Mapping[str, Sequence[DecodingSpec]], totals: Mapping[str, 
         "nll": float(human_nll[0]), "nll_ci": interval(human_nll_b[:, 0]),
         "quality": float(human_nll[0]) if judged else 0.0,
     }
-    return SweepSummary("judge NLL (nats/token)" if judged else "|NLL - human NLL| (nats/token)",
+    quality_name = f"{judge.removesuffix('_nll')} NLL (nats/token)" if judged else "|NLL - human NLL| (nats/token)"
+    return SweepSummary(quality_name,
                         "distinct-2 per sample", human_record, settings, families, draws)
 
 

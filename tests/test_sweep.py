@@ -210,7 +210,7 @@ def test_summary_of_two_families_worked_by_hand():
     totals = {label: constant_totals(nll=q + 0.1, judge_nll=q, distinct=d, stuck=0.25) for label, (q, d) in
               points.items()}
     human = constant_totals(nll=1.8, judge_nll=1.9, distinct=0.7)
-    summary = summarize(sweep, totals, human, judged=True, draws=50, seed=0)
+    summary = summarize(sweep, totals, human, judge="judge_nll", draws=50, seed=0)
     temperature, top_k = summary.families
     assert temperature["frontier"] == ["temperature:t=0.5", "sample", "temperature:t=1.5"]
     # at 0.7, three quarters of the way from (0.4, 1.0) to (0.8, 2.0): 1.75
@@ -234,7 +234,7 @@ def test_without_a_judge_quality_is_the_distance_to_the_human_nll():
     totals = {"temperature:t=0.5": constant_totals(nll=0.5, judge_nll=math.nan, distinct=0.3),
               "sample": constant_totals(nll=1.7, judge_nll=math.nan, distinct=0.9)}
     human = constant_totals(nll=1.5, judge_nll=math.nan, distinct=0.6)
-    summary = summarize(sweep, totals, human, judged=False, draws=20, seed=0)
+    summary = summarize(sweep, totals, human, judge=None, draws=20, seed=0)
     assert [s["quality"] for s in summary.settings] == pytest.approx([1.0, 0.2])
     # 0.2 beats 1.0 on both axes: the frontier is "sample" alone, which does not span 0.6
     family = summary.families[0]
