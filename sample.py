@@ -37,8 +37,8 @@ from tqdm import tqdm
 from model.checkpoint import load_for_generation, read_checkpoint
 from model.cli import read_user_text, run_cli
 from model.compare import (
-    DEFAULT_GRID, UNITS, Comparison, format_table, parse_grid, run_comparison, sample_lines, val_prompts,
-    write_results,
+    DEFAULT_GRID, UNITS, Comparison, format_table, parse_grid, run_comparison, sample_lines, summarize_sweep,
+    val_prompts, write_results, write_sweep,
 )
 from model.device import resolve_device
 from model.errors import UserError
@@ -51,6 +51,7 @@ from model.strategy import (
     CHAIN_ORDERS, DEFAULT_ORDER, DecodingSpec, chain_order_text, parse_strategy_with_defaults, strategy_kind,
 )
 from model.synthetic import load_oracle
+from model.sweep import DEFAULT_SWEEP, flatten, parse_sweep, parse_sweep_toml, sweep_tables
 from model.tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------- shared by the commands
@@ -406,9 +407,31 @@ def add_compare_command(commands) -> None:
                         "(order+1)-grams the chain can emit, cov = share of the chain's probable (order+1)-grams "
                         "it reaches (more text reaches more: compare it beside the tokens column)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: %(default)s)")
+    parser.add_argument("--sweep", nargs="?", const="default", metavar="FILE.toml|FAMILIES", help="instead of "
+                        "-s, sweep each family's knob x temperature and compare families by their quality-diversity "
+                        "frontiers, at the human text's diversity, and by best-of-N, with bootstrap intervals over "
+                        "prompts: a TOML file (one [family] table of knob lists), or a compact list such as "
+                        "'temperature;top-p:p=0.8|0.95,t=0.7|1' (a bare name takes its default grid); alone, "
+                        f"the default grid of {', '.join(DEFAULT_SWEEP)} (6 settings each)")
+    parser.add_argument("--judge", metavar="CKPT", help="a larger checkpoint (or GPT-2 folder) with the same "
+                        "tokenizer that scores every sample: the judge NLL column, and the quality axis of --sweep "
+                        "(without it, the generator's own NLL as its distance to the human text's)")
+    parser.add_argument("--bootstrap", type=int, metavar="N", help="paired bootstrap draws of the prompts for "
+                        "--sweep's 95%% intervals (default: 1000)")
+    parser.add_argument("--escape-tokens", type=int, metavar="N", help="also continue each prompt ending in a "
+                        "repeated 4-token loop for N tokens; a sample whose mean NLL is below 1 nat is stuck "
+                        "(the stuck column) (default: 32 with --sweep, else off)")
     parser.add_argument("--out", type=Path, help="write results.json, results.csv, results.md, samples.jsonl "
-                        "and chart.png (with matplotlib) into this folder")
+                        "and chart.png (with matplotlib) into this folder; with --sweep also sweep.json, sweep.md "
+                        "and frontier.png")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def read_sweep(text: str) -> dict[str, list[DecodingSpec]]:
+    """--sweep's grid: a .toml file's tables, else the compact list (`parse_sweep`)."""
+    if text.endswith(".toml"):
+        return parse_sweep_toml(read_user_text(text, "sweep file"), text)
+    return parse_sweep(text)
 
 
 def check_compare_args(args: argparse.Namespace, prompts_given: bool) -> None:
@@ -420,19 +443,37 @@ def check_compare_args(args: argparse.Namespace, prompts_given: bool) -> None:
                             "nothing with --prompt or --prompt-lines")
     for name, default in DRAW_DEFAULTS.items():
         setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
-    check_at_least(args, {"num_prompts": 1, "prompt_tokens": 1, "num_samples": 1, "max_new_tokens": 1})
+    if args.sweep is not None and args.strategy:
+        raise UserError("--sweep and --strategy both choose the strategies; give one of them")
+    if args.sweep is not None and prompts_given:
+        raise UserError("--sweep needs the human text as its target: leave out --prompt and --prompt-lines so that "
+                        "prompts are drawn from the validation split")
+    if args.sweep is None and args.bootstrap is not None:
+        raise UserError("--bootstrap sets the intervals of --sweep; it does nothing without it")
+    args.bootstrap = 1000 if args.bootstrap is None else args.bootstrap
+    args.escape_tokens = (32 if args.sweep is not None else 0) if args.escape_tokens is None else args.escape_tokens
+    check_at_least(args, {"num_prompts": 1, "prompt_tokens": 1, "num_samples": 1, "max_new_tokens": 1,
+                          "bootstrap": 1, "escape_tokens": 0})
 
 
 @torch.inference_mode()
 def run_compare(args: argparse.Namespace, out=None) -> Comparison:
     out = out or sys.stdout
     check_compare_args(args, prompts_given=bool(args.prompt or args.prompt_lines))
-    grid = parse_grid(args.strategy or DEFAULT_GRID)
+    sweep = read_sweep(args.sweep) if args.sweep is not None else None
+    grid = flatten(sweep) if sweep is not None else parse_grid(args.strategy or DEFAULT_GRID)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)  # a bad --out fails now, not after the whole grid
     given = list(args.prompt or []) + (read_prompt_lines(args.prompt_lines) if args.prompt_lines else [])
     oracle = load_oracle(args.oracle) if args.oracle else None
-    model, tokenizer, checkpoint = load_for_generation(args.checkpoint, resolve_device(args.device))
+    device = resolve_device(args.device)
+    model, tokenizer, checkpoint = load_for_generation(args.checkpoint, device)
+    judge = None
+    if args.judge is not None:
+        judge, judge_tokenizer, _ = load_for_generation(args.judge, device)
+        if judge_tokenizer.state() != tokenizer.state():
+            raise UserError(f"the judge {args.judge} has another tokenizer than {args.checkpoint}; a judge scores "
+                            "the same tokens, so give one trained with the same tokenizer")
     human = None
     if given:
         prompts = given
@@ -451,10 +492,12 @@ def run_compare(args: argparse.Namespace, out=None) -> Comparison:
     comparison = run_comparison(
         model, tokenizer, prompts, grid, human=human, num_samples=args.num_samples,
         max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop, window=args.window, units=args.units,
-        progress=not args.no_progress, oracle=oracle,
+        judge=judge, escape_tokens=args.escape_tokens, progress=not args.no_progress, oracle=oracle,
     )
+    summary = None if sweep is None else summarize_sweep(comparison, sweep, draws=args.bootstrap, seed=args.seed)
     comparison.settings["wall_seconds"] = time.perf_counter() - started
     comparison.settings["checkpoint"] = str(args.checkpoint)
+    comparison.settings["judge"] = None if args.judge is None else str(args.judge)
     once = " (greedy and beam: 1, the same for every seed)" if any(spec.is_deterministic for spec in grid) else ""
     out.write(f"{len(prompts)} prompts x {args.num_samples} samples{once} x {args.max_new_tokens} tokens, "
               f"text metrics in {args.units}, {comparison.settings['wall_seconds']:.1f} s\n")
@@ -469,9 +512,13 @@ def run_compare(args: argparse.Namespace, out=None) -> Comparison:
     out.write(f"\nthe first sample of each row (all of them: --out, samples.jsonl)\n{sample_lines(comparison)}\n")
     if human is None:
         out.write("no human row: given prompts have no known continuation\n")
+    if summary is not None:
+        out.write("\n" + sweep_tables(summary) + "\n")
     if args.out is not None:
         title = f"{Path(args.checkpoint)}: {len(prompts)} prompts, {args.max_new_tokens} tokens, {args.units}"
         paths = write_results(comparison, args.out, title)
+        if summary is not None:
+            paths += write_sweep(summary, args.out, title)
         out.write(f"wrote {', '.join(str(p) for p in paths)}\n")
         if not any(p.suffix == ".png" for p in paths):
             out.write("no chart.png: matplotlib is not installed (pip install 'tinygpt[plot]')\n")

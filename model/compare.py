@@ -51,11 +51,24 @@ How the comparison is run, and why:
   the chain can emit, pooled) and coverage (the share of the chain's probable
   (order+1)-grams it holds, per draw like distinct-n; it grows with the amount of text,
   so read it beside the tokens column). n-grams lie inside a continuation.
+* A judge (``judge=``, a larger model of the same tokenizer) scores every sample and the
+  human text after the same prompt, teacher-forced through the same token loop: its NLL
+  per token (``judge_nll``) says how good the text is by a model other than the one that
+  wrote it, which finds its own greedy loops most probable.
+* Repetition escape (``escape_tokens`` > 0; Hewitt et al. 2022): every strategy also
+  continues each prompt followed by its last `LOOP_TOKENS` tokens repeated `LOOP_REPEATS`
+  times more, a loop the text can follow or leave. A sample is stuck when the mean NLL of
+  its ``escape_tokens`` tokens under the generator's raw distribution is below
+  `STUCK_NLL` (1 nat): it follows the loop with confidence. ``stuck`` is the share of
+  stuck samples (none for the human row, which has no continuation of a loop).
+* Per-prompt totals (`prompt_totals`) give every quantity of a sweep as per-prompt sums
+  and counts, so that model/sweep.py can resample prompts for its intervals.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import re
@@ -67,16 +80,20 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from model import metrics
 from model.data import open_split, read_meta
+from model.decoding import mask_vocab_padding
+from model.device import Precision
 from model.errors import UserError
 from model.generate import Sample, encode_prompt, generate, replay
-from model.plot import plot_comparison
+from model.plot import plot_comparison, plot_frontier
 from model.gpt import GPT
 from model.strategy import DecodingSpec, parse_strategy_with_defaults
 from model.score import bits_per_byte, score_continuations, token_byte_lengths
+from model.sweep import SweepSummary, Totals, summarize, sweep_tables
 from model.synthetic import PROBABLE, MarkovChain, check_tokenizer, token_symbols
 from model.tokenizer import Tokenizer
 
@@ -96,6 +113,13 @@ ROW_FIELDS = (
 )
 # The columns an oracle adds (`oracle_columns`), after those.
 ORACLE_FIELDS = ("oracle_nll", "oracle_entropy", "support_precision", "coverage")
+# Columns a row has only when the comparison measured them (a judge, the escape prompts, an oracle),
+# after ROW_FIELDS in this order; a new optional column is one more name here, one in
+# COLUMNS and its value in `_row`.
+OPTIONAL_FIELDS = ("judge_nll", "stuck", *ORACLE_FIELDS)
+LOOP_TOKENS = 4  # the repeated unit of an escape prompt...
+LOOP_REPEATS = 5  # ...appended this many more times after the prompt, which already ends in it
+STUCK_NLL = 1.0  # nats per token: below it, a continuation of the loop prompt is stuck
 
 
 # ----------------------------------------------------------------------------- the grid
@@ -273,6 +297,9 @@ class Run:
     spec: DecodingSpec | None
     samples: list[Sample]  # prompt-major; one per prompt for deterministic strategies and the human row
     seconds: float | None  # wall time of generation (None for the human row)
+    judge_logprobs: list[list[float]] | None = None  # the judge's log p of each sample's tokens
+    escapes: list[Sample] | None = None  # continuations of the loop prompts, in the order of samples
+    oracle_nats: list[tuple[float, int]] | None = None  # each sample's (nats, symbols) under an oracle
 
     @property
     def tokens_per_s(self) -> float:
@@ -288,7 +315,7 @@ class Comparison:
 
     prompts: list[str]  # the text of each prompt
     runs: list[Run]
-    rows: list[dict[str, Any]]  # one per run, keys ROW_FIELDS
+    rows: list[dict[str, Any]]  # one per run, keys `row_fields` (ROW_FIELDS and the optional ones measured)
     settings: dict[str, Any]
 
     def seed_of(self, run: Run, sample: Sample) -> int | None:
@@ -313,6 +340,8 @@ def run_comparison(
     stop: Sequence[str] = (),
     window: str = "exact",
     units: str = "words",
+    judge: GPT | None = None,
+    escape_tokens: int = 0,
     progress: bool = True,
     oracle: MarkovChain | None = None,
 ) -> Comparison:
@@ -321,9 +350,12 @@ def run_comparison(
     A prompt is a text or token ids (see `encode_prompt`). ``human[p]``, if given, are the
     true next tokens after prompt p (at most ``max_new_tokens`` of them are used); they
     make the first row. Sample s of prompt p uses seed ``seed + p * num_samples + s`` in
-    every stochastic strategy, so all strategies see the same prompts and seeds. See the
-    module docstring for what is measured how. ``oracle``, the chain of a synthetic
-    language the model learnt, adds its columns (`oracle_columns`) to every row.
+    every stochastic strategy, so all strategies see the same prompts and seeds.
+    ``judge`` (a model of the same tokenizer) scores every sample: the judge_nll column.
+    ``escape_tokens`` > 0 also continues each loop prompt (`loop_prompt`) that many
+    tokens with every strategy, with the same seeds: the stuck column.
+    ``oracle``, the chain of a synthetic language the model learnt, adds its columns
+    (`oracle_columns`) to every row. See the module docstring for what is measured how.
     """
     if oracle is not None:
         check_tokenizer(tokenizer, oracle)
@@ -331,6 +363,10 @@ def run_comparison(
         raise UserError(f"units must be one of {', '.join(UNITS)}, got {units!r}")
     if max_new_tokens < 1:  # generate itself allows 0 tokens; a comparison of them measures nothing
         raise UserError(f"a comparison needs max_new_tokens >= 1, got {max_new_tokens}")
+    if escape_tokens < 0:
+        raise UserError(f"escape_tokens must be >= 0 (0: no escape prompts), got {escape_tokens}")
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    loops = [loop_prompt(ids) for ids in encoded] if escape_tokens else None
     runs: list[Run] = []
     with tqdm(total=len(grid) + (human is not None), desc="compare", unit="strategy", disable=not progress) as bar:
         if human is not None:
@@ -341,16 +377,27 @@ def run_comparison(
             bar.set_postfix_str(spec.label)
             started = time.perf_counter()
             samples = _generate(model, tokenizer, prompts, spec, num_samples, max_new_tokens, seed, stop, window)
-            runs.append(Run(spec.label, spec, samples, time.perf_counter() - started))
+            seconds = time.perf_counter() - started
+            escapes = None if loops is None else _generate(model, tokenizer, loops, spec, num_samples,
+                                                           escape_tokens, seed, stop, window)
+            runs.append(Run(spec.label, spec, samples, seconds, escapes=escapes))
             bar.update()
+        if judge is not None:
+            bar.set_postfix_str("judge")
+            for run in runs:
+                run.judge_logprobs = judge_scores(judge, tokenizer, encoded, run.samples, window)
     byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
     rows = [_row(run, len(prompts), num_samples, units, byte_lengths) for run in runs]
+    rows = [{key: row.get(key, math.nan) for key in row_fields(rows)} for row in rows]  # the human row has no stuck
     settings = {
         "num_samples": num_samples, "max_new_tokens": max_new_tokens, "seed": seed, "stop": list(stop),
-        "window": window, "units": units, "human_row": human is not None,
+        "window": window, "units": units, "human_row": human is not None, "judged": judge is not None,
+        "escape_tokens": escape_tokens,
     }
     if oracle is not None:
-        encoded = [encode_prompt(tokenizer, p) for p in prompts]
+        for run in runs:
+            run.oracle_nats = [oracle_nats(sample, encoded[sample.prompt_index], tokenizer, oracle)
+                               for sample in run.samples]
         n, probable = oracle.order + 1, oracle.probable_ngrams(oracle.order + 1, PROBABLE)
         rows = [row | oracle_columns(run, encoded, tokenizer, oracle, n, probable)
                 for run, row in zip(runs, rows)]
@@ -366,6 +413,88 @@ def _generate(model, tokenizer, prompts, spec, num_samples, max_new_tokens, seed
     runs = 1 if spec.is_deterministic else num_samples
     return generate(model, tokenizer, prompts, spec, num_samples=runs, seed=seed, max_new_tokens=max_new_tokens,
                     stop=stop, window=window)
+
+
+def loop_prompt(ids: Sequence[int]) -> list[int]:
+    """A repetition-escape prompt: ``ids`` followed by its last `LOOP_TOKENS` tokens
+    `LOOP_REPEATS` more times (a prompt shorter than that repeats all of itself)."""
+    loop = list(ids[-LOOP_TOKENS:])
+    return list(ids) + loop * LOOP_REPEATS
+
+
+def is_stuck(sample: Sample) -> bool:
+    """Whether a continuation of a loop prompt follows the loop with confidence: the mean
+    NLL of its tokens (the generator's raw distribution) is below `STUCK_NLL`."""
+    return bool(sample.logprobs) and -math.fsum(sample.logprobs) / len(sample.logprobs) < STUCK_NLL
+
+
+def judge_scores(judge: GPT, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]], samples: Sequence[Sample],
+                 window: str, batch_size: int = 16) -> list[list[float]]:
+    """The judge's log p of every token of every sample after the sample's prompt, under its
+    raw distribution (vocabulary padding masked, as in the token loop).
+
+    When every prompt + sample fits the judge's context, each batch of ``batch_size``
+    samples is one forward pass: rows right-padded, which causal attention never reads
+    back, and the logits at positions len(prompt) - 1 ... score the sample's tokens;
+    that is the token loop's teacher forcing (`score_continuations`) without its 200
+    sequential steps. Longer ones go through `score_continuations`, which reads them
+    through the window like a generated token."""
+    rows = [list(prompts[s.prompt_index]) + list(s.tokens) for s in samples]
+    if not rows or max(len(r) for r in rows) > judge.config.block_size:
+        return score_continuations(judge, [prompts[s.prompt_index] for s in samples], [s.tokens for s in samples],
+                                   window=window, valid_vocab=tokenizer.vocab_size)
+    device = next(judge.parameters()).device
+    precision = Precision.for_device(device)
+    scores: list[list[float]] = []
+    for first in range(0, len(rows), batch_size):
+        batch = rows[first : first + batch_size]
+        width = max(len(r) for r in batch)
+        ids = torch.tensor([r + [0] * (width - len(r)) for r in batch], device=device)
+        with precision.autocast():
+            logits, _ = judge(ids)
+        logprobs = F.log_softmax(mask_vocab_padding(logits.float(), tokenizer.vocab_size), dim=-1)
+        for row, sample in enumerate(samples[first : first + batch_size]):
+            start = len(prompts[sample.prompt_index]) - 1
+            targets = torch.tensor(sample.tokens, device=device, dtype=torch.long)
+            scores.append(logprobs[row, start : start + len(targets)].gather(1, targets[:, None])[:, 0].tolist())
+    return scores
+
+
+def prompt_totals(run: Run, num_prompts: int, units: str) -> Totals:
+    """A row's quantities as per-prompt sums and counts (model/sweep.py resamples prompts):
+    "nll" (the generator's nats, tokens), "judge_nll" (the judge's, when it scored),
+    "distinct_2" (the sum of the distinct-2 of each sample on its own, the samples that
+    have a bigram), "stuck" (stuck loop-prompt samples, loop-prompt samples; when there
+    were escape prompts) and "oracle_nll" (nats and symbols under a synthetic language's
+    chain, when there was one). A deterministic strategy's one sample per prompt stands
+    for every seed's: per prompt, copies change no ratio."""
+    def per_prompt(samples: Sequence[Sample], value, count) -> tuple[list[float], list[float]]:
+        sums, counts = [0.0] * num_prompts, [0.0] * num_prompts
+        for sample in samples:
+            sums[sample.prompt_index] += value(sample)
+            counts[sample.prompt_index] += count(sample)
+        return sums, counts
+
+    def distinct_2(sample: Sample) -> float:
+        value = metrics.distinct_n([text_units(sample, units)], 2)
+        return 0.0 if math.isnan(value) else value
+
+    def has_bigram(sample: Sample) -> float:
+        return float(len(text_units(sample, units)) >= 2)
+
+    values = {
+        "nll": per_prompt(run.samples, lambda s: -math.fsum(s.logprobs), lambda s: len(s.logprobs)),
+        "distinct_2": per_prompt(run.samples, distinct_2, has_bigram),
+    }
+    if run.judge_logprobs is not None:
+        nats = {id(s): -math.fsum(lp) for s, lp in zip(run.samples, run.judge_logprobs)}
+        values["judge_nll"] = per_prompt(run.samples, lambda s: nats[id(s)], lambda s: len(s.tokens))
+    if run.escapes is not None:
+        values["stuck"] = per_prompt(run.escapes, lambda s: float(is_stuck(s)), lambda s: 1.0)
+    if run.oracle_nats is not None:
+        oracle = {id(s): nats for s, nats in zip(run.samples, run.oracle_nats)}
+        values["oracle_nll"] = per_prompt(run.samples, lambda s: oracle[id(s)][0], lambda s: oracle[id(s)][1])
+    return Totals(values)
 
 
 def _human_run(model, tokenizer, prompts, human, max_new_tokens, stop, window) -> Run:
@@ -393,7 +522,17 @@ def _row(
     row["tokens_per_s"] = run.tokens_per_s
     row["seconds"] = math.nan if run.seconds is None else run.seconds
     row["samples"] = len(run.samples)
-    return {key: row[key] for key in ROW_FIELDS}
+    if run.judge_logprobs is not None:
+        judged = list(chain.from_iterable(run.judge_logprobs))
+        row["judge_nll"] = -math.fsum(judged) / len(judged) if judged else math.nan
+    if run.escapes is not None:
+        row["stuck"] = metrics.mean(float(is_stuck(s)) for s in run.escapes)
+    return {key: row[key] for key in (*ROW_FIELDS, *OPTIONAL_FIELDS) if key in row}
+
+
+def row_fields(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The keys of a table's rows: ROW_FIELDS, then the optional ones any row has."""
+    return [*ROW_FIELDS, *(key for key in OPTIONAL_FIELDS if any(key in row for row in rows))]
 
 
 def oracle_columns(
@@ -430,6 +569,13 @@ def oracle_columns(
     }
 
 
+def oracle_nats(sample: Sample, prompt: Sequence[int], tokenizer: Tokenizer,
+                oracle: MarkovChain) -> tuple[float, int]:
+    """A sample's NLL under the oracle (smoothed, `oracle_view`): (nats, symbols)."""
+    symbols, context = oracle_view(sample, prompt, tokenizer, oracle)
+    return -math.fsum(oracle.smoothed_logprobs(symbols, context)), len(symbols)
+
+
 def oracle_view(
     sample: Sample, prompt: Sequence[int], tokenizer: Tokenizer, oracle: MarkovChain
 ) -> tuple[list[str], str]:
@@ -458,6 +604,8 @@ COLUMNS = (
     ("tokens", "mean_tokens", "{:.1f}"),
     ("ended %", "end_rate", "{:.1%}"),
     ("tok/s", "tokens_per_s", "{:.0f}"),
+    ("judge NLL", "judge_nll", "{:.3f}"),  # optional columns: shown when the rows have them
+    ("stuck %", "stuck", "{:.1%}"),
 )
 ORACLE_COLUMNS = (  # shown when the rows have them: nats per token, shares as percentages
     ("orc NLL", "oracle_nll", "{:.3f}"),
@@ -467,8 +615,10 @@ ORACLE_COLUMNS = (  # shown when the rows have them: nats per token, shares as p
 )
 
 
-def _columns(rows: Sequence[dict[str, Any]]) -> tuple[tuple[str, str, str], ...]:
-    return COLUMNS + ORACLE_COLUMNS if rows and ORACLE_FIELDS[0] in rows[0] else COLUMNS
+def _columns(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """The COLUMNS whose key the rows have (an optional column only when measured)."""
+    return [column for column in (*COLUMNS, *ORACLE_COLUMNS)
+            if column[1] in ROW_FIELDS or any(column[1] in row for row in rows)]
 
 
 def _cells(row: dict[str, Any], columns: Sequence[tuple[str, str, str]]) -> list[str]:
@@ -534,25 +684,68 @@ def write_results(comparison: Comparison, out_dir: Path, title: str = "") -> lis
     }
     paths[0].write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     with paths[1].open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ROW_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=row_fields(rows))
         writer.writeheader()
         writer.writerows({key: "" if _plain(v) is None else v for key, v in row.items()} for row in rows)
     paths[2].write_text(markdown_table(rows) + "\n", encoding="utf-8")
     with paths[3].open("w", encoding="utf-8") as f:
         for run in comparison.runs:
-            for sample in run.samples:
-                f.write(json.dumps(_sample_record(run, sample, comparison), ensure_ascii=False) + "\n")
+            for index, sample in enumerate(run.samples):
+                f.write(json.dumps(_sample_record(run, index, comparison), ensure_ascii=False) + "\n")
     chart = out_dir / "chart.png"
     if plot_comparison(rows, chart, title, HUMAN):
         paths.append(chart)
     return paths
 
 
-def _sample_record(run: Run, sample: Sample, comparison: Comparison) -> dict[str, Any]:
-    return {
+def _sample_record(run: Run, index: int, comparison: Comparison) -> dict[str, Any]:
+    sample = run.samples[index]
+    record = {
         "strategy": run.label, "prompt_index": sample.prompt_index, "sample_index": sample.sample_index,
         "seed": comparison.seed_of(run, sample),
         "same_for_every_seed": run.spec is not None and run.spec.is_deterministic, "finish": sample.finish,
         "prompt": comparison.prompts[sample.prompt_index], "text": sample.text,
         "tokens": sample.tokens, "logprobs": sample.logprobs,
     }
+    if run.judge_logprobs is not None:
+        record["judge_logprobs"] = run.judge_logprobs[index]
+    return record
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+
+def summarize_sweep(comparison: Comparison, sweep: dict[str, list[DecodingSpec]], *, draws: int,
+                    seed: int) -> SweepSummary:
+    """The sweep's frontiers and intervals (model/sweep.py `summarize`) from a comparison of
+    its settings that has a human row; quality is the oracle's NLL when there is one (the
+    truth of a synthetic language), else the judge's when a judge scored."""
+    if not comparison.settings["human_row"]:
+        raise UserError("a sweep needs the human text as its target: draw the prompts from the validation split "
+                        "(no --prompt or --prompt-lines)")
+    num_prompts = len(comparison.prompts)
+    totals = {run.label: prompt_totals(run, num_prompts, comparison.settings["units"]) for run in comparison.runs}
+    judge = "oracle_nll" if "oracle" in comparison.settings else "judge_nll" if comparison.settings["judged"] else None
+    return summarize(sweep, totals, totals[HUMAN], judge=judge, draws=draws, seed=seed)
+
+
+def write_sweep(summary: SweepSummary, out_dir: Path, title: str = "") -> list[Path]:
+    """Write sweep.json, sweep.md and (with matplotlib) frontier.png into ``out_dir``;
+    return the paths written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / "sweep.json", out_dir / "sweep.md"]
+    record = {"title": title, **dataclasses.asdict(summary)}
+    paths[0].write_text(json.dumps(_plain_tree(record), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    paths[1].write_text(sweep_tables(summary, markdown=True) + "\n", encoding="utf-8")
+    if plot_frontier(summary, out_dir / "frontier.png", title):
+        paths.append(out_dir / "frontier.png")
+    return paths
+
+
+def _plain_tree(value: Any) -> Any:
+    """`_plain` all the way down (tuples become lists)."""
+    if isinstance(value, dict):
+        return {key: _plain_tree(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain_tree(v) for v in value]
+    return _plain(value)

@@ -1,5 +1,6 @@
 """Charts as PNG files: the loss curves of a training run, a comparison of decoding
-strategies, and the one helper every chart is drawn through.
+strategies, a sweep's quality-diversity frontiers, and the one helper every chart is
+drawn through.
 
     python train.py --plot out/shakespeare_char      # writes out/shakespeare_char/loss.png
 
@@ -141,3 +142,43 @@ def _draw_comparison(figure, rows: Sequence[dict[str, Any]], title: str, human: 
     ax.set_title(title or "decoding strategies: diversity against perplexity", fontsize=10)
     ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
     ax.grid(True, which="both", alpha=0.3)
+
+
+def plot_frontier(summary, path: str | Path, title: str = "") -> bool:
+    """A sweep's chart (``summary`` a `model.sweep.SweepSummary`): one panel, diversity
+    across and quality up (a loss, so the good corner is bottom right). Each family's
+    settings are faint hollow markers; its Pareto frontier is a line through them with
+    filled markers; the human text is a black star with guide lines at its diversity
+    (where matched diversity is read) and quality. Returns False (and writes nothing)
+    without matplotlib."""
+    try:
+        save_chart(path, lambda figure: _draw_frontier(figure, summary, title), "the frontier chart",
+                   figsize=(8, 5))
+    except MatplotlibMissing:
+        return False
+    return True
+
+
+def _draw_frontier(figure, summary, title: str) -> None:
+    ax = figure.subplots()
+    markers = "osD^vP<>Xhp"
+    by_label = {(s["family"], s["label"]): s for s in summary.settings}
+    for i, family in enumerate(summary.families):
+        colour, marker = f"C{i % 10}", markers[i % len(markers)]
+        mine = [s for s in summary.settings if s["family"] == family["family"]]
+        ax.scatter([s["diversity"] for s in mine], [s["quality"] for s in mine], marker=marker, s=30,
+                   facecolors="none", edgecolors=colour, alpha=0.45, linewidths=1)
+        front = [by_label[(family["family"], label)] for label in family["frontier"]]
+        ax.plot([s["diversity"] for s in front], [s["quality"] for s in front], color=colour, marker=marker,
+                markersize=6, linewidth=1.6, label=family["family"])
+    human = summary.human
+    ax.scatter([human["diversity"]], [human["quality"]], marker="*", s=280, color="black",
+               label="human (validation text)", zorder=3)
+    ax.axvline(human["diversity"], color="black", linestyle=":", linewidth=1)
+    ax.axhline(human["quality"], color="black", linestyle=":", linewidth=1)
+    ax.set_xlabel(f"diversity: {summary.diversity_name} (higher = more diverse)")
+    ax.set_ylabel(f"quality: {summary.quality_name} (lower = better)")
+    ax.set_title(title or "decoding strategies: quality-diversity frontiers", fontsize=10)
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False,
+              title="frontier per family", title_fontsize=8)
+    ax.grid(True, alpha=0.3)

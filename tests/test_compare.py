@@ -21,7 +21,12 @@ import sample
 from model import metrics
 from model.compare import (
     DEFAULT_GRID,
+    LOOP_REPEATS,
     ROW_FIELDS,
+    Run,
+    is_stuck,
+    loop_prompt,
+    prompt_totals,
     draw_prompt_starts,
     parse_grid,
     row_metrics,
@@ -32,7 +37,7 @@ from model.compare import (
 from model.data import open_split, read_meta
 from model.strategy import parse_strategy
 from model.errors import UserError
-from model.generate import Sample, replay
+from model.generate import Sample, generate, replay
 from model.score import score_continuations
 from model.gpt import GPT
 from model.tokenizer import CharTokenizer
@@ -438,3 +443,172 @@ def test_loops_of_spaces_and_of_word_pieces_show_in_the_token_repetition():
     assert row["repetition_tokens"] == pytest.approx(2 / 3)
     looped = Sample(0, 0, tokens=[8, 9, 10, 8, 9, 10, 99], text="abcdefabcdef", finish="eot")
     assert row_metrics([[["x"]]], [looped])["repetition_tokens"] == 1.0  # the end-of-text token is not in the loop
+
+
+# ----------------------------------------------------------------------------- judge, escape, per-prompt totals
+
+
+def test_loop_prompt_and_stuck_by_hand():
+    assert loop_prompt([9, 1, 2, 3, 4]) == [9, 1, 2, 3, 4] + [1, 2, 3, 4] * LOOP_REPEATS
+    assert loop_prompt([7, 8]) == [7, 8] + [7, 8] * LOOP_REPEATS  # shorter than the loop: all of it repeats
+    # mean NLL (0.5 + 1.3) / 2 = 0.9 < 1 nat: stuck; (0.5 + 1.6) / 2 = 1.05: not
+    assert is_stuck(Sample(0, 0, tokens=[1, 2], logprobs=[-0.5, -1.3]))
+    assert not is_stuck(Sample(0, 0, tokens=[1, 2], logprobs=[-0.5, -1.6]))
+    assert not is_stuck(Sample(0, 0))  # no tokens: nothing followed the loop
+
+
+def test_prompt_totals_by_hand():
+    samples = [
+        Sample(0, 0, tokens=[1, 2, 3], text="a b a b", logprobs=[-1.0, -2.0, -3.0], finish="eot"),
+        Sample(1, 0, tokens=[4, 5], text="c c c", logprobs=[-0.5, -0.5], finish="eot"),
+    ]
+    escapes = [Sample(0, 0, tokens=[1], logprobs=[-0.1]), Sample(1, 0, tokens=[1], logprobs=[-3.0])]
+    run = Run("x", parse_strategy("sample"), samples, 1.0, judge_logprobs=[[-2.0, -2.0, -2.0], [-1.0, -3.0]],
+              escapes=escapes)
+    totals = prompt_totals(run, 2, "words").values
+    assert totals["nll"] == ([6.0, 1.0], [3.0, 2.0])
+    assert totals["judge_nll"] == ([6.0, 4.0], [3.0, 2.0])
+    # bigrams of "a b a b": ab, ba, ab -> 2/3; of "c c c": cc, cc -> 1/2
+    assert totals["distinct_2"][0] == pytest.approx([2 / 3, 1 / 2]) and totals["distinct_2"][1] == [1.0, 1.0]
+    assert totals["stuck"] == ([1.0, 0.0], [1.0, 1.0])
+    assert set(prompt_totals(Run("h", None, samples, None), 2, "words").values) == {"nll", "distinct_2"}
+
+
+@pytest.fixture(scope="module")
+def two_models():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(vocab_size=CHARS.vocab_size, block_size=32)).eval()
+    judge = GPT(tiny_config(vocab_size=CHARS.vocab_size, block_size=32, n_embd=32)).eval()
+    return model, judge
+
+
+def test_the_judge_scores_every_sample_like_a_plain_forward_pass(two_models):
+    model, judge = two_models
+    prompts = [[2, 3, 1], [4, 4]]
+    comparison = run_comparison(model, CHARS, prompts, [parse_strategy("sample")],
+                                human=[[2, 2, 3, 1], [0, 1, 2, 3]], num_samples=2, max_new_tokens=6, seed=5,
+                                judge=judge, progress=False)
+    for run, row in zip(comparison.runs, comparison.rows):
+        everything = []
+        for sample, got in zip(run.samples, run.judge_logprobs):
+            ids = torch.tensor([prompts[sample.prompt_index] + sample.tokens])
+            with torch.no_grad():
+                logprobs = F.log_softmax(judge(ids)[0][0], dim=-1)
+            start = len(prompts[sample.prompt_index]) - 1
+            expected = [logprobs[start + t, token].item() for t, token in enumerate(sample.tokens)]
+            assert got == pytest.approx(expected, abs=1e-5)
+            everything += expected
+        assert row["judge_nll"] == pytest.approx(-np.mean(everything), abs=1e-5)
+    assert "judge NLL" in format_table(comparison.rows) and "stuck" not in format_table(comparison.rows)
+
+
+def test_the_judge_reads_a_sample_longer_than_its_context_through_the_window(two_models):
+    from model.compare import judge_scores
+
+    _, judge = two_models  # the judge's context is 32 tokens
+    prompts = [[2, 3, 1], [4]]
+    rng = np.random.default_rng(0)
+    samples = [Sample(p, 0, tokens=rng.integers(0, 5, n).tolist()) for p, n in ((0, 40), (1, 25))]
+    assert len(prompts[0]) + len(samples[0].tokens) > 32  # past the judge's context: through the window
+    expected = score_continuations(judge, prompts, [s.tokens for s in samples], valid_vocab=CHARS.vocab_size)
+    assert judge_scores(judge, CHARS, prompts, samples, "exact") == expected
+    # rows that fit: the one-pass path and the token loop's teacher forcing agree
+    short = [Sample(p, 0, tokens=s.tokens[:20]) for p, s in enumerate(samples)]
+    looped = score_continuations(judge, prompts, [s.tokens for s in short], valid_vocab=CHARS.vocab_size)
+    for got, want in zip(judge_scores(judge, CHARS, prompts, short, "exact", batch_size=1), looped):
+        assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_escape_prompts_continue_the_loop_with_the_same_seeds(two_models):
+    model, _ = two_models
+    prompts, spec = [[2, 3, 1, 4, 0], [4, 4, 2, 3, 1]], parse_strategy("top-k:k=3,t=0.5")
+    comparison = run_comparison(model, CHARS, prompts, [spec], human=[[1] * 4, [2] * 4], num_samples=2,
+                                max_new_tokens=4, seed=3, escape_tokens=7, progress=False)
+    run = comparison.runs[1]
+    alone = generate(model, CHARS, [loop_prompt(p) for p in prompts], spec, num_samples=2, seed=3,
+                     max_new_tokens=7)
+    assert [s.tokens for s in run.escapes] == [s.tokens for s in alone]
+    stuck = np.mean([-np.mean(s.logprobs) < 1.0 for s in alone])
+    assert comparison.rows[1]["stuck"] == pytest.approx(stuck)
+    assert math.isnan(comparison.rows[0]["stuck"])  # the human row has no loop to escape
+    header = format_table(comparison.rows).splitlines()[0]
+    assert header.split()[-2:] == ["stuck", "%"]
+
+
+@pytest.fixture(scope="module")
+def swept(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    argv = ["compare", str(tiny_checkpoint), "--sweep", "temperature:t=0.6|1.4;top-k:k=3|12", "--judge",
+            str(tiny_checkpoint), "--num-prompts", "4", "--prompt-tokens", "8", "--num-samples", "2",
+            "--max-new-tokens", "16", "--escape-tokens", "6", "--bootstrap", "40", "--seed", "3", "--out", str(out),
+            "--no-progress"]
+    assert sample.main(argv) == 0
+    return out
+
+
+def test_sweep_numbers_equal_the_samples_written(swept):
+    summary = json.loads((swept / "sweep.json").read_text())
+    records = [json.loads(line) for line in (swept / "samples.jsonl").read_text().splitlines()]
+    assert [f["family"] for f in summary["families"]] == ["temperature", "top-k"]
+    labels = ["human", "temperature:t=0.6", "temperature:t=1.4", "top-k:k=3", "top-k:k=12"]
+    assert [r["strategy"] for r in json.loads((swept / "results.json").read_text())["rows"]] == labels
+
+    def statistics(label):
+        mine = [r for r in records if r["strategy"] == label]
+        judged = [lp for r in mine for lp in r["judge_logprobs"]]
+        # the judge is the generator itself here: it gives each token the logprob generate recorded
+        assert judged == pytest.approx([lp for r in mine for lp in r["logprobs"]], abs=1e-4)
+        words = [plain_words(r["text"], r["finish"]) for r in mine]
+        distinct = [metrics.distinct_n([w], 2) for w in words if len(w) >= 2]
+        return -np.mean(judged), np.mean(distinct)
+
+    human_nll, human_diversity = statistics("human")
+    assert summary["human"]["nll"] == pytest.approx(human_nll, abs=1e-4)
+    assert summary["human"]["diversity"] == pytest.approx(human_diversity)
+    for setting in summary["settings"]:
+        nll, diversity = statistics(setting["label"])
+        assert setting["quality"] == pytest.approx(nll, abs=1e-4)
+        assert setting["diversity"] == pytest.approx(diversity)
+        assert setting["quality_ci"][0] <= setting["quality"] <= setting["quality_ci"][1]
+        assert 0 <= setting["stuck"] <= 1
+    for family in summary["families"]:
+        assert len(family["best_of_n"]) == 2 and family["best_of_n"][1] <= family["best_of_n"][0]
+    assert (swept / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "matched quality" in (swept / "sweep.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--sweep", "top-k", "-s", "greedy"], "--sweep and --strategy both choose the strategies"),
+        (["--sweep", "--prompt", "The"], "--sweep needs the human text as its target"),
+        (["--bootstrap", "10"], "--bootstrap sets the intervals of --sweep"),
+        (["--sweep", "top-k:k=0"], "top_k=0 is invalid"),
+        (["--sweep", "/nonexistent/grid.toml"], "sweep file not found: /nonexistent/grid.toml"),
+        (["--sweep", "top-k", "--bootstrap", "0"], "--bootstrap must be >= 1"),
+        (["--escape-tokens", "-1"], "--escape-tokens must be >= 0"),
+    ],
+)
+def test_sweep_bad_input(args, message, tiny_checkpoint, capsys):
+    code = sample.main(["compare", str(tiny_checkpoint), "--max-new-tokens", "3", "--no-progress", *args])
+    assert code == 2
+    assert message in one_line_error(capsys.readouterr().err)
+
+
+def test_a_judge_with_another_tokenizer_is_refused(tiny_checkpoint, bpe_checkpoint, capsys):
+    code = sample.main(["compare", str(tiny_checkpoint), "--judge", str(bpe_checkpoint[0]), "--max-new-tokens", "3",
+                        "--no-progress"])
+    assert code == 2 and "has another tokenizer than" in one_line_error(capsys.readouterr().err)
+
+
+def test_sweep_speed_bench_runs(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """bench/sweep_speed.py end to end (in-process) with tiny settings, so the bench cannot silently break."""
+    out = tmp_path / "sweep_speed.json"
+    monkeypatch.setattr(sys, "argv", ["sweep_speed.py", str(tiny_checkpoint), "--sweep", "temperature:t=0.7|1",
+                                      "--num-prompts", "2", "--num-samples", "1", "--max-new-tokens", "4",
+                                      "--bootstrap", "5", "--out", str(out)])
+    runpy.run_path(str(ROOT / "bench" / "sweep_speed.py"), run_name="__main__")
+    printed = capsys.readouterr().out
+    assert "wall time" in printed and "best-of-N" in printed
+    record = json.loads(out.read_text())
+    assert record["settings"] == 2 and record["wall_seconds"] > record["generation_seconds"] > 0

@@ -269,3 +269,18 @@ def test_compare_oracle_errors(synthetic_checkpoint, tiny_checkpoint, tiny_datas
 def test_prepare_synthetic_through_the_real_cli(tmp_path):
     result = run_cli("data/prepare.py", "--synthetic", "markov9", "--out", str(tmp_path / "d"))
     assert "unknown synthetic language 'markov9'" in one_line_error(result)
+
+
+def test_a_sweep_with_the_oracle_judges_by_the_true_chain(synthetic_checkpoint, tmp_path):
+    data, checkpoint = synthetic_checkpoint
+    argv = ["compare", str(checkpoint), "--sweep", "temperature:t=0.7|1.3", "--num-prompts", "3", "--prompt-tokens",
+            "8", "--num-samples", "2", "--max-new-tokens", "30", "--escape-tokens", "4", "--bootstrap", "20",
+            "--oracle", str(data), "--out", str(tmp_path), "--no-progress"]
+    assert sample.main(argv) == 0
+    rows = {row["strategy"]: row for row in json.loads((tmp_path / "results.json").read_text())["rows"]}
+    summary = json.loads((tmp_path / "sweep.json").read_text())
+    assert summary["quality_name"].startswith("oracle NLL")
+    # the sweep's quality axis is the oracle column of the same samples (pooled over their symbols)
+    assert summary["human"]["quality"] == pytest.approx(rows["human"]["oracle_nll"])
+    for setting in summary["settings"]:
+        assert setting["quality"] == pytest.approx(rows[setting["label"]]["oracle_nll"])
