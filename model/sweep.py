@@ -45,7 +45,7 @@ from model.errors import UserError
 from model.strategy import DecodingSpec, parse_strategy
 
 # Family -> {key of its compact spec: the values swept}; the grid of a family is the product
-# of its lists, in this order. Temperature alone is always a family. 5 families x 6 settings.
+# of its lists, in this order. Temperature alone is always a family. 12 families x 6 settings.
 # The knobs span each filter from strict to loose for a char model's ~65 tokens and a BPE
 # model's thousands alike; min-p is swept at higher temperatures, which it was designed for.
 DEFAULT_SWEEP: dict[str, dict[str, tuple[float, ...]]] = {
@@ -54,6 +54,13 @@ DEFAULT_SWEEP: dict[str, dict[str, tuple[float, ...]]] = {
     "top-p": {"p": (0.8, 0.9, 0.95), "t": (0.8, 1.0)},
     "min-p": {"p": (0.05, 0.1, 0.2), "t": (1.0, 1.3)},
     "typical": {"p": (0.8, 0.9, 0.95), "t": (0.8, 1.0)},
+    "eta": {"eta": (0.01, 0.03, 0.1), "t": (0.8, 1.0)},
+    "epsilon": {"eps": (0.01, 0.03, 0.1), "t": (0.8, 1.0)},
+    "top-n-sigma": {"n": (0.5, 1.0, 2.0), "t": (1.0, 1.3)},
+    "top-h": {"h": (0.2, 0.4, 0.8), "t": (0.8, 1.0)},
+    "mirostat": {"tau": (1.0, 2.0, 3.0), "t": (0.8, 1.0)},
+    "xtc": {"threshold": (0.1, 0.2, 0.3), "prob": (0.25, 0.5)},
+    "dry": {"mult": (0.4, 0.8, 1.5), "allowed": (4, 8)},
 }
 LEVEL = 0.95  # the coverage of every interval
 
