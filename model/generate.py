@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import codecs
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,9 @@ from model.gpt import GPT, KVCache
 from model.memory import device_memory
 from model.strategy import DecodingSpec
 from model.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from model.speculative import Speculation
 
 WINDOW_MODES = ("exact", "shift", "none")
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
@@ -413,6 +416,7 @@ def generate_events(
     stop: Sequence[str] = (),
     window: str = "exact",
     top: int = 0,
+    speculate: Speculation | None = None,
 ) -> Iterator[list[Event]]:
     """The token loop as a stream: the events of each step (see `Event`), until every row
     has ended. The arguments are checked before this returns; stop iterating (or close
@@ -426,7 +430,9 @@ def generate_events(
     left the window), and a row draws exactly what it would draw alone with that seed.
     A row ends by the rule of `RowEnd`. ``top`` > 0 adds the ``top`` most likely tokens
     of every step to its events (``detail``). Beam search runs prompt by prompt and
-    releases each prompt's best beam in one step once it is found.
+    releases each prompt's best beam in one step once it is found. ``speculate`` makes
+    the tokens speculatively (model/speculative.py): the same distribution, several
+    tokens per row and step.
     """
     if max_new_tokens < 0:
         raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -450,6 +456,13 @@ def generate_events(
     encoded = [encode_prompt(tokenizer, p, name) for p, name in zip(prompts, names)]
     longest = max(len(ids) for ids in encoded)
     check_batch_memory(model, spec.num_beams if spec.is_beam else rows, max_new_tokens, longest)  # beams: per prompt
+    if speculate is not None:
+        from model.speculative import check_speculation, speculative_events  # (it builds on this module)
+
+        check_speculation(model, tokenizer, spec, window, speculate, rows, max_new_tokens, longest)
+        return speculative_events(model, tokenizer, [encoded[r // num_samples] for r in range(rows)], spec,
+                                  speculate, max_new_tokens=max_new_tokens, seed=seed, stop=stop, window=window,
+                                  top=top)
     if spec.is_beam:
         return _beam_events(model, tokenizer, encoded, spec, max_new_tokens, stop, window)
     return _sampled_events(model, tokenizer, [encoded[r // num_samples] for r in range(rows)], spec,
@@ -490,7 +503,7 @@ def new_samples(num_prompts: int, num_samples: int) -> list[Sample]:
 def generate(model: GPT, tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]], spec: DecodingSpec, *,
              num_samples: int = 1, **options) -> list[Sample]:
     """Every sample of `generate_events` (the same arguments: max_new_tokens, seed, stop,
-    window, top), collected, in row order."""
+    window, top, speculate), collected, in row order."""
     events = generate_events(model, tokenizer, prompts, spec, num_samples=num_samples, **options)
     samples = new_samples(len(prompts), num_samples)  # after the checks: num_samples may be absurd
     for step in events:
