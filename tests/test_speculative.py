@@ -5,7 +5,7 @@ out here by enumerating every continuation with uncached forward passes."""
 from __future__ import annotations
 
 import dataclasses
-import itertools
+import json
 import math
 
 import pytest
@@ -341,3 +341,17 @@ def test_the_server_with_a_draft_completes_as_plain_greedy(loaded):
     assert greedy.choices[0].text == expected
     assert streamed == expected
     assert beam.choices[0].finish_reason in ("length", "stop")
+
+
+def test_speculative_speed_bench_runs(tmp_path):
+    out = tmp_path / "speculative_speed.json"
+    result = run_cli("bench/speculative_speed.py", "--tiny", "--tokens", "24", "--repeats", "1", "--out", str(out),
+                     timeout=120)
+    assert result.returncode == 0, result.stderr
+    saved = json.loads(out.read_text())
+    greedy = saved["results"]["greedy"]
+    assert greedy["greedy_equals_plain"] == {"plain": True, "draft": True, "prompt lookup": True}
+    assert set(greedy["tokens_per_s"]) == {"plain", "draft", "prompt lookup"}
+    assert all(rate > 0 for rate in greedy["tokens_per_s"].values())
+    figures = saved["results"]["sample"]["acceptance"]["draft"]
+    assert 0 <= figures["accepted"] <= figures["proposed"] and figures["target_passes"] > 0
