@@ -310,7 +310,9 @@ class SpeculativeRow:
 
     def _process(self, logits: torch.Tensor, proposal: list[int]) -> torch.Tensor:
         """`process_logits` of each position, with the penalty state counting the proposal
-        tokens before it."""
+        tokens before it (without penalties the positions are independent rows: one call)."""
+        if not (self.spec.needs_seen or self.spec.needs_counts):
+            return self.penalties.process(logits, self.spec)
         trial = copy.deepcopy(self.penalties) if proposal else self.penalties
         rows = []
         for i in range(logits.size(0)):
