@@ -301,14 +301,16 @@ def test_bad_speculation_settings_are_refused():
 # The command line.
 
 
-def test_generate_with_a_draft_or_prompt_lookup_prints_plain_greedys_text(tiny_checkpoint):
-    common = [str(tiny_checkpoint), "--strategy", "greedy", "--prompt", "The quick", "--max-new-tokens", "40"]
-    plain = run_cli("sample.py", *common)
-    assert plain.returncode == 0, plain.stderr
+def test_generate_with_a_draft_or_prompt_lookup_prints_plain_greedys_text(tiny_checkpoint, capsys):
+    import sample
+
+    common = [str(tiny_checkpoint), "--strategy", "greedy", "--prompt", "The quick", "--max-new-tokens", "40",
+              "--device", "cpu"]
+    assert sample.main(common) == 0
+    plain = capsys.readouterr().out
     for extra in (["--draft", str(tiny_checkpoint), "--speculate", "3"], ["--prompt-lookup", "2"]):
-        result = run_cli("sample.py", *common, *extra)
-        assert result.returncode == 0, result.stderr
-        assert result.stdout == plain.stdout
+        assert sample.main([*common, *extra]) == 0
+        assert capsys.readouterr().out == plain
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -316,10 +318,29 @@ def test_generate_with_a_draft_or_prompt_lookup_prints_plain_greedys_text(tiny_c
     (["--prompt-lookup", "2", "--draft", "D"], "either --draft or --prompt-lookup"),
     (["--prompt-lookup", "2", "--strategy", "beam"], "cannot speculate: beam search"),
     (["--prompt-lookup", "0"], "--prompt-lookup must be >= 1"),
+    (["--prompt-lookup", "2", "--speculate", "0"], "--speculate must be >= 1"),
 ])
-def test_generate_refuses_bad_speculation_flags_in_one_line(tiny_checkpoint, extra, message):
-    result = run_cli("sample.py", str(tiny_checkpoint), "--max-new-tokens", "5", *extra)
-    assert message in one_line_error(result)
+def test_generate_refuses_bad_speculation_flags_in_one_line(tiny_checkpoint, capsys, extra, message):
+    import sample
+
+    capsys.readouterr()
+    assert sample.main([str(tiny_checkpoint), "--max-new-tokens", "5", "--device", "cpu", *extra]) == 2
+    assert message in one_line_error(capsys.readouterr().err)
+
+
+def test_generate_refuses_a_draft_with_another_tokenizer(tiny_checkpoint, tmp_path):
+    # one command in a fresh process, as a user runs it: the draft is a checkpoint of another corpus
+    from model.checkpoint import read_checkpoint
+    from model.tokenizer import tokenizer_from_state
+
+    checkpoint = read_checkpoint(tiny_checkpoint)
+    assert tokenizer_from_state(checkpoint.tokenizer).state() != SMALL.state()
+    other = tmp_path / "other.pt"
+    saved = torch.load(tiny_checkpoint, weights_only=True)
+    saved["tokenizer"] = SMALL.state()
+    torch.save(saved, other)
+    result = run_cli("sample.py", str(tiny_checkpoint), "--draft", str(other), "--max-new-tokens", "5")
+    assert "has another tokenizer" in one_line_error(result)
 
 
 def test_the_server_with_a_draft_completes_as_plain_greedy(loaded):
@@ -337,7 +358,7 @@ def test_the_server_with_a_draft_completes_as_plain_greedy(loaded):
         streamed = "".join(chunk.choices[0].text for chunk in client.completions.create(
             model="tiny", prompt="The quick", max_tokens=30, temperature=0, stream=True))
         beam = client.completions.create(model="tiny", prompt="The quick", max_tokens=5,
-                                         extra_body={"num_beams": 2})  # not speculative: decoded plainly
+                                         extra_body={"strategy": "beam:n=2"})  # not speculative: decoded plainly
     assert greedy.choices[0].text == expected
     assert streamed == expected
     assert beam.choices[0].finish_reason in ("length", "stop")
