@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import codecs
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,9 +47,6 @@ from model.gpt import GPT, KVCache
 from model.memory import device_memory
 from model.strategy import DecodingSpec
 from model.tokenizer import Tokenizer
-
-if TYPE_CHECKING:
-    from model.speculative import Speculation
 
 WINDOW_MODES = ("exact", "shift", "none")
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
@@ -416,7 +413,7 @@ def generate_events(
     stop: Sequence[str] = (),
     window: str = "exact",
     top: int = 0,
-    speculate: Speculation | None = None,
+    speculate: model.speculative.Speculation | None = None,  # not imported: that module builds on this one
 ) -> Iterator[list[Event]]:
     """The token loop as a stream: the events of each step (see `Event`), until every row
     has ended. The arguments are checked before this returns; stop iterating (or close
@@ -457,12 +454,9 @@ def generate_events(
     longest = max(len(ids) for ids in encoded)
     check_batch_memory(model, spec.num_beams if spec.is_beam else rows, max_new_tokens, longest)  # beams: per prompt
     if speculate is not None:
-        from model.speculative import check_speculation, speculative_events  # (it builds on this module)
-
-        check_speculation(model, tokenizer, spec, window, speculate, rows, max_new_tokens, longest)
-        return speculative_events(model, tokenizer, [encoded[r // num_samples] for r in range(rows)], spec,
-                                  speculate, max_new_tokens=max_new_tokens, seed=seed, stop=stop, window=window,
-                                  top=top)
+        speculate.check(model, tokenizer, spec, window, rows, max_new_tokens, longest)
+        return speculate.events(model, tokenizer, [encoded[r // num_samples] for r in range(rows)], spec,
+                                max_new_tokens=max_new_tokens, seed=seed, stop=stop, window=window, top=top)
     if spec.is_beam:
         return _beam_events(model, tokenizer, encoded, spec, max_new_tokens, stop, window)
     return _sampled_events(model, tokenizer, [encoded[r // num_samples] for r in range(rows)], spec,

@@ -83,10 +83,15 @@ class Speculation:
             raise UserError(f"gamma {self.gamma} is more than half the draft's context "
                             f"({self.draft.config.block_size} tokens)")
 
-    @property
-    def source(self) -> str:
-        """How the proposals are made, in words (for tables and logs)."""
-        return "draft model" if self.draft is not None else f"prompt lookup (n={self.lookup})"
+    def check(self, model: GPT, tokenizer: Tokenizer, spec: DecodingSpec, window: str, rows: int,
+              max_new_tokens: int, longest_prompt: int) -> None:
+        """`check_speculation` with this speculation (generate_events calls it)."""
+        check_speculation(model, tokenizer, spec, window, self, rows, max_new_tokens, longest_prompt)
+
+    def events(self, model: GPT, tokenizer: Tokenizer, prompts: list[list[int]], spec: DecodingSpec,
+               **options) -> Iterator[list[Event]]:
+        """`speculative_events` with this speculation (generate_events calls it)."""
+        return speculative_events(model, tokenizer, prompts, spec, self, **options)
 
 
 def speculation_problem(spec: DecodingSpec, window: str) -> str | None:
