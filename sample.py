@@ -21,6 +21,7 @@ such as ``top-p:p=0.9,t=0.8``.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import json
@@ -318,7 +319,9 @@ def run_generate(args: argparse.Namespace) -> None:
                 for event in step:
                     samples[event.row].add(event)
                     printer.show(event, samples[event.row])
-                bar.update()
+                # a speculative step releases several tokens for a row: the bar follows the furthest row
+                bar.update(max(collections.Counter(event.row for event in step).values(), default=0)
+                           if speculation is not None else 1)
         if args.explain:
             print_explanation(samples[0], tokenizer)
         if logprobs is not None:
