@@ -22,6 +22,7 @@ such as ``top-p:p=0.9,t=0.8``.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import json
@@ -46,6 +47,7 @@ from model.export import export_gpt2_folder
 from model.generate import (
     WINDOW_MODES, Event, Sample, encode_prompt, generate_events, long_prompt_note, new_samples,
 )
+from model.speculative import DEFAULT_GAMMA, Speculation, check_same_tokenizer
 from model.score import TextScore, score_tokens, token_byte_lengths, windows
 from model.strategy import (
     CHAIN_ORDERS, DEFAULT_ORDER, DecodingSpec, chain_order_text, parse_strategy_with_defaults, strategy_kind,
@@ -297,6 +299,38 @@ def add_generate_command(commands) -> None:
     parser.add_argument("--top", type=int, default=5, help="candidates per step for --explain and --logprobs")
     parser.add_argument("--logprobs", type=Path, help="write per-token log-probabilities and the top "
                         "alternatives to this file as JSON lines")
+    add_speculation_flags(parser)
+
+
+def add_speculation_flags(parser: argparse.ArgumentParser, serving: bool = False) -> None:
+    what = "each request's tokens" if serving else "the tokens"
+    parser.add_argument("--draft", help=f"speculative decoding: a smaller checkpoint with the same tokenizer "
+                        f"proposes {what}, the model checks them in one pass (the same distribution, faster)")
+    parser.add_argument("--prompt-lookup", type=int, metavar="N", help="speculative decoding without a draft: "
+                        "propose what followed the latest earlier occurrence of the last N tokens")
+    parser.add_argument("--speculate", type=int, metavar="GAMMA", help="tokens proposed per step with --draft or "
+                        f"--prompt-lookup (default {DEFAULT_GAMMA})")
+
+
+def speculation_from_args(args: argparse.Namespace, tokenizer: Tokenizer, device: torch.device) -> Speculation | None:
+    """The Speculation of --draft / --prompt-lookup / --speculate (None without them); the
+    draft is loaded here and must have the model's tokenizer."""
+    if args.draft is None and args.prompt_lookup is None:
+        if args.speculate is not None:
+            raise UserError("--speculate needs --draft or --prompt-lookup (what proposes the tokens)")
+        return None
+    if args.draft is not None and args.prompt_lookup is not None:
+        raise UserError("give either --draft or --prompt-lookup, not both")
+    if args.prompt_lookup is not None and args.prompt_lookup < 1:
+        raise UserError(f"--prompt-lookup must be >= 1, got {args.prompt_lookup}")
+    gamma = DEFAULT_GAMMA if args.speculate is None else args.speculate
+    if gamma < 1:
+        raise UserError(f"--speculate must be >= 1, got {gamma}")
+    if args.prompt_lookup is not None:
+        return Speculation(lookup=args.prompt_lookup, gamma=gamma)
+    draft, draft_tokenizer, _ = load_for_generation(args.draft, device)
+    check_same_tokenizer(tokenizer, draft_tokenizer, args.draft)
+    return Speculation(draft=draft, gamma=gamma)
 
 
 @torch.inference_mode()
@@ -310,7 +344,9 @@ def run_generate(args: argparse.Namespace) -> None:
     if wants_details and spec.is_beam:
         raise UserError("--explain and --logprobs follow one token at a time; they do not work with beam search")
     prompts = read_prompts(args)
-    model, tokenizer, _ = load_for_generation(args.checkpoint, resolve_device(args.device))
+    device = resolve_device(args.device)
+    model, tokenizer, _ = load_for_generation(args.checkpoint, device)
+    speculation = speculation_from_args(args, tokenizer, device)
     if args.explain and args.num_samples * len(prompts) > 1:
         raise UserError("--explain shows one sample: use one prompt and --num-samples 1")
     with contextlib.ExitStack() as files:
@@ -321,6 +357,7 @@ def run_generate(args: argparse.Namespace) -> None:
         events = generate_events(
             model, tokenizer, encoded, spec, max_new_tokens=args.max_new_tokens, num_samples=args.num_samples,
             seed=args.seed, stop=args.stop, window=args.window, top=args.top if wants_details else 0,
+            speculate=speculation,
         )
         samples = new_samples(len(prompts), args.num_samples)
         # A batch prints each sample whole when it ends: until then, a bar on a terminal says how far it is.
@@ -330,7 +367,9 @@ def run_generate(args: argparse.Namespace) -> None:
                 for event in step:
                     samples[event.row].add(event)
                     printer.show(event, samples[event.row])
-                bar.update()
+                # a speculative step releases several tokens for a row: the bar follows the furthest row
+                bar.update(max(collections.Counter(event.row for event in step).values(), default=0)
+                           if speculation is not None else 1)
         if args.explain:
             write_text(sys.stdout, f"{spec.label}: {' > '.join(spec.chain)} ({chain_order_text(spec.order)})\n")
             print_explanation(samples[0], tokenizer)
@@ -625,6 +664,7 @@ def add_serve_command(commands) -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of each model step; concurrent requests "
                         "already run side by side, and small models step fastest on one thread")
     parser.add_argument("--access-log", action="store_true", help="print one line per request")
+    add_speculation_flags(parser, serving=True)
 
 
 def run_serve(args: argparse.Namespace) -> None:
@@ -639,7 +679,9 @@ def run_serve(args: argparse.Namespace) -> None:
     if args.threads < 1:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
-    model, tokenizer, _ = load_for_generation(args.checkpoint, resolve_device(args.device))
+    device = resolve_device(args.device)
+    model, tokenizer, _ = load_for_generation(args.checkpoint, device)
+    speculation = speculation_from_args(args, tokenizer, device)
     sock = listen(args.host, args.port)
     if args.host not in LOOPBACK_HOSTS:
         print(f"warning: listening on {args.host}: anyone who can reach this machine can use the server; "
@@ -649,7 +691,7 @@ def run_serve(args: argparse.Namespace) -> None:
     print(f"serving {args.checkpoint} as '{settings.model_name}' at http://{host}:{port}/ "
           f"(API: http://{host}:{port}/v1); Ctrl-C stops", flush=True)
     try:
-        serve_forever(create_app(model, tokenizer, settings), sock, access_log=args.access_log)
+        serve_forever(create_app(model, tokenizer, settings, speculation), sock, access_log=args.access_log)
     except KeyboardInterrupt:  # uvicorn has already shut down cleanly, then passes Ctrl-C on
         pass
     print("stopped", file=sys.stderr)

@@ -421,6 +421,7 @@ def generate_events(
     stop: Sequence[str] = (),
     window: str = "exact",
     top: int = 0,
+    speculate: model.speculative.Speculation | None = None,  # not imported: that module builds on this one
 ) -> Iterator[list[Event]]:
     """The token loop as a stream: the events of each step (see `Event`), until every row
     has ended. The arguments are checked before this returns; stop iterating (or close
@@ -434,7 +435,9 @@ def generate_events(
     left the window), and a row draws exactly what it would draw alone with that seed.
     A row ends by the rule of `RowEnd`. ``top`` > 0 adds the ``top`` most likely tokens
     of every step to its events (``detail``). Beam search runs prompt by prompt and
-    releases each prompt's best beam in one step once it is found.
+    releases each prompt's best beam in one step once it is found. ``speculate`` makes
+    the tokens speculatively (model/speculative.py): the same distribution, several
+    tokens per row and step.
     """
     if max_new_tokens < 0:
         raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -458,6 +461,10 @@ def generate_events(
     encoded = [encode_prompt(tokenizer, p, name) for p, name in zip(prompts, names)]
     longest = max(len(ids) for ids in encoded)
     check_batch_memory(model, spec.num_beams if spec.is_beam else rows, max_new_tokens, longest)  # beams: per prompt
+    if speculate is not None:
+        speculate.check(model, tokenizer, spec, window, rows, max_new_tokens, longest)
+        return speculate.events(model, tokenizer, [encoded[r // num_samples] for r in range(rows)], spec,
+                                max_new_tokens=max_new_tokens, seed=seed, stop=stop, window=window, top=top)
     if spec.is_beam:
         return _beam_events(model, tokenizer, encoded, spec, max_new_tokens, stop, window)
     return _sampled_events(model, tokenizer, [encoded[r // num_samples] for r in range(rows)], spec,
@@ -508,7 +515,7 @@ def new_samples(num_prompts: int, num_samples: int) -> list[Sample]:
 def generate(model: GPT, tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]], spec: DecodingSpec, *,
              num_samples: int = 1, **options) -> list[Sample]:
     """Every sample of `generate_events` (the same arguments: max_new_tokens, seed, stop,
-    window, top), collected, in row order."""
+    window, top, speculate), collected, in row order."""
     events = generate_events(model, tokenizer, prompts, spec, num_samples=num_samples, **options)
     samples = new_samples(len(prompts), num_samples)  # after the checks: num_samples may be absurd
     for step in events:

@@ -121,6 +121,14 @@ class KVCache:
     def reset(self) -> None:
         self.length = 0
 
+    def rollback(self, length: int) -> None:
+        """Forget every position from ``length`` on: speculative decoding drops the keys and
+        values of the draft tokens the target rejected. The cache is indexed by position,
+        so this only shortens it; the next append overwrites what was there."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot roll a KV cache of {self.length} positions back to {length}")
+        self.length = length
+
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep, for each new row i, the cache of old row rows[i] (beam search's reshuffle)."""
         self.keys = self.keys.index_select(1, rows)

@@ -63,6 +63,7 @@ from model.errors import UserError
 from model.generate import MAX_SEED, Context, Event, TokenDetail, dry_breakers, encode_prompt, generate_events
 from model.score import forced_logprobs
 from model.gpt import GPT
+from model.speculative import Speculation, speculation_problem
 from model.strategy import DecodingSpec, is_number, is_whole, parse_strategy
 from model.tokenizer import Tokenizer
 
@@ -375,13 +376,18 @@ def _check_model(body: dict, settings: ServeSettings) -> None:
 # Generation: the library's event stream, in OpenAI's shape.
 
 
-def completion_events(model: GPT, tokenizer: Tokenizer, job: CompletionJob, window: str) -> Iterator[list[Event]]:
+def completion_events(model: GPT, tokenizer: Tokenizer, job: CompletionJob, window: str,
+                      speculation: Speculation | None = None) -> Iterator[list[Event]]:
     """`generate_events` for a job (rows prompt-major, row r seeded seed + r), or a
-    RequestError when generate refuses it (a batch too large for memory)."""
+    RequestError when generate refuses it (a batch too large for memory). With a
+    speculation, the strategies it keeps exact are decoded speculatively (the same
+    distribution), the others (beam search) plainly."""
+    if speculation is not None and speculation_problem(job.spec, window) is not None:
+        speculation = None
     try:
         return generate_events(model, tokenizer, job.prompts, job.spec, max_new_tokens=job.max_tokens,
                                num_samples=job.n, seed=job.seed, stop=job.stop, window=window,
-                               top=job.logprobs or 0)
+                               top=job.logprobs or 0, speculate=speculation)
     except UserError as error:
         raise RequestError(str(error)) from None
 
@@ -570,8 +576,12 @@ class _TicketedStream(StreamingResponse):
 class Server:
     """One model behind the HTTP endpoints (the state of one app; no globals)."""
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, settings: ServeSettings):
+    def __init__(self, model: GPT, tokenizer: Tokenizer, settings: ServeSettings,
+                 speculation: Speculation | None = None):
+        if speculation is not None and settings.window == "none":
+            raise UserError("speculative decoding rolls back the KV cache, and window none has no cache")
         self.model, self.tokenizer, self.settings = model.eval(), tokenizer, settings
+        self.speculation = speculation
         self.admission = Admission(settings.max_concurrent, settings.max_waiting)
         self.created = int(time.time())
         self.generated_tokens = 0  # for /health: shows that work stops when clients leave
@@ -641,7 +651,7 @@ class Server:
 
     async def completions(self, request: Request) -> Response:
         job = completion_job(await self._body(request), self.settings, self.tokenizer)
-        events = completion_events(self.model, self.tokenizer, job, self.settings.window)
+        events = completion_events(self.model, self.tokenizer, job, self.settings.window, self.speculation)
         ticket = self.admission.admit()
         completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if job.stream:
@@ -829,9 +839,11 @@ def _usage(job: CompletionJob, generated: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
 
 
-def create_app(model: GPT, tokenizer: Tokenizer, settings: ServeSettings) -> Starlette:
-    """The ASGI app serving ``model``; run it with uvicorn (see `serve_forever`)."""
-    return Server(model, tokenizer, settings).app()
+def create_app(model: GPT, tokenizer: Tokenizer, settings: ServeSettings,
+               speculation: Speculation | None = None) -> Starlette:
+    """The ASGI app serving ``model`` (completions made speculatively with ``speculation``,
+    see `completion_events`); run it with uvicorn (see `serve_forever`)."""
+    return Server(model, tokenizer, settings, speculation).app()
 
 
 def listen(host: str, port: int) -> socket.socket:

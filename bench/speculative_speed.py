@@ -1,0 +1,182 @@
+"""Speculative decoding's speed: plain decoding against a draft model and prompt lookup.
+
+    python bench/speculative_speed.py [--target out/shakespeare_char_large/best.pt]
+        [--draft out/shakespeare_char_draft/best.pt] [--tokens 200] [--gamma 4] [--lookup 3]
+        [--repeats 3] [--strategies greedy,sample] [--device cpu] [--out bench/results/speculative_speed.json]
+
+Batch 1, through `generate` (the events every reader gets). For each strategy, each
+repeat runs plain decoding, speculation with the draft and prompt lookup one after the
+other (alternating, same prompt, seed = repeat) and the table gives the median tokens/s
+of each and its ratio to plain. Then, untimed:
+
+* acceptance: the share of proposed tokens the target accepted and the mean tokens a
+  target pass released (accepted + its own), stepping the rows directly;
+* greedy exactness: whether greedy speculation gave plain greedy's tokens, token for token;
+* where the time goes: median ms of one plain decode step of the target, one verify
+  pass over gamma + 1 tokens, and one decode step of the draft, at the prompt's length.
+
+``--tiny`` builds two small random models instead of reading checkpoints: a smoke run of
+every measurement, not a measurement. The machine is shared: compare figures of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from model.checkpoint import load_for_generation
+from model.config import ModelConfig
+from model.generate import Context, generate
+from model.gpt import GPT
+from model.speculative import Speculation, SpeculativeRow, check_same_tokenizer
+from model.strategy import parse_strategy_with_defaults
+from model.tokenizer import CharTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "ROMEO:\nI will not speak of it; but, good my lord,\n"
+
+
+def tiny_models(device: str) -> tuple[GPT, GPT, CharTokenizer]:
+    tokenizer = CharTokenizer(sorted(set(PROMPT + "abcdefghijklmnopqrstuvwxyz")))
+    models = []
+    for seed, shape in ((0, dict(n_layer=2, n_head=2, n_embd=32)), (1, dict(n_layer=1, n_head=1, n_embd=16))):
+        torch.manual_seed(seed)
+        models.append(GPT(ModelConfig(vocab_size=tokenizer.vocab_size, block_size=64, dropout=0.0, **shape))
+                      .to(device).eval())
+    return models[0], models[1], tokenizer
+
+
+def timed(model, tokenizer, spec, tokens: int, seed: int, speculation) -> tuple[float, list[int]]:
+    """(tokens/s, the tokens) of one generation of at most ``tokens`` tokens."""
+    started = time.perf_counter()
+    sample = generate(model, tokenizer, [PROMPT], spec, max_new_tokens=tokens, seed=seed, speculate=speculation)[0]
+    return len(sample.tokens) / (time.perf_counter() - started), sample.tokens
+
+
+def acceptance(model, tokenizer, spec, speculation, tokens: int, seeds: range) -> dict:
+    """Proposed and accepted tokens and target passes over ``tokens`` tokens a seed
+    (end-of-text does not stop these rows)."""
+    proposed = accepted = passes = 0
+    for seed in seeds:
+        row = SpeculativeRow(model, tokenizer.encode(PROMPT), spec, speculation, seed, "exact", tokens,
+                             tokenizer.vocab_size)
+        made = 0
+        while made < tokens:
+            step = row.step(tokens - made)
+            made += len(step.tokens)
+            proposed, accepted, passes = proposed + step.proposed, accepted + step.accepted, passes + 1
+    return {"proposed": proposed, "accepted": accepted, "target_passes": passes,
+            "acceptance_rate": accepted / max(proposed, 1), "tokens_per_pass": (accepted + passes) / passes}
+
+
+@torch.inference_mode()
+def step_times(model: GPT, draft: GPT | None, tokenizer, gamma: int, repeats: int = 30) -> dict:
+    """Median ms of a target decode step, a target verify pass of gamma + 1 tokens, a draft decode step."""
+    prompt = tokenizer.encode(PROMPT)
+
+    def median_ms(run) -> float:
+        times = []
+        for _ in range(repeats):
+            context = Context(run[0], [prompt], gamma + 2, "exact")
+            context.next_logits()  # prefill, not timed
+            context.append(torch.tensor([prompt[-1]], device=context.tokens.device))
+            started = time.perf_counter()
+            run[1](context)
+            times.append(time.perf_counter() - started)
+        return 1000 * statistics.median(times)
+
+    def verify(context: Context) -> None:
+        for token in prompt[:gamma]:
+            context.append(torch.tensor([token], device=context.tokens.device))
+        context.model(context.tokens[:, context.length - gamma - 1 : context.length], cache=context.cache)
+
+    result = {"target_step_ms": median_ms((model, Context.next_logits)),
+              f"target_verify_{gamma + 1}_tokens_ms": median_ms((model, verify))}
+    if draft is not None:
+        result["draft_step_ms"] = median_ms((draft, Context.next_logits))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--target", type=Path, default=ROOT / "out" / "shakespeare_char_large" / "best.pt",
+                        help="the model's checkpoint")
+    parser.add_argument("--draft", type=Path, default=ROOT / "out" / "shakespeare_char_draft" / "best.pt",
+                        help="the draft's checkpoint (the same tokenizer)")
+    parser.add_argument("--tokens", type=int, default=200, help="new tokens per generation")
+    parser.add_argument("--gamma", type=int, default=4, help="proposal tokens per step")
+    parser.add_argument("--lookup", type=int, default=3, help="prompt lookup's n-gram size")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each side per strategy; medians reported")
+    parser.add_argument("--strategies", default="greedy,sample", help="strategy specs, comma-separated "
+                        "(a spec with commas of its own: use ';' between specs)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--tiny", action="store_true", help="two small random models instead of the checkpoints: "
+                        "a smoke run of every measurement, not a measurement")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "speculative_speed.json")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if args.tiny:
+        model, draft, tokenizer = tiny_models(args.device)
+    else:
+        model, tokenizer, _ = load_for_generation(args.target, device)
+        draft, draft_tokenizer, _ = load_for_generation(args.draft, device)
+        check_same_tokenizer(tokenizer, draft_tokenizer, str(args.draft))
+    sides = {"plain": None, "draft": Speculation(draft=draft, gamma=args.gamma),
+             "prompt lookup": Speculation(lookup=args.lookup, gamma=args.gamma)}
+    separator = ";" if ";" in args.strategies else ","
+    specs = {text: parse_strategy_with_defaults(text) for text in args.strategies.split(separator)}
+    print(f"target {model.summary()}\ndraft {draft.summary()}\nbatch 1, {args.tokens} tokens, gamma {args.gamma}, "
+          f"lookup n={args.lookup}, {torch.get_num_threads()} threads, {args.repeats} repeats", flush=True)
+
+    results = {}
+    for name, spec in specs.items():
+        timed(model, tokenizer, spec, 8, 0, None)  # warm up
+        rates, texts = {side: [] for side in sides}, {}
+        for repeat in range(args.repeats):
+            for side, speculation in sides.items():
+                rate, tokens = timed(model, tokenizer, spec, args.tokens, repeat, speculation)
+                rates[side].append(rate)
+                texts.setdefault(side, tokens)
+        medians = {side: statistics.median(values) for side, values in rates.items()}
+        accepted = {side: acceptance(model, tokenizer, spec, speculation, args.tokens, range(args.repeats))
+                    for side, speculation in sides.items() if speculation is not None}
+        results[name] = {"tokens_per_s": medians, "runs": rates, "acceptance": accepted,
+                         "speedup": {side: medians[side] / medians["plain"] for side in sides}}
+        if spec.is_greedy:
+            results[name]["greedy_equals_plain"] = {side: texts[side] == texts["plain"] for side in sides}
+        print(f"{name}: " + ", ".join(f"{side} {medians[side]:.1f} tokens/s ({medians[side] / medians['plain']:.2f}x)"
+                                      for side in sides), flush=True)
+
+    times = step_times(model, draft, tokenizer, args.gamma)
+    print("\n| strategy | side | tokens/s | x plain | acceptance rate | tokens per target pass |\n|---|---|---|---|---|---|")
+    for name, row in results.items():
+        for side in sides:
+            figures = row["acceptance"].get(side)
+            rate = f"{figures['acceptance_rate']:.1%}" if figures else "-"
+            per_pass = f"{figures['tokens_per_pass']:.2f}" if figures else "1"
+            print(f"| {name} | {side} | {row['tokens_per_s'][side]:.1f} | {row['speedup'][side]:.2f} | {rate} | "
+                  f"{per_pass} |")
+    for name, row in results.items():
+        if "greedy_equals_plain" in row:
+            print(f"{name}: the same tokens as plain decoding: {row['greedy_equals_plain']}")
+    print("where the time goes: " + ", ".join(f"{key} {value:.2f}" for key, value in times.items()))
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "target": model.summary(), "draft": draft.summary(), "tiny": args.tiny, "batch_size": 1,
+        "tokens": args.tokens, "gamma": args.gamma, "lookup": args.lookup, "device": args.device,
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(), "repeats": args.repeats,
+        "results": results, "step_times": times,
+    }, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,393 @@
+"""Speculative decoding (model/speculative.py) against plain decoding: greedy token for
+token, and the sampled distribution of the first tokens against the exact one, worked
+out here by enumerating every continuation with uncached forward passes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from model import speculative
+from model.config import ModelConfig
+from model.decoding import process_logits
+from model.errors import UserError
+from model.generate import generate
+from model.gpt import GPT, KVCache
+from model.speculative import Speculation, SpeculativeRow, check_same_tokenizer, lookup_continuation
+from model.strategy import DecodingSpec
+from model.tokenizer import CharTokenizer
+from tests.conftest import ROOT, one_line_error, run_cli
+
+TOKENIZER = CharTokenizer("abcdefghijklmnopqrstuvwxyz .,\n")
+GREEDY = DecodingSpec(temperature=0)
+
+
+def random_model(seed: int, vocab: int = TOKENIZER.vocab_size, scale: float = 1.0, dtype=torch.float64,
+                 **shape) -> GPT:
+    """A random model; ``scale`` multiplies the (tied) embedding, so the logits spread
+    (at init they are nearly equal, and every distribution nearly uniform)."""
+    torch.manual_seed(seed)
+    values = dict(block_size=32, n_layer=2, n_head=2, n_embd=16) | shape
+    model = GPT(ModelConfig(vocab_size=vocab, dropout=0.0, **values)).eval().to(dtype)
+    with torch.no_grad():
+        model.wte.weight.mul_(scale)
+    return model
+
+
+@pytest.mark.parametrize("window", ["exact", "shift"])
+@pytest.mark.parametrize("source", ["random draft", "identical draft", "small draft", "prompt lookup"])
+def test_greedy_speculation_gives_plain_greedys_tokens(source, window):
+    target = random_model(0, scale=8)
+    speculation = {
+        "random draft": Speculation(draft=random_model(1, scale=8), gamma=3),
+        "identical draft": Speculation(draft=target, gamma=4),
+        "small draft": Speculation(draft=random_model(2, scale=8, n_layer=1, n_embd=8, block_size=16), gamma=5),
+        "prompt lookup": Speculation(lookup=2, gamma=3),
+    }[source]
+    prompts = ["the cat sat on the mat. the cat", "a", "z" * 40]  # the last is longer than the window
+    options = dict(max_new_tokens=50, window=window, stop=["xq"])
+    plain = generate(target, TOKENIZER, prompts, GREEDY, **options)
+    spec = generate(target, TOKENIZER, prompts, GREEDY, speculate=speculation, **options)
+    for a, b in zip(plain, spec):
+        assert b.tokens == a.tokens and b.text == a.text and b.finish == a.finish
+        assert b.logprobs == pytest.approx(a.logprobs, abs=1e-9)
+
+
+def test_greedy_speculation_follows_the_penalties_position_by_position():
+    # A repetition penalty changes the target's argmax once a proposed token is seen: a
+    # proposal checked with the penalty state of the step's start would be accepted wrongly.
+    target = random_model(0, scale=8)
+    spec = DecodingSpec(temperature=0, repetition_penalty=3.0, frequency_penalty=1.0)
+    plain = generate(target, TOKENIZER, ["abc"], spec, max_new_tokens=40)[0]
+    for speculation in (Speculation(draft=random_model(1, scale=8), gamma=4), Speculation(draft=target),
+                        Speculation(lookup=1, gamma=4)):
+        assert generate(target, TOKENIZER, ["abc"], spec, max_new_tokens=40,
+                        speculate=speculation)[0].tokens == plain.tokens
+
+
+def test_an_identical_draft_has_every_proposal_accepted_when_sampling():
+    target = random_model(0, scale=4)
+    spec = DecodingSpec(temperature=0.9, top_k=10, repetition_penalty=1.3)
+    row = SpeculativeRow(target, TOKENIZER.encode("hello"), spec, Speculation(draft=target, gamma=4), seed=3,
+                         window="exact", max_new_tokens=25, vocab=TOKENIZER.vocab_size)
+    steps = [row.step(25 - 5 * i) for i in range(5)]
+    assert [(s.proposed, s.accepted) for s in steps] == [(4, 4)] * 5
+    assert row.context.length == 5 + 25
+
+
+def test_details_of_speculative_tokens_are_those_of_plain_decoding():
+    target = random_model(0, scale=8)
+    plain = generate(target, TOKENIZER, ["ab"], GREEDY, max_new_tokens=12, top=3)[0]
+    spec = generate(target, TOKENIZER, ["ab"], GREEDY, max_new_tokens=12, top=3,
+                    speculate=Speculation(draft=random_model(1, scale=8)))[0]
+    assert len(spec.details) == 12
+    for a, b in zip(plain.details, spec.details):
+        assert b.token == a.token and [t for t, _, _ in b.top] == [t for t, _, _ in a.top]
+        assert b.filtered_logprob == pytest.approx(a.filtered_logprob, abs=1e-9)
+
+
+# ----------------------------------------------------------------------------------------
+# The sampled distribution.
+
+SMALL = CharTokenizer("abc")  # 4 tokens with end-of-text (id 3): 4 + 16 + 64 continuations of 3 tokens
+PROMPT = [0, 1]
+NEW = 3
+
+
+def exact_continuations(model: GPT, spec: DecodingSpec) -> dict[tuple[int, ...], float]:
+    """The probability of every continuation of PROMPT of NEW tokens (shorter when it
+    reaches end-of-text) under plain decoding's rule: at each position, the softmax of
+    `process_logits` with seen = prompt and output so far, counts = the output's tokens,
+    from an uncached forward pass over the whole sequence."""
+    vocab = SMALL.vocab_size
+    result = {}
+
+    def walk(output: tuple[int, ...], probability: float) -> None:
+        if len(output) == NEW or (output and output[-1] == SMALL.eot_id):
+            result[output] = result.get(output, 0.0) + probability
+            return
+        ids = torch.tensor([PROMPT + list(output)])
+        with torch.no_grad():
+            logits = model(ids)[0][:, -1].double()
+        seen = torch.zeros(1, vocab, dtype=torch.bool)
+        seen[0, PROMPT + list(output)] = True
+        counts = torch.zeros(1, vocab, dtype=torch.float64)
+        for token in output:
+            counts[0, token] += 1
+        probs = torch.softmax(process_logits(logits, spec, seen=seen, counts=counts), dim=-1)[0]
+        for token in range(vocab):
+            if probs[token] > 0:
+                walk(output + (token,), probability * float(probs[token]))
+
+    walk((), 1.0)
+    return result
+
+
+def chi_squared(counts: dict[tuple[int, ...], int], expected: dict[tuple[int, ...], float], n: int) -> tuple[float, int]:
+    """Pearson's statistic and its degrees of freedom; continuations expected fewer than 5
+    times are pooled into one cell (an outcome of probability 0 that occurs counts as inf)."""
+    if set(counts) - set(expected):
+        return math.inf, 1
+    cells, pooled_expected, pooled_seen = [], 0.0, 0
+    for outcome, p in expected.items():
+        if n * p >= 5:
+            cells.append((counts.get(outcome, 0), n * p))
+        else:
+            pooled_expected += n * p
+            pooled_seen += counts.get(outcome, 0)
+    if pooled_expected > 0:
+        cells.append((pooled_seen, pooled_expected))
+    return sum((seen - e) ** 2 / e for seen, e in cells), len(cells) - 1
+
+
+def chi_squared_critical(df: int, z: float = 3.719) -> float:
+    """The chi-squared quantile at the normal quantile z (3.719: a 1e-4 chance of a larger
+    statistic when the distributions agree), by Wilson and Hilferty's cube-root approximation."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def sampled_continuations(target: GPT, spec: DecodingSpec, speculation: Speculation | None, n: int):
+    samples = generate(target, SMALL, [PROMPT], spec, num_samples=n, max_new_tokens=NEW, seed=11,
+                       speculate=speculation)
+    counts: dict[tuple[int, ...], int] = {}
+    for sample in samples:
+        counts[tuple(sample.tokens)] = counts.get(tuple(sample.tokens), 0) + 1
+    return counts
+
+
+DISTRIBUTION_CASES = {
+    "sampling, draft": (DecodingSpec(), "draft"),
+    "top-k, penalties, draft": (DecodingSpec(temperature=0.9, top_k=3, repetition_penalty=1.6,
+                                             frequency_penalty=0.7), "draft"),
+    "top-p, prompt lookup": (DecodingSpec(top_p=0.9, presence_penalty=0.5), "lookup"),
+}
+
+
+def small_pair():
+    """A target and a draft that disagrees with it often (different random weights)."""
+    target = random_model(0, vocab=SMALL.vocab_size, scale=6, block_size=8, n_layer=1, n_head=1, n_embd=8)
+    draft = random_model(5, vocab=SMALL.vocab_size, scale=6, block_size=8, n_layer=1, n_head=1, n_embd=8)
+    return target, draft
+
+
+def check_distribution(case: str, n: int) -> tuple[float, float]:
+    spec, source = DISTRIBUTION_CASES[case]
+    target, draft = small_pair()
+    speculation = Speculation(draft=draft, gamma=2) if source == "draft" else Speculation(lookup=1, gamma=2)
+    statistic, df = chi_squared(sampled_continuations(target, spec, speculation, n),
+                                exact_continuations(target, spec), n)
+    return statistic, chi_squared_critical(df)
+
+
+def test_speculative_sampling_draws_the_first_three_tokens_from_plain_samplings_distribution():
+    statistic, critical = check_distribution("top-k, penalties, draft", 800)
+    assert statistic < critical
+
+
+@pytest.mark.slow  # 2,000 generations of one row each per case: about 4 s a case
+@pytest.mark.parametrize("case", DISTRIBUTION_CASES)
+def test_every_proposal_source_keeps_the_distribution(case):
+    statistic, critical = check_distribution(case, 2000)
+    assert statistic < critical
+
+
+def test_the_exact_distribution_is_what_plain_sampling_draws():
+    # the enumeration above is the truth the speculative tests are held to: plain
+    # sampling (generate without speculation) must pass it too
+    target, _ = small_pair()
+    spec = DISTRIBUTION_CASES["top-k, penalties, draft"][0]
+    n = 3000
+    statistic, df = chi_squared(sampled_continuations(target, spec, None, n), exact_continuations(target, spec), n)
+    assert statistic < chi_squared_critical(df)
+
+
+def resample_from_p(p, q, proposal, generator):
+    """A broken acceptance rule: on rejection it draws from p instead of the residual."""
+    for i, token in enumerate(proposal):
+        u = torch.rand((), dtype=torch.float64, generator=generator)
+        if u * q[i, token] >= p[i, token]:
+            return i, speculative._draw(p[i], generator)
+    return len(proposal), speculative._draw(p[len(proposal)], generator)
+
+
+def always_accept(p, q, proposal, generator):
+    """Another broken rule: the draft's tokens are taken as they come."""
+    return len(proposal), speculative._draw(p[len(proposal)], generator)
+
+
+@pytest.mark.parametrize("broken", [resample_from_p, always_accept])
+def test_a_broken_acceptance_rule_fails_the_distribution_test(monkeypatch, broken):
+    monkeypatch.setattr(speculative, "accept", broken)
+    statistic, critical = check_distribution("top-k, penalties, draft", 800)
+    assert statistic > critical
+
+
+# ----------------------------------------------------------------------------------------
+# The pieces.
+
+
+@pytest.mark.parametrize("history, n, g, expected", [
+    ("abcxabcy" + "abc", 3, 4, "yabc"),  # the latest earlier occurrence wins, and overlapping the tail is fine
+    ("abcxab", 2, 3, "cxa"),
+    ("aaaa", 2, 5, "a"),  # the occurrence at index 1 overlaps the tail; one token follows it
+    ("abcd", 2, 3, ""),  # "cd" never occurred before
+    ("ab", 2, 3, ""),  # nothing before the n-gram
+    ("abab", 1, 1, "a"),
+])
+def test_prompt_lookup_proposes_what_followed_the_latest_occurrence(history, n, g, expected):
+    ids = torch.tensor(TOKENIZER.encode(history))
+    assert TOKENIZER.decode(lookup_continuation(ids, n, g)) == expected
+
+
+def test_a_rolled_back_cache_continues_like_a_fresh_one():
+    model = random_model(0, scale=4)
+    tokens = torch.tensor([[1, 2, 3, 4, 5, 6, 7]])
+    cache = KVCache(model.config, 1, 32, "cpu", torch.float64)
+    with torch.no_grad():
+        model(tokens[:, :3], cache=cache)
+        model(torch.tensor([[9, 9]]), cache=cache)  # two tokens that get rejected
+        cache.rollback(3)
+        rolled = model(tokens[:, 3:], cache=cache)[0]
+        fresh = model(tokens)[0][:, 3:]
+    assert cache.length == 7
+    assert torch.allclose(rolled, fresh, atol=1e-10)
+    with pytest.raises(ValueError, match="cannot roll"):
+        cache.rollback(8)
+
+
+@dataclasses.dataclass(frozen=True)
+class StatefulSpec(DecodingSpec):
+    """A spec as the stateful samplers (mirostat) will mark theirs."""
+
+    @property
+    def is_stateful(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("spec, window, message", [
+    (DecodingSpec(num_beams=2), "exact", "beam search"),
+    (StatefulSpec(), "exact", "carries state"),
+    (DecodingSpec(), "none", "window none has no cache"),
+])
+def test_what_cannot_be_speculated_exactly_is_refused(spec, window, message):
+    target = random_model(0)
+    with pytest.raises(UserError, match=message):
+        generate(target, TOKENIZER, ["ab"], spec, max_new_tokens=4, window=window,
+                 speculate=Speculation(draft=random_model(1)))
+
+
+def test_bad_speculation_settings_are_refused():
+    with pytest.raises(UserError, match="one proposal source"):
+        Speculation()
+    with pytest.raises(UserError, match="one proposal source"):
+        Speculation(draft=random_model(1), lookup=2)
+    with pytest.raises(UserError, match="gamma >= 1"):
+        Speculation(lookup=2, gamma=0)
+    with pytest.raises(UserError, match="more than half the draft's context"):
+        Speculation(draft=random_model(1, block_size=8), gamma=5)
+    with pytest.raises(UserError, match="fewer than the tokenizer's"):
+        generate(random_model(0), TOKENIZER, ["ab"], GREEDY, max_new_tokens=4,
+                 speculate=Speculation(draft=random_model(1, vocab=10)))
+    with pytest.raises(UserError, match="another tokenizer"):
+        check_same_tokenizer(TOKENIZER, SMALL, "d.pt")
+    check_same_tokenizer(TOKENIZER, CharTokenizer("abcdefghijklmnopqrstuvwxyz .,\n"), "d.pt")
+
+
+# ----------------------------------------------------------------------------------------
+# The command line.
+
+
+def test_generate_with_a_draft_or_prompt_lookup_prints_plain_greedys_text(tiny_checkpoint, capsys):
+    import sample
+
+    common = [str(tiny_checkpoint), "--strategy", "greedy", "--prompt", "The quick", "--max-new-tokens", "40",
+              "--device", "cpu"]
+    assert sample.main(common) == 0
+    plain = capsys.readouterr().out
+    for extra in (["--draft", str(tiny_checkpoint), "--speculate", "3"], ["--prompt-lookup", "2"]):
+        assert sample.main([*common, *extra]) == 0
+        assert capsys.readouterr().out == plain
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--speculate", "3"], "--speculate needs --draft or --prompt-lookup"),
+    (["--prompt-lookup", "2", "--draft", "D"], "either --draft or --prompt-lookup"),
+    (["--prompt-lookup", "2", "--strategy", "beam"], "cannot speculate: beam search"),
+    (["--prompt-lookup", "0"], "--prompt-lookup must be >= 1"),
+    (["--prompt-lookup", "2", "--speculate", "0"], "--speculate must be >= 1"),
+])
+def test_generate_refuses_bad_speculation_flags_in_one_line(tiny_checkpoint, capsys, extra, message):
+    import sample
+
+    capsys.readouterr()
+    assert sample.main([str(tiny_checkpoint), "--max-new-tokens", "5", "--device", "cpu", *extra]) == 2
+    assert message in one_line_error(capsys.readouterr().err)
+
+
+def test_generate_refuses_a_draft_with_another_tokenizer(tiny_checkpoint, tmp_path):
+    # one command in a fresh process, as a user runs it: the draft is a checkpoint of another corpus
+    from model.checkpoint import read_checkpoint
+    from model.tokenizer import tokenizer_from_state
+
+    checkpoint = read_checkpoint(tiny_checkpoint)
+    assert tokenizer_from_state(checkpoint.tokenizer).state() != SMALL.state()
+    other = tmp_path / "other.pt"
+    saved = torch.load(tiny_checkpoint, weights_only=True)
+    saved["tokenizer"] = SMALL.state()
+    torch.save(saved, other)
+    result = run_cli("sample.py", str(tiny_checkpoint), "--draft", str(other), "--max-new-tokens", "5")
+    assert "has another tokenizer" in one_line_error(result)
+
+
+def test_the_server_with_a_draft_completes_as_plain_greedy(loaded):
+    import sys
+    sys.path.insert(0, str(ROOT / "tests"))
+    from live_server import LiveServer
+    from model.serve import ServeSettings, create_app
+
+    model, tokenizer = loaded
+    expected = generate(model, tokenizer, ["The quick"], GREEDY, max_new_tokens=30)[0].text
+    app = create_app(model, tokenizer, ServeSettings("tiny", max_tokens=64), Speculation(draft=model, gamma=3))
+    with LiveServer(app) as live:
+        client = live.client()
+        greedy = client.completions.create(model="tiny", prompt="The quick", max_tokens=30, temperature=0)
+        streamed = "".join(chunk.choices[0].text for chunk in client.completions.create(
+            model="tiny", prompt="The quick", max_tokens=30, temperature=0, stream=True))
+        beam = client.completions.create(model="tiny", prompt="The quick", max_tokens=5,
+                                         extra_body={"strategy": "beam:n=2"})  # not speculative: decoded plainly
+    assert greedy.choices[0].text == expected
+    assert streamed == expected
+    assert beam.choices[0].finish_reason in ("length", "stop")
+
+
+def test_speculative_speed_bench_runs(tmp_path):
+    out = tmp_path / "speculative_speed.json"
+    result = run_cli("bench/speculative_speed.py", "--tiny", "--tokens", "24", "--repeats", "1", "--out", str(out),
+                     timeout=120)
+    assert result.returncode == 0, result.stderr
+    saved = json.loads(out.read_text())
+    greedy = saved["results"]["greedy"]
+    assert greedy["greedy_equals_plain"] == {"plain": True, "draft": True, "prompt lookup": True}
+    assert set(greedy["tokens_per_s"]) == {"plain", "draft", "prompt lookup"}
+    assert all(rate > 0 for rate in greedy["tokens_per_s"].values())
+    figures = saved["results"]["sample"]["acceptance"]["draft"]
+    assert 0 <= figures["accepted"] <= figures["proposed"] and figures["target_passes"] > 0
+
+
+@pytest.mark.slow  # trains two small models and runs two benches: about 20 s
+@pytest.mark.skipif(not (ROOT.parent / "shared" / "data" / "tinyshakespeare.txt").exists(),
+                    reason="needs ../shared/data/tinyshakespeare.txt")
+def test_gpu_check_runs_through_on_the_cpu():
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run(["bench/gpu_check.sh", "--cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHON": sys.executable})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "the same tokens as plain decoding: {'plain': True, 'draft': True, 'prompt lookup': True}" in result.stdout
+    assert "== done" in result.stdout
