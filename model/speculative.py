@@ -98,9 +98,9 @@ def speculation_problem(spec: DecodingSpec, window: str) -> str | None:
     """Why ``spec`` cannot be decoded speculatively with this window mode, or None."""
     if spec.is_beam:
         return "beam search keeps several continuations; speculative decoding checks one"
-    # The one check for samplers whose state depends on the sampled token (mirostat):
-    # DecodingSpec.is_stateful comes with them; until then no spec has such state.
-    if getattr(spec, "is_stateful", False):
+    # Mirostat's mu, XTC's coin and DRY's history depend on the tokens sampled so far in a
+    # way the acceptance rule does not replay position by position.
+    if spec.is_stateful:
         return f"{spec.label} carries state from token to token, so no proposal can be accepted exactly"
     if window == "none":
         return "speculative decoding rolls back the KV cache, and window none has no cache"
