@@ -165,9 +165,11 @@ def test_top_n_sigma_keeps_the_same_set_at_every_temperature(logits, n, t, order
 # top-H
 
 
-def reference_top_h(row: list[float], top_h: float, candidates: int = 100) -> set[int]:
+def reference_top_h(row: list[float], top_h: float, candidates: int = 100) -> set[int] | None:
     """transformers' TopHLogitsWarper in plain Python: among the 100 most likely tokens,
-    renormalised, keep the prefix whose partial entropy is <= top_h * their entropy."""
+    renormalised, keep the prefix whose partial entropy is <= top_h * their entropy.
+    None when a partial entropy is within 1e-9 (relative) of the bound: there the order
+    of the float64 additions decides, and the two sums may rightly disagree."""
     ranked = sorted(range(len(row)), key=lambda i: (-row[i], i))[:candidates]
     q = softmax64([row[i] for i in ranked])
     terms = [-p * math.log(p) if p > 0 else 0.0 for p in q]
@@ -175,6 +177,8 @@ def reference_top_h(row: list[float], top_h: float, candidates: int = 100) -> se
     keep, partial = {ranked[0]}, 0.0
     for index, term in zip(ranked, terms):
         partial += term
+        if abs(partial - tau) <= 1e-9 * tau:
+            return None
         if partial <= tau:
             keep.add(index)
     return keep
@@ -203,7 +207,9 @@ def test_top_h_looks_at_the_100_most_likely_tokens_only():
 def test_top_h_matches_the_reference(logits, top_h):
     out = top_h_filter(logits, top_h)
     for row, row_out in zip(logits.double().tolist(), out):
-        assert kept(row_out) == reference_top_h(row, top_h)
+        expected = reference_top_h(row, top_h)
+        if expected is not None:
+            assert kept(row_out) == expected
 
 
 # ----------------------------------------------------------------------------------------
