@@ -1,4 +1,4 @@
-"""How long a decoding sweep takes: the default 5 families x 6 settings, judged.
+"""How long a decoding sweep takes: the default grid (each family x 6 settings), judged.
 
     python bench/sweep_speed.py out/shakespeare_char/best.pt --judge out/shakespeare_char_large/best.pt
     python bench/sweep_speed.py CKPT --out bench/results/sweep_speed.json
