@@ -20,12 +20,16 @@ from model.sweep import (
 # ----------------------------------------------------------------------------- grids
 
 
-def test_default_sweep_is_five_families_of_six_settings_with_temperature_alone():
+def test_default_sweep_is_twelve_families_of_six_settings_with_temperature_alone():
     sweep = parse_sweep("default")
-    assert list(sweep) == ["temperature", "top-k", "top-p", "min-p", "typical"]
-    assert [len(specs) for specs in sweep.values()] == [6] * 5
+    assert list(sweep) == ["temperature", "top-k", "top-p", "min-p", "typical", "eta", "epsilon", "top-n-sigma",
+                           "top-h", "mirostat", "xtc", "dry"]
+    assert [len(specs) for specs in sweep.values()] == [6] * 12
     assert all(spec.top_k is spec.top_p is spec.min_p is spec.typical_p is None for spec in sweep["temperature"])
-    assert len(flatten(sweep)) == 30 and parse_sweep("") == sweep
+    # each family's settings are that family's sampler (its compact name), never plain sampling
+    assert all(spec.label.startswith(family + ":") for family, specs in sweep.items() if family != "temperature"
+               for spec in specs)
+    assert len(flatten(sweep)) == 72 and parse_sweep("") == sweep
 
 
 def test_compact_sweep_is_the_product_of_the_values_first_knob_slowest():
