@@ -619,7 +619,7 @@ def choose_tokens(
     """Pick one token per row of `process_logits` output (shape (B, V)); returns a LongTensor (B,).
 
     Greedy specs take the argmax (ties to the lowest id). Otherwise each row is sampled
-    once from softmax(logits). With `generators` (one torch.Generator per row, on the
+    once from softmax(logits) (`draw_tokens`). With `generators` (one torch.Generator per row, on the
     logits' device) row b draws only from generators[b], so its token depends on its own
     logits and seed and never on the other rows of the batch; without them the global
     RNG is used. Beam specs raise ValueError: the generation loop chooses beams.
@@ -630,14 +630,28 @@ def choose_tokens(
         raise ValueError(f"choose_tokens expects logits of shape (B, V), got {tuple(logits.shape)}")
     if spec.is_greedy:
         return greedy_tokens(logits)
-    probs = sampling_distribution(logits, spec)
-    if generators is None:
-        return torch.multinomial(probs, num_samples=1).squeeze(-1)
-    if len(generators) != probs.shape[0]:
+    return draw_tokens(sampling_distribution(logits, spec), generators)
+
+
+def draw_tokens(probs: torch.Tensor, generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
+    """One token id per row of ``probs`` (B, V; each row's probabilities sum to 1 up to
+    rounding), drawn by inverse transform sampling: with one uniform u per row, the first
+    token whose cumulative probability (float64) exceeds u times the row's total. Row b's
+    u comes from generators[b] (one per row, on the probabilities' device), else from the
+    global RNG. A token of probability 0 is never drawn. Exact up to float64 rounding, and
+    one random number a row, where torch.multinomial draws one per token (bench/README.md:
+    the bandwidth floor)."""
+    if generators is not None and len(generators) != probs.shape[0]:
         raise ValueError(f"got {len(generators)} generators for {probs.shape[0]} rows; pass one per row")
-    return torch.cat(
-        [torch.multinomial(row, num_samples=1, generator=generator) for row, generator in zip(probs, generators)]
-    )
+    cumulative = torch.cumsum(probs.double(), dim=-1)
+    if generators is None:
+        u = torch.rand(probs.shape[0], dtype=torch.float64, device=probs.device)
+    else:
+        u = torch.stack([torch.rand((), dtype=torch.float64, device=probs.device, generator=g) for g in generators])
+    total = cumulative[:, -1]
+    # strictly below the total, so that the token found always has probability > 0
+    targets = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cumulative, targets[:, None], right=True).squeeze(-1)
 
 
 def sampling_distribution(processed: torch.Tensor, spec: DecodingSpec, dtype: torch.dtype = torch.float32) -> torch.Tensor:

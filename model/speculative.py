@@ -47,7 +47,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from model.decoding import PenaltyState, sampling_distribution
+from model.decoding import PenaltyState, draw_tokens, sampling_distribution
 from model.errors import UserError
 from model.generate import Context, Event, RowEnd, Step, _token_details, check_batch_memory, prefill
 from model.gpt import GPT
@@ -159,7 +159,7 @@ def accept(p: torch.Tensor, q: torch.Tensor, proposal: Sequence[int], generator:
 
 
 def _draw(probs: torch.Tensor, generator: torch.Generator) -> int:
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return int(draw_tokens(probs[None], [generator])[0])
 
 
 # ----------------------------------------------------------------------------------------

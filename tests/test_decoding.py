@@ -25,6 +25,7 @@ from model.decoding import (
     apply_repetition_penalty,
     apply_temperature,
     choose_tokens,
+    draw_tokens,
     epsilon_filter,
     eta_filter,
     greedy_tokens,
@@ -648,6 +649,37 @@ def test_cuda_matches_cpu_on_ties():
 # What the strategy samples from, the vocabulary mask, the penalty state.
 
 
+def inverse_transform(probs: list[float], u: float) -> int:
+    """The token that inverse transform sampling picks for the uniform u, in plain Python:
+    the first whose running total (float64, in order) exceeds u times the whole total."""
+    total = 0.0
+    for p in probs:
+        total += p
+    running = 0.0
+    for token, p in enumerate(probs):
+        running += p
+        if running > u * total:
+            return token
+    return max(token for token, p in enumerate(probs) if p > 0)
+
+
+def test_draw_tokens_follows_the_distribution_and_never_draws_a_zero():
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0]])
+    generator = torch.Generator().manual_seed(0)
+    draws = [int(draw_tokens(probs, [generator])[0]) for _ in range(6000)]
+    counts = [draws.count(token) for token in range(5)]
+    assert counts[1] == counts[4] == 0
+    expected = [6000 * p for p in (0.5, 0.3, 0.2)]
+    chi2 = sum((c - e) ** 2 / e for c, e in zip([counts[0], counts[2], counts[3]], expected))
+    assert chi2 < 13.82  # chi-squared, 2 degrees of freedom, p = 0.001
+    # rows draw from their own generators only: the same seed, the same token, whatever the batch
+    batch = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0]])
+    seeded = draw_tokens(batch, [torch.Generator().manual_seed(7), torch.Generator().manual_seed(8)])
+    assert seeded[0] == draw_tokens(batch[:1], [torch.Generator().manual_seed(7)])[0] and seeded[1] == 4
+    with pytest.raises(ValueError, match="one per row"):
+        draw_tokens(batch, [generator])
+
+
 @FAST
 @given(logits=logits_batches(), k=st.integers(1, 5))
 def test_sampling_distribution_is_what_choose_tokens_draws_from(logits, k):
@@ -663,8 +695,9 @@ def test_sampling_distribution_is_what_choose_tokens_draws_from(logits, k):
         assert row_probs.tolist() == pytest.approx(expected, abs=1e-12)
     # choose_tokens draws from it: the same generator draws the same token from it by hand
     drawn = choose_tokens(processed, spec, [torch.Generator().manual_seed(b) for b in range(logits.size(0))])
-    by_hand = [torch.multinomial(sampling_distribution(processed[b : b + 1], spec)[0], 1,
-                                 generator=torch.Generator().manual_seed(b)).item() for b in range(logits.size(0))]
+    by_hand = [inverse_transform(sampling_distribution(processed[b : b + 1], spec)[0].tolist(),
+                                 torch.rand((), dtype=torch.float64, generator=torch.Generator().manual_seed(b)).item())
+               for b in range(logits.size(0))]
     assert drawn.tolist() == by_hand
     with pytest.raises(ValueError, match="beam"):
         sampling_distribution(logits, DecodingSpec(num_beams=2))
