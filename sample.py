@@ -434,9 +434,9 @@ def add_compare_command(commands) -> None:
                         "seed + p * num_samples + s (default: %(default)s)")
     parser.add_argument("--stop", action="append", default=[], help="end a sample (and the human text) at this "
                         "string (repeatable)")
-    parser.add_argument("--units", choices=UNITS, default="words", help="what distinct-n, repetition, self-BLEU "
-                        "and Zipf count: words (\\w+ runs and punctuation marks) or model tokens "
-                        "(default: %(default)s)")
+    parser.add_argument("--units", choices=UNITS, help="what distinct-n, repetition, self-BLEU and Zipf count: "
+                        "words (\\w+ runs and punctuation marks) or model tokens (default: words; with --sweep "
+                        "tokens, since one sample's distinct-2 of words is near 1 for every setting)")
     parser.add_argument("--window", choices=WINDOW_MODES, default="exact", help="past block_size tokens: see "
                         "python sample.py generate --help (default: %(default)s)")
     parser.add_argument("--oracle", metavar="DIR", help="a synthetic language prepared with data/prepare.py "
@@ -500,6 +500,7 @@ def run_compare(args: argparse.Namespace, out=None) -> Comparison:
     out = out or sys.stdout
     check_compare_args(args, prompts_given=bool(args.prompt or args.prompt_lines))
     sweep = read_sweep(args.sweep) if args.sweep is not None else None
+    units = args.units or ("tokens" if sweep is not None else "words")
     grid = flatten(sweep) if sweep is not None else parse_grid(args.strategy or DEFAULT_GRID)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)  # a bad --out fails now, not after the whole grid
@@ -530,7 +531,7 @@ def run_compare(args: argparse.Namespace, out=None) -> Comparison:
     started = time.perf_counter()
     comparison = run_comparison(
         model, tokenizer, prompts, grid, human=human, num_samples=args.num_samples,
-        max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop, window=args.window, units=args.units,
+        max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop, window=args.window, units=units,
         judge=judge, escape_tokens=args.escape_tokens, progress=not args.no_progress, oracle=oracle,
     )
     summary = None if sweep is None else summarize_sweep(comparison, sweep, draws=args.bootstrap, seed=args.seed)
@@ -539,7 +540,7 @@ def run_compare(args: argparse.Namespace, out=None) -> Comparison:
     comparison.settings["judge"] = None if args.judge is None else str(args.judge)
     once = " (greedy and beam: 1, the same for every seed)" if any(spec.is_deterministic for spec in grid) else ""
     out.write(f"{len(prompts)} prompts x {args.num_samples} samples{once} x {args.max_new_tokens} tokens, "
-              f"text metrics in {args.units}, {comparison.settings['wall_seconds']:.1f} s\n")
+              f"text metrics in {units}, {comparison.settings['wall_seconds']:.1f} s\n")
     if oracle is not None:
         about = comparison.settings["oracle"]
         out.write(f"oracle {args.oracle}: order {about['order']}, entropy rate {about['entropy_rate']:.4f} nats/token; "
@@ -554,7 +555,7 @@ def run_compare(args: argparse.Namespace, out=None) -> Comparison:
     if summary is not None:
         out.write("\n" + sweep_tables(summary) + "\n")
     if args.out is not None:
-        title = f"{Path(args.checkpoint)}: {len(prompts)} prompts, {args.max_new_tokens} tokens, {args.units}"
+        title = f"{Path(args.checkpoint)}: {len(prompts)} prompts, {args.max_new_tokens} tokens, {units}"
         paths = write_results(comparison, args.out, title)
         if summary is not None:
             paths += write_sweep(summary, args.out, title)

@@ -57,10 +57,12 @@ How the comparison is run, and why:
   wrote it, which finds its own greedy loops most probable.
 * Repetition escape (``escape_tokens`` > 0; Hewitt et al. 2022): every strategy also
   continues each prompt followed by its last `LOOP_TOKENS` tokens repeated `LOOP_REPEATS`
-  times more, a loop the text can follow or leave. A sample is stuck when the mean NLL of
-  its ``escape_tokens`` tokens under the generator's raw distribution is below
-  `STUCK_NLL` (1 nat): it follows the loop with confidence. ``stuck`` is the share of
-  stuck samples (none for the human row, which has no continuation of a loop).
+  times more, a loop the text can follow or leave. A sample is stuck when it follows the
+  loop with confidence: at least `LOOP_FOLLOW` of its ``escape_tokens`` tokens continue
+  the loop, and their mean NLL under the generator's raw distribution is below
+  `STUCK_NLL` (1 nat, Hewitt et al.'s rule). The NLL alone is not enough at character
+  level, where ordinary text costs under 1 nat a token. ``stuck`` is the share of stuck
+  samples (none for the human row, which has no continuation of a loop).
 * Per-prompt totals (`prompt_totals`) give every quantity of a sweep as per-prompt sums
   and counts, so that model/sweep.py can resample prompts for its intervals.
 """
@@ -120,6 +122,7 @@ OPTIONAL_FIELDS = ("judge_nll", "stuck", *ORACLE_FIELDS)
 LOOP_TOKENS = 4  # the repeated unit of an escape prompt...
 LOOP_REPEATS = 5  # ...appended this many more times after the prompt, which already ends in it
 STUCK_NLL = 1.0  # nats per token: below it, a continuation of the loop prompt is stuck
+LOOP_FOLLOW = 0.75  # and at least this share of its tokens repeat the loop
 
 
 # ----------------------------------------------------------------------------- the grid
@@ -299,6 +302,7 @@ class Run:
     seconds: float | None  # wall time of generation (None for the human row)
     judge_logprobs: list[list[float]] | None = None  # the judge's log p of each sample's tokens
     escapes: list[Sample] | None = None  # continuations of the loop prompts, in the order of samples
+    loop_units: list[list[int]] | None = None  # the unit each prompt's loop prompt repeats (`loop_unit`)
     oracle_nats: list[tuple[float, int]] | None = None  # each sample's (nats, symbols) under an oracle
 
     @property
@@ -380,7 +384,8 @@ def run_comparison(
             seconds = time.perf_counter() - started
             escapes = None if loops is None else _generate(model, tokenizer, loops, spec, num_samples,
                                                            escape_tokens, seed, stop, window)
-            runs.append(Run(spec.label, spec, samples, seconds, escapes=escapes))
+            runs.append(Run(spec.label, spec, samples, seconds, escapes=escapes,
+                            loop_units=None if loops is None else [loop_unit(ids) for ids in encoded]))
             bar.update()
         if judge is not None:
             bar.set_postfix_str("judge")
@@ -418,14 +423,23 @@ def _generate(model, tokenizer, prompts, spec, num_samples, max_new_tokens, seed
 def loop_prompt(ids: Sequence[int]) -> list[int]:
     """A repetition-escape prompt: ``ids`` followed by its last `LOOP_TOKENS` tokens
     `LOOP_REPEATS` more times (a prompt shorter than that repeats all of itself)."""
-    loop = list(ids[-LOOP_TOKENS:])
-    return list(ids) + loop * LOOP_REPEATS
+    return list(ids) + loop_unit(ids) * LOOP_REPEATS
 
 
-def is_stuck(sample: Sample) -> bool:
-    """Whether a continuation of a loop prompt follows the loop with confidence: the mean
-    NLL of its tokens (the generator's raw distribution) is below `STUCK_NLL`."""
-    return bool(sample.logprobs) and -math.fsum(sample.logprobs) / len(sample.logprobs) < STUCK_NLL
+def loop_unit(ids: Sequence[int]) -> list[int]:
+    """The tokens that `loop_prompt` repeats: the prompt's last `LOOP_TOKENS`."""
+    return list(ids[-LOOP_TOKENS:])
+
+
+def is_stuck(sample: Sample, unit: Sequence[int]) -> bool:
+    """Whether a continuation of a loop prompt follows the loop ``unit`` with confidence: at
+    least `LOOP_FOLLOW` of its tokens are the unit's, continued in order from its first,
+    and their mean NLL (the generator's raw distribution) is below `STUCK_NLL`."""
+    if not sample.tokens or not sample.logprobs:
+        return False
+    follows = sum(token == unit[i % len(unit)] for i, token in enumerate(sample.tokens))
+    nll = -math.fsum(sample.logprobs) / len(sample.logprobs)
+    return follows >= LOOP_FOLLOW * len(sample.tokens) and nll < STUCK_NLL
 
 
 def judge_scores(judge: GPT, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]], samples: Sequence[Sample],
@@ -490,7 +504,8 @@ def prompt_totals(run: Run, num_prompts: int, units: str) -> Totals:
         nats = {id(s): -math.fsum(lp) for s, lp in zip(run.samples, run.judge_logprobs)}
         values["judge_nll"] = per_prompt(run.samples, lambda s: nats[id(s)], lambda s: len(s.tokens))
     if run.escapes is not None:
-        values["stuck"] = per_prompt(run.escapes, lambda s: float(is_stuck(s)), lambda s: 1.0)
+        values["stuck"] = per_prompt(run.escapes, lambda s: float(is_stuck(s, run.loop_units[s.prompt_index])),
+                                     lambda s: 1.0)
     if run.oracle_nats is not None:
         oracle = {id(s): nats for s, nats in zip(run.samples, run.oracle_nats)}
         values["oracle_nll"] = per_prompt(run.samples, lambda s: oracle[id(s)][0], lambda s: oracle[id(s)][1])
@@ -526,7 +541,7 @@ def _row(
         judged = list(chain.from_iterable(run.judge_logprobs))
         row["judge_nll"] = -math.fsum(judged) / len(judged) if judged else math.nan
     if run.escapes is not None:
-        row["stuck"] = metrics.mean(float(is_stuck(s)) for s in run.escapes)
+        row["stuck"] = metrics.mean(float(is_stuck(s, run.loop_units[s.prompt_index])) for s in run.escapes)
     return {key: row[key] for key in (*ROW_FIELDS, *OPTIONAL_FIELDS) if key in row}
 
 

@@ -388,7 +388,7 @@ def mirostat_v1_filter(logits: torch.Tensor, mu: torch.Tensor | float) -> torch.
     e = s_hat - 1
     scale = torch.where(e.abs() > 1e-9, e / (1 - n.pow(-e)), 1 / n.log())
     k = (scale * 2.0 ** mu).pow(1 / s_hat)
-    k = torch.where((s_hat > 0) & ~k.isnan(), k, n).clamp(min=1).minimum(n).floor().long()
+    k = torch.where((s_hat > 0) & ~k.isnan(), k, n).minimum(n).clamp(min=1).floor().long()
     kth_largest = sorted_logits.gather(-1, (k - 1).unsqueeze(-1))
     return logits.masked_fill(wide < kth_largest, -math.inf)
 

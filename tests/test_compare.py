@@ -451,10 +451,15 @@ def test_loops_of_spaces_and_of_word_pieces_show_in_the_token_repetition():
 def test_loop_prompt_and_stuck_by_hand():
     assert loop_prompt([9, 1, 2, 3, 4]) == [9, 1, 2, 3, 4] + [1, 2, 3, 4] * LOOP_REPEATS
     assert loop_prompt([7, 8]) == [7, 8] + [7, 8] * LOOP_REPEATS  # shorter than the loop: all of it repeats
-    # mean NLL (0.5 + 1.3) / 2 = 0.9 < 1 nat: stuck; (0.5 + 1.6) / 2 = 1.05: not
-    assert is_stuck(Sample(0, 0, tokens=[1, 2], logprobs=[-0.5, -1.3]))
-    assert not is_stuck(Sample(0, 0, tokens=[1, 2], logprobs=[-0.5, -1.6]))
-    assert not is_stuck(Sample(0, 0))  # no tokens: nothing followed the loop
+    unit = [1, 2, 3, 4]
+    # the loop continued, mean NLL (0.5 + 1.3) / 2 = 0.9 < 1 nat: stuck; (0.5 + 1.6) / 2 = 1.05: not
+    assert is_stuck(Sample(0, 0, tokens=[1, 2], logprobs=[-0.5, -1.3]), unit)
+    assert not is_stuck(Sample(0, 0, tokens=[1, 2], logprobs=[-0.5, -1.6]), unit)
+    # confident but leaving the loop: 3 of 5 tokens (60% < 75%) continue it, so not stuck
+    assert not is_stuck(Sample(0, 0, tokens=[1, 2, 3, 9, 9], logprobs=[-0.1] * 5), unit)
+    assert is_stuck(Sample(0, 0, tokens=[1, 2, 3, 4, 9], logprobs=[-0.1] * 5), unit)  # 4 of 5: 80%
+    assert not is_stuck(Sample(0, 0, tokens=[2, 3, 4, 1], logprobs=[-0.1] * 4), unit)  # out of step with it
+    assert not is_stuck(Sample(0, 0), unit)  # no tokens: nothing followed the loop
 
 
 def test_prompt_totals_by_hand():
@@ -464,7 +469,7 @@ def test_prompt_totals_by_hand():
     ]
     escapes = [Sample(0, 0, tokens=[1], logprobs=[-0.1]), Sample(1, 0, tokens=[1], logprobs=[-3.0])]
     run = Run("x", parse_strategy("sample"), samples, 1.0, judge_logprobs=[[-2.0, -2.0, -2.0], [-1.0, -3.0]],
-              escapes=escapes)
+              escapes=escapes, loop_units=[[1, 2, 3, 4], [1, 2, 3, 4]])
     totals = prompt_totals(run, 2, "words").values
     assert totals["nll"] == ([6.0, 1.0], [3.0, 2.0])
     assert totals["judge_nll"] == ([6.0, 4.0], [3.0, 2.0])
@@ -540,10 +545,19 @@ def swept(tiny_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
     argv = ["compare", str(tiny_checkpoint), "--sweep", "temperature:t=0.6|1.4;top-k:k=3|12", "--judge",
             str(tiny_checkpoint), "--num-prompts", "4", "--prompt-tokens", "8", "--num-samples", "2",
-            "--max-new-tokens", "16", "--escape-tokens", "6", "--bootstrap", "40", "--seed", "3", "--out", str(out),
-            "--no-progress"]
+            "--max-new-tokens", "16", "--escape-tokens", "6", "--bootstrap", "40", "--seed", "3", "--units", "words",
+            "--out", str(out), "--no-progress"]
     assert sample.main(argv) == 0
     return out
+
+
+def test_a_sweep_counts_tokens_unless_told(tiny_checkpoint, tmp_path):
+    # one sample's distinct-2 of words is near 1 at every setting, which would flatten the frontier
+    argv = ["compare", str(tiny_checkpoint), "--sweep", "temperature:t=0.7|1", "--num-prompts", "2", "--prompt-tokens",
+            "8", "--num-samples", "1", "--max-new-tokens", "8", "--bootstrap", "5", "--out", str(tmp_path),
+            "--no-progress"]
+    assert sample.main(argv) == 0
+    assert json.loads((tmp_path / "results.json").read_text())["settings"]["units"] == "tokens"
 
 
 def test_sweep_numbers_equal_the_samples_written(swept):

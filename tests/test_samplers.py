@@ -373,6 +373,10 @@ def test_mirostat_v1_worked_example():
     logits = logs([1.0, 1 / 4, 1 / 9])
     assert [len(kept(mirostat_v1_filter(logits, mu))) for mu in (1.0, 2.0)] == [1, 2]
     assert len(kept(mirostat_v1_filter(torch.zeros(10), 0.1))) == 10  # flat: s_hat = 0, nothing to cut
+    # a row with no finite logit (every token filtered out before) passes through unchanged, as in v2
+    dead = torch.full((2, 3), -INF)
+    for cut in (mirostat_v1_filter(dead, 2.0), mirostat_filter(dead, 2.0)):
+        assert torch.equal(cut, dead)
 
 
 @pytest.mark.parametrize("version", [2, 1])
