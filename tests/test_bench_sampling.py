@@ -14,6 +14,20 @@ from hf_client import HuggingFaceSide  # noqa: E402  (bench/hf_client.py)
 from sample_speed import TINY, build_model, bytes_per_decode_step  # noqa: E402  (bench/sample_speed.py)
 
 
+def test_draw_speed_times_both_draws_on_each_vocabulary(tmp_path):
+    out = tmp_path / "draw_speed.json"
+    result = run_cli("bench/draw_speed.py", "--tiny", "--vocabs", "5,40", "--repeats", "2", "--out", str(out),
+                     timeout=120)
+    assert result.returncode == 0, result.stderr
+    saved = json.loads(out.read_text())
+    assert [r["vocab"] for r in saved["results"]] == [5, 40] and saved["tiny"]
+    for row in saved["results"]:
+        assert set(row["ms_per_draw"]) == set(row["decode_tokens_per_s"]) == {"draw_tokens", "multinomial"}
+        assert all(v > 0 for v in [*row["ms_per_draw"].values(), *row["decode_tokens_per_s"].values()])
+        assert row["ratio"] == row["decode_tokens_per_s"]["draw_tokens"] / row["decode_tokens_per_s"]["multinomial"]
+    assert "| 40 |" in result.stdout
+
+
 def test_sample_speed_runs_and_skips_transformers_without_its_venv(tmp_path):
     out = tmp_path / "sample_speed.json"
     result = run_cli("bench/sample_speed.py", "--tiny", "--repeats", "1", "--hf-python", str(tmp_path / "none"),
