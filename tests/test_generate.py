@@ -471,4 +471,5 @@ def test_sample_cli_says_in_one_line_when_stdout_cannot_show_the_text(tiny_check
     env = {**os.environ, "PYTHONIOENCODING": "ascii"}
     result = subprocess.run([sys.executable, "sample.py", str(path), "--prompt", "日本語", "--max-new-tokens", "3",
                              "--device", "cpu"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-    assert f"encoding (ascii) cannot show {ascii('日本語')}" in one_line_error(result)
+    # the text it could not show starts with the echoed prompt; what the random model added after it varies
+    assert f"encoding (ascii) cannot show {ascii('日本語')[:-1]}" in one_line_error(result)
