@@ -487,6 +487,9 @@ def check_compare_args(args: argparse.Namespace, prompts_given: bool) -> None:
     if args.sweep is not None and prompts_given:
         raise UserError("--sweep needs the human text as its target: leave out --prompt and --prompt-lines so that "
                         "prompts are drawn from the validation split")
+    if args.sweep is not None and args.judge is not None and args.oracle is not None:
+        raise UserError("--judge and --oracle would both be --sweep's quality axis; give one of them (the oracle's "
+                        "exact NLL, where there is one)")
     if args.sweep is None and args.bootstrap is not None:
         raise UserError("--bootstrap sets the intervals of --sweep; it does nothing without it")
     args.bootstrap = 1000 if args.bootstrap is None else args.bootstrap

@@ -431,7 +431,10 @@ def sweep_tables(summary: SweepSummary, markdown: bool = False) -> str:
     best = [[str(n)] + [_value(f["best_of_n"][n - 1]) if n <= len(f["best_of_n"]) else "" for f in summary.families]
             for n in range(1, longest + 1)]
     level = f"{LEVEL:.0%} bootstrap intervals over prompts ({summary.draws} paired draws)"
-    return "\n\n".join([
+    unmeasured = [s["label"] for s in summary.settings if math.isnan(s["quality"]) or math.isnan(s["diversity"])]
+    left_out = ([f"left out of every frontier and best-of-N, with nothing measured (no sample of 2 units or "
+                 f"more): {', '.join(unmeasured)}"] if unmeasured else [])
+    return "\n\n".join(left_out + [
         f"settings ({level}; * = on its family's frontier)\n" + _table(
             ["family", "setting", f"quality: {summary.quality_name}", f"diversity: {summary.diversity_name}",
              "|NLL - human NLL| (generator)", "stuck %", "distance to human"], settings, markdown),

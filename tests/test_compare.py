@@ -600,6 +600,7 @@ def test_sweep_numbers_equal_the_samples_written(swept):
         (["--sweep", "top-k:k=0"], "top_k=0 is invalid"),
         (["--sweep", "/nonexistent/grid.toml"], "sweep file not found: /nonexistent/grid.toml"),
         (["--sweep", "top-k", "--bootstrap", "0"], "--bootstrap must be >= 1"),
+        (["--sweep", "top-k", "--judge", "j.pt", "--oracle", "o"], "--judge and --oracle would both be --sweep's"),
         (["--escape-tokens", "-1"], "--escape-tokens must be >= 0"),
     ],
 )

@@ -233,6 +233,19 @@ def test_summary_of_two_families_worked_by_hand():
     assert "1.350 [1.350, 1.350]" in text and "temperature:t=0.5 *" in text
 
 
+def test_a_setting_with_nothing_measured_is_named_not_dropped_silently():
+    sweep = parse_sweep("temperature:t=0.5|1")
+    totals = {"temperature:t=0.5": constant_totals(nll=0.5, judge_nll=1.0, distinct=math.nan),
+              "sample": constant_totals(nll=1.7, judge_nll=1.2, distinct=0.9)}
+    summary = summarize(sweep, totals, constant_totals(nll=1.5, judge_nll=1.4, distinct=0.6), judge="judge_nll",
+                        draws=10, seed=0)
+    assert summary.families[0]["frontier"] == ["sample"]
+    assert "with nothing measured (no sample of 2 units or more): temperature:t=0.5" in sweep_tables(summary)
+    assert "nothing measured" not in sweep_tables(summarize(sweep, {**totals, "temperature:t=0.5": totals["sample"]},
+                                                            constant_totals(nll=1.5, judge_nll=1.4, distinct=0.6),
+                                                            judge="judge_nll", draws=10, seed=0))
+
+
 def test_without_a_judge_quality_is_the_distance_to_the_human_nll():
     sweep = parse_sweep("temperature:t=0.5|1")
     totals = {"temperature:t=0.5": constant_totals(nll=0.5, judge_nll=math.nan, distinct=0.3),
