@@ -560,16 +560,18 @@ def oracle_columns(
     ``prompts[p]`` are the token ids of prompt p (its symbols give the chain's context:
     `MarkovChain.context_after`); ``probable`` are the chain's probable n-grams
     (`MarkovChain.probable_ngrams`). oracle_nll: mean over all continuation symbols (its
-    tokens, for the char tokenizer) of -log q (`MarkovChain.smoothed_logprobs`);
+    tokens, for the char tokenizer) of -log q (`MarkovChain.smoothed_logprobs`; from
+    ``run.oracle_nats`` when the comparison has already scored them);
     oracle_entropy: mean of the chain's entropy at the same positions;
     support_precision: producible / all n-grams, pooled over the samples; coverage: |probable n-grams in the s-th sample of every prompt| /
     |probable|, averaged over s (a deterministic strategy's one sample per prompt is
     every draw).
     """
-    nlls, entropies, ngrams_by_sample = [], [], []
+    nats = run.oracle_nats or [oracle_nats(s, prompts[s.prompt_index], tokenizer, oracle) for s in run.samples]
+    symbols_scored = sum(count for _, count in nats)
+    entropies, ngrams_by_sample = [], []
     for sample in run.samples:
         symbols, context = oracle_view(sample, prompts[sample.prompt_index], tokenizer, oracle)
-        nlls += [-lp for lp in oracle.smoothed_logprobs(symbols, context)]
         entropies += oracle.entropies(symbols, context)
         ngrams_by_sample.append(metrics._ngrams(symbols, n))
     pooled = list(chain.from_iterable(ngrams_by_sample))
@@ -577,7 +579,7 @@ def oracle_columns(
     draws = [[ngrams_by_sample[p * per_prompt + s] for p in range(len(prompts))] for s in range(per_prompt)]
     reached = [len(probable.keys() & set(chain.from_iterable(draw))) for draw in draws]
     return {
-        "oracle_nll": metrics.mean(nlls),
+        "oracle_nll": math.fsum(n for n, _ in nats) / symbols_scored if symbols_scored else math.nan,
         "oracle_entropy": metrics.mean(entropies),
         "support_precision": metrics.mean(map(float, oracle.producible(pooled))),
         "coverage": metrics.mean(r / len(probable) for r in reached) if probable else math.nan,
