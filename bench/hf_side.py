@@ -14,7 +14,7 @@ float32; with --autocast, generate() runs under torch.autocast in that type, as 
 token loop does on CUDA. Either way it prints one JSON line when ready: transformers'
 version, the device, the weights' dtype and the autocast type it runs with, the peak
 host memory the load added, and (for WEIGHTS.pt) the largest difference of its float32
-logits from ours on the probe. Then it answers one line per request on stdin, "TOKENS
+logits from ours on the probe, and of its logits under --autocast when given. Then it answers one line per request on stdin, "TOKENS
 SEED THREADS", with the tokens/s of one ``generate()`` call (its KV cache on, plain
 sampling at temperature 1, no end-of-text stop, batch 1, from a one-token prompt), timed
 by bench/clock.py's clock, which waits for a CUDA device before each reading; an empty
@@ -66,6 +66,13 @@ def gpt2_from(saved: dict) -> GPT2LMHeadModel:
     return model.eval()
 
 
+def autocast_on(device, autocast: str | None) -> contextlib.AbstractContextManager:
+    """torch.autocast on ``device`` in the dtype named ``autocast``; nothing when None."""
+    import torch
+
+    return torch.autocast(device.type, dtype=getattr(torch, autocast)) if autocast else contextlib.nullcontext()
+
+
 def tokens_per_second(model: GPT2LMHeadModel, new_tokens: int, seed: int, autocast: str | None = None) -> float:
     """Tokens/s of one generate() call on the model's device, under ``autocast`` (a torch
     dtype name) when given; seeding torch seeds the CUDA generators too."""
@@ -74,11 +81,9 @@ def tokens_per_second(model: GPT2LMHeadModel, new_tokens: int, seed: int, autoca
     torch.manual_seed(seed)
     device = model.device
     prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
-    precision = (torch.autocast(device.type, dtype=getattr(torch, autocast)) if autocast
-                 else contextlib.nullcontext())
     clock = timer(device)
     started = clock()
-    with precision:
+    with autocast_on(device, autocast):
         out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0,
                              top_k=0, top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                              use_cache=True, eos_token_id=None, pad_token_id=0)
@@ -125,8 +130,12 @@ def serve(source: Path, device: str = "cpu", autocast: str | None = None) -> Non
             saved = torch.load(source, weights_only=True)
             model = gpt2_from(saved).to(device)
             # without autocast: the probe checks that the weights map, in float32
-            logits = model(saved["probe"].to(model.device)).logits.cpu()
-            checks["logit_difference"] = (logits - saved["logits"]).abs().max().item()
+            probe = saved["probe"].to(model.device)
+            checks["logit_difference"] = (model(probe).logits.cpu() - saved["logits"]).abs().max().item()
+            if autocast:  # and under the autocast generate() runs with: how far that moves the logits
+                with autocast_on(model.device, autocast):
+                    logits = model(probe).logits.float().cpu()
+                checks["autocast_logit_difference"] = (logits - saved["logits"]).abs().max().item()
         ready = {"version": transformers.__version__, "device": str(model.device),
                  "dtype": str(model.dtype).removeprefix("torch."), "autocast": autocast, **checks,
                  "load_peak_bytes": memory("VmHWM") - before}

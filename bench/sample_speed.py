@@ -209,12 +209,14 @@ def against_floor_and_transformers(python: str | None, vocabs: list[int], shape:
             if hf:
                 row["runs"]["transformers"] = theirs
                 row["max_abs_logit_difference"] = hf.info["logit_difference"]
-                row["transformers_precision"] = {key: hf.info[key]
-                                                 for key in ("version", "device", "dtype", "autocast")}
+                row["transformers_side"] = hf.info  # its version, device, dtype, autocast, logit checks
                 line += (f", transformers {row['transformers']:.0f} ({row['ours'] / row['transformers']:.2f}x; same "
                          f"weights: logits differ by at most {hf.info['logit_difference']:.2g})")
                 line += (f"\n  ours: {describe_precision(ours_precision)}; transformers {hf.info['version']}: "
                          f"{describe_precision(hf.info)}")
+                if hf.info["autocast"]:
+                    line += (f" (its logits under autocast differ from ours in float32 by at most "
+                             f"{hf.info['autocast_logit_difference']:.2g})")
             print(line, flush=True)
     return results
 
