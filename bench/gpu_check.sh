@@ -3,14 +3,25 @@
 #   1. prepares char-level tinyshakespeare and trains the 6x6x384 target and the 2x128 draft
 #      on CUDA (bf16 autocast is automatic there, torch.compile on) for a few hundred steps,
 #   2. samples from the target,
-#   3. times decoding on the GPU (bench/sample_speed.py --device cuda; its comparison with
-#      transformers' generate() runs on the CPU side only, and is skipped here),
+#   3. times decoding on the GPU against transformers' generate() on the same weights and the
+#      same GPU, both with float32 weights under the same autocast (bench/sample_speed.py
+#      --device cuda, its transformers side run by $PYTHON itself, or $HF_PYTHON when set),
 #   4. times speculative decoding and prompt lookup on the GPU (bench/speculative_speed.py).
 #
 #   bench/gpu_check.sh [--cpu] [--steps N]      (PYTHON=... to pick the interpreter; default .venv/bin/python)
 #
-# --cpu runs the same steps on the CPU with a small model, few steps and no compile: a check
-# that the script itself works, on any machine. Work files go to a temporary folder.
+# PYTHON needs torch, numpy, regex, tiktoken, tqdm and safetensors (checked first); the
+# comparison with transformers runs when HF_PYTHON (default: PYTHON on CUDA, .venv-hf/bin/python
+# with --cpu, made by make venv-hf) imports transformers, and is skipped with a note otherwise.
+# --cpu runs the same steps on the CPU with a small model, few steps and no compile, and the
+# comparison with the tiny model of sample_speed.py --tiny: a check that the script itself
+# works, on any machine. Work files go to a temporary folder.
+#
+# Expected on one H200 (estimates, not measurements; the script has not run on a GPU yet):
+# prepare ~5 s; train the target, 300 steps ~60-90 s (torch.compile's first steps are most of
+# it; max_seconds=100 caps each run); train the draft ~40-60 s (compile again); sample ~10 s;
+# decode speed ~60 s (two vocabularies, each starting a transformers side: ~10 s of imports
+# and CUDA start-up each); speculative decoding ~30 s. About 3.5-4.5 minutes in all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -33,8 +44,18 @@ trap 'rm -rf "$WORK"' EXIT
 started=$(date +%s)
 step() { echo; echo "== $1 ($(( $(date +%s) - started )) s)"; }
 
+# The modules train.py, sample.py, data/prepare.py and the benches import when they start.
+"$PYTHON" -c "import numpy, regex, safetensors, tiktoken, torch, tqdm" ||
+    { echo "error: $PYTHON lacks a module the project needs (above); use a Python with its dependencies" >&2; exit 2; }
 if [ "$DEVICE" = cuda ]; then
     "$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(), 'bf16:', torch.cuda.is_bf16_supported())"
+    HF_SIDE=${HF_PYTHON:-$PYTHON}
+else
+    HF_SIDE=${HF_PYTHON:-.venv-hf/bin/python}
+fi
+if ! "$HF_SIDE" -c "import torch, transformers" 2>/dev/null; then
+    echo "note: $HF_SIDE cannot import torch and transformers: the decode step skips the comparison with transformers"
+    HF_SIDE=none
 fi
 step "prepare"
 "$PYTHON" data/prepare.py "$TEXT" --tokenizer char --out "$WORK/data" --no-progress
@@ -47,9 +68,10 @@ step "sample"
 "$PYTHON" sample.py "$WORK/large/best.pt" --device "$DEVICE" --prompt "ROMEO:" --max-new-tokens 200 --seed 1
 step "decode speed"
 if [ "$DEVICE" = cuda ]; then
-    "$PYTHON" bench/sample_speed.py --device cuda --repeats 3 --hf-python none --out "$WORK/sample_speed.json"
+    "$PYTHON" bench/sample_speed.py --device cuda --repeats 3 --hf-python "$HF_SIDE" --out "$WORK/sample_speed.json"
 else
-    "$PYTHON" bench/sample_speed.py --tiny --repeats 1 --hf-python none --out "$WORK/sample_speed.json"
+    "$PYTHON" bench/sample_speed.py --tiny --repeats 1 --hf-vocabs 65 --hf-python "$HF_SIDE" \
+        --out "$WORK/sample_speed.json"
 fi
 step "speculative decoding"
 "$PYTHON" bench/speculative_speed.py --target "$WORK/large/best.pt" --draft "$WORK/draft/best.pt" --device "$DEVICE" \

@@ -16,14 +16,17 @@ DEFAULT_HF_PYTHON = os.environ.get("HF_PYTHON") or str(HF_SIDE.parents[1] / ".ve
 
 class HuggingFaceSide:
     """bench/hf_side.py running in its own process, holding a GPT2LMHeadModel built from
-    ``source``: a weights file written by bench/sample_speed.py, or a Hugging Face folder.
-    ``info`` is its ready line: transformers' version, the peak memory its load added and,
-    for a weights file, the largest difference of its logits from ours."""
+    ``source``: a weights file written by bench/sample_speed.py, or a Hugging Face folder,
+    on ``device`` (a torch device name), with generate() under ``autocast`` (a torch dtype
+    name, "bfloat16" or "float16") when given. ``info`` is its ready line: transformers'
+    version, the device, weights dtype and autocast it runs with, the peak memory its load
+    added and, for a weights file, the largest difference of its logits from ours."""
 
-    def __init__(self, python: str, source: Path, threads: int):
+    def __init__(self, python: str, source: Path, threads: int, device: str = "cpu", autocast: str | None = None):
         self.threads = threads
-        self.process = subprocess.Popen([python, str(HF_SIDE), str(source)], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True,
+        command = [python, str(HF_SIDE), str(source), "--device", device]
+        command += ["--autocast", autocast] if autocast else []
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                         env={**os.environ, "OMP_NUM_THREADS": str(threads)})
         ready = self.process.stdout.readline()
         if not ready.startswith("{"):

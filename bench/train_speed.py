@@ -51,7 +51,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -60,6 +59,8 @@ sys.path.insert(0, str(ROOT))
 
 from model.cli import run_cli  # noqa: E402
 from model.errors import UserError  # noqa: E402
+
+from clock import timer  # noqa: E402  (bench/clock.py, beside this file)
 
 CASES = {
     # The comparison config of issue 12: nanoGPT's small char model, the way it is usually run.
@@ -302,19 +303,6 @@ def profile_case(name: str, device_name: str, steps: int, warmup: int, compile_m
         "phases_sum_ms": round(sum(phases_ms.values()), 3), "step_ms": round(statistics.median(whole), 3),
         "torch": torch.__version__,
     }
-
-
-def timer(device) -> Callable[[], float]:
-    """time.perf_counter, after the device has finished its queued work."""
-    import torch
-
-    if device.type != "cuda":
-        return time.perf_counter
-
-    def synchronized() -> float:
-        torch.cuda.synchronize(device)
-        return time.perf_counter()
-    return synchronized
 
 
 def timing_of(name: str, args: argparse.Namespace) -> tuple[int, int]:

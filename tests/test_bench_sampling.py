@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+import types
 
 import pytest
+import torch
 
 from tests.conftest import HF_PYTHON, ROOT, run_cli
 
 sys.path.insert(0, str(ROOT / "bench"))
+import clock  # noqa: E402  (bench/clock.py)
+import sample_speed  # noqa: E402  (bench/sample_speed.py)
 from hf_client import HuggingFaceSide  # noqa: E402  (bench/hf_client.py)
-from sample_speed import TINY, build_model, bytes_per_decode_step  # noqa: E402  (bench/sample_speed.py)
+from sample_speed import TINY, build_model, bytes_per_decode_step  # noqa: E402
 
 
 def test_draw_speed_times_both_draws_on_each_vocabulary(tmp_path):
@@ -60,6 +65,62 @@ def test_bytes_per_decode_step_counts_each_weight_once_and_the_context_cache():
     assert bytes_per_decode_step(model, 0) == 4 * weights
     assert bytes_per_decode_step(model, 16) == 4 * (weights + 2 * layers * 16 * C)
     assert bytes_per_decode_step(model, 8.5) == 4 * (weights + 2 * layers * 8.5 * C)  # a mean context
+    # the bf16 KV cache of CUDA's autocast: 2 bytes a key or value, the weights still float32
+    assert bytes_per_decode_step(model, 16, torch.bfloat16) == 4 * weights + 2 * (2 * layers * 16 * C)
+
+
+def test_clock_waits_for_a_cuda_device_before_each_reading(monkeypatch):
+    assert clock.timer(torch.device("cpu")) is time.perf_counter  # nothing to wait for
+    events = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device: events.append(("synchronize", device)))
+    monkeypatch.setattr(clock, "time", types.SimpleNamespace(perf_counter=lambda: events.append("read") or 7.5))
+    device = torch.device("cuda", 1)
+    read = clock.timer(device)
+    assert events == []  # making the clock waits for nothing
+    assert read() == 7.5 and read() == 7.5
+    assert events == [("synchronize", device), "read", ("synchronize", device), "read"]
+
+
+def test_decode_precision_is_what_the_token_loop_runs_in():
+    # model/device.py: no autocast on the CPU; the KV cache then takes the weights' dtype
+    model = build_model(65, "cpu", TINY)
+    precision = sample_speed.decode_precision(model)
+    assert precision == {"device": "cpu", "dtype": "float32", "autocast": None, "kv_cache": "float32"}
+    assert sample_speed.describe_precision(precision) == "float32 weights, no autocast, float32 KV cache on cpu"
+    bf16 = sample_speed.decode_precision(model.to(torch.bfloat16))
+    assert bf16 == {"device": "cpu", "dtype": "bfloat16", "autocast": None, "kv_cache": "bfloat16"}
+    theirs = {"device": "cuda:0", "dtype": "float32", "autocast": "bfloat16"}  # a transformers side's ready line
+    assert sample_speed.describe_precision(theirs) == "float32 weights under bfloat16 autocast on cuda:0"
+
+
+# A stand-in for the transformers venv's Python that answers its ready line with the
+# arguments it was started with, then waits for the empty line that ends it.
+ECHO_SIDE = r"""#!/bin/sh
+echo "{\"argv\": \"$*\"}"
+read line
+"""
+
+
+@pytest.mark.parametrize("autocast", [None, "bfloat16"])
+def test_transformers_side_starts_on_our_device_under_our_autocast(tmp_path, monkeypatch, autocast):
+    python = tmp_path / "python"
+    python.write_text(ECHO_SIDE)
+    python.chmod(0o755)
+    model = build_model(65, "cpu", TINY)
+    ours = sample_speed.decode_precision(model)
+    # on CUDA the token loop runs under bf16 autocast: the side must be asked for the same
+    monkeypatch.setattr(sample_speed, "decode_precision", lambda model: {**ours, "autocast": autocast})
+    side = sample_speed.start_transformers_side(str(python), model, tmp_path)
+    side.close()
+    weights = tmp_path / "weights_65.pt"
+    expected = f"{ROOT / 'bench' / 'hf_side.py'} {weights} --device cpu" + (f" --autocast {autocast}" if autocast else "")
+    assert side.info == {"argv": expected}
+    saved = torch.load(weights, weights_only=True)
+    assert saved["config"]["vocab_size"] == 65 and saved["probe"].shape == (1, 16)
+    assert all(tensor.device.type == "cpu" for tensor in saved["state_dict"].values())
+    assert torch.equal(saved["state_dict"]["wte.weight"], model.state_dict()["wte.weight"])
+    with torch.no_grad():
+        assert torch.equal(saved["logits"], model(saved["probe"])[0])
 
 
 @pytest.mark.slow
@@ -72,6 +133,27 @@ def test_sample_speed_compares_with_transformers_on_the_same_weights(tmp_path):
     versus = json.loads(out.read_text())["versus_floor_and_transformers"]["65"]
     assert versus["max_abs_logit_difference"] < 1e-4  # the GPT2LMHeadModel really holds our weights
     assert versus["ours"] > 0 and versus["transformers"] > 0
+    side = versus["transformers_side"]  # both sides ran on the same device in the same precision
+    assert versus["ours_precision"] == {"device": "cpu", "dtype": "float32", "autocast": None, "kv_cache": "float32"}
+    assert (side["device"], side["dtype"], side["autocast"]) == ("cpu", "float32", None)
+    assert "ours: float32 weights, no autocast, float32 KV cache on cpu; transformers " in result.stdout
+
+
+@pytest.mark.slow  # starts transformers: about 10 s
+@pytest.mark.skipif(not HF_PYTHON.exists(), reason=f"no transformers venv at {HF_PYTHON}")
+def test_transformers_side_runs_generate_under_autocast(tmp_path):
+    # what the side does on CUDA (bf16 autocast over float32 weights), here on the CPU
+    model = build_model(65, "cpu", TINY)
+    sample_speed.start_transformers_side(str(HF_PYTHON), model, tmp_path).close()
+    side = HuggingFaceSide(str(HF_PYTHON), tmp_path / "weights_65.pt", threads=1, device="cpu", autocast="bfloat16")
+    try:
+        assert (side.info["device"], side.info["dtype"], side.info["autocast"]) == ("cpu", "float32", "bfloat16")
+        assert side.info["logit_difference"] < 1e-4  # float32: the same weights
+        # bf16 keeps 8 significant bits: the logits move, by about 2^-8 of their size
+        assert 0 < side.info["autocast_logit_difference"] < 0.05
+        assert side.tokens_per_second(8, seed=0) > 0
+    finally:
+        side.close()
 
 
 def test_decode_fast_path_runs_every_variant(tmp_path):

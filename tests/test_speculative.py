@@ -376,18 +376,3 @@ def test_speculative_speed_bench_runs(tmp_path):
     assert all(rate > 0 for rate in greedy["tokens_per_s"].values())
     figures = saved["results"]["sample"]["acceptance"]["draft"]
     assert 0 <= figures["accepted"] <= figures["proposed"] and figures["target_passes"] > 0
-
-
-@pytest.mark.slow  # trains two small models and runs two benches: about 20 s
-@pytest.mark.skipif(not (ROOT.parent / "shared" / "data" / "tinyshakespeare.txt").exists(),
-                    reason="needs ../shared/data/tinyshakespeare.txt")
-def test_gpu_check_runs_through_on_the_cpu():
-    import os
-    import subprocess
-    import sys
-
-    result = subprocess.run(["bench/gpu_check.sh", "--cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "PYTHON": sys.executable})
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "the same tokens as plain decoding: {'plain': True, 'draft': True, 'prompt lookup': True}" in result.stdout
-    assert "== done" in result.stdout
