@@ -506,16 +506,19 @@ def test_the_server_with_a_draft_completes_as_plain_greedy(loaded):
 
 def test_speculative_speed_bench_runs(tmp_path):
     out = tmp_path / "speculative_speed.json"
-    result = run_cli("bench/speculative_speed.py", "--tiny", "--tokens", "24", "--repeats", "1", "--out", str(out),
-                     timeout=120)
+    result = run_cli("bench/speculative_speed.py", "--tiny", "--tokens", "24", "--repeats", "1", "--p-min", "0.04",
+                     "--out", str(out), timeout=120)
     assert result.returncode == 0, result.stderr
     saved = json.loads(out.read_text())
     greedy = saved["results"]["greedy"]
-    assert greedy["greedy_equals_plain"] == {"plain": True, "draft": True, "prompt lookup": True}
-    assert set(greedy["tokens_per_s"]) == {"plain", "draft", "prompt lookup"}
+    assert greedy["greedy_equals_plain"] == {"plain": True, "draft": True, "prompt lookup": True, "draft p-min": True}
+    assert set(greedy["tokens_per_s"]) == {"plain", "draft", "prompt lookup", "draft p-min"}
     assert all(rate > 0 for rate in greedy["tokens_per_s"].values())
-    figures = saved["results"]["sample"]["acceptance"]["draft"]
-    assert 0 <= figures["accepted"] <= figures["proposed"] and figures["target_passes"] > 0
+    for side in ("draft", "draft p-min"):
+        figures = saved["results"]["sample"]["acceptance"][side]
+        assert 0 <= figures["accepted"] <= figures["proposed"] and figures["target_passes"] > 0
+        assert figures["mean_proposal_length"] == pytest.approx(figures["proposed"] / figures["target_passes"])
+        assert 0 <= figures["mean_proposal_length"] <= saved["gamma"]
 
 
 @pytest.mark.slow  # trains two small models and runs two benches: about 20 s
