@@ -21,12 +21,13 @@ is one-hot at d_i, so d_i is accepted with probability p_i(d_i).
 
 A draft may also stop early, as llama.cpp's ``--draft-p-min`` and transformers' assistant
 confidence threshold do: before drawing d_i it looks at its own processed distribution, and
-when the largest probability there is below ``p_min`` the step verifies d_1..d_{i-1} and
-the target draws position i itself (with i = 1 the step is a plain one). The stop stays
-exact because whether a position is proposed depends only on what precedes d_i, and the
-acceptance rule gives position i the distribution p_i whether or not it is proposed.
-Dropping a d_i already drawn because q_i(d_i) is small would not: the proposals that
-survive are then drawn from q_i cut to its likely tokens, not from the q_i the rule divides by.
+when the largest probability there (`draft_confidence`) is below ``p_min`` the step verifies
+d_1..d_{i-1} and the target draws position i itself (with i = 1 the step is a plain one).
+The stop stays exact because whether position i is proposed depends only on the tokens
+before it, and given those the acceptance rule releases a token from p_i whether or not it
+is proposed. Dropping a d_i already drawn because q_i(d_i) is small would not: the proposals
+that survive are then drawn from q_i cut to its likely tokens, not from the q_i the rule
+divides by.
 
 Penalties depend on the tokens so far, so p_i and q_i are both computed with the
 penalty state that counts d_1..d_{i-1}. A strategy whose state changes with the sampled
@@ -211,7 +212,8 @@ class DraftProposer:
 
         Before drawing token i the draft reads its distribution there; with confidence
         (`draft_confidence`) below p_min it stops, and the proposal is the i - 1 tokens
-        before (none when i = 1). The draft's cache then holds its whole context."""
+        before (none when i = 1). After a stop the draft's cache already holds its whole
+        context, so `settle` has no token left to feed it."""
         trial = copy.deepcopy(penalties)  # counts the proposal tokens, position by position
         tokens, dists = [], []
         for _ in range(g):
