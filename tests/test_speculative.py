@@ -175,10 +175,11 @@ def small_pair():
     return target, draft
 
 
-def check_distribution(case: str, n: int) -> tuple[float, float]:
+def check_distribution(case: str, n: int, p_min: float = 0.0) -> tuple[float, float]:
     spec, source = DISTRIBUTION_CASES[case]
     target, draft = small_pair()
-    speculation = Speculation(draft=draft, gamma=2) if source == "draft" else Speculation(lookup=1, gamma=2)
+    speculation = (Speculation(draft=draft, gamma=2, p_min=p_min) if source == "draft"
+                   else Speculation(lookup=1, gamma=2))
     statistic, df = chi_squared(sampled_continuations(target, spec, speculation, n),
                                 exact_continuations(target, spec), n)
     return statistic, chi_squared_critical(df)
@@ -270,12 +271,8 @@ P_MIN = 0.39
 
 
 def test_speculative_sampling_with_a_p_min_keeps_the_distribution(proposals):
-    spec = DISTRIBUTION_CASES["top-k, penalties, draft"][0]
-    target, draft = small_pair()
-    n = 600
-    statistic, df = chi_squared(sampled_continuations(target, spec, Speculation(draft=draft, gamma=2, p_min=P_MIN), n),
-                                exact_continuations(target, spec), n)
-    assert statistic < chi_squared_critical(df)
+    statistic, critical = check_distribution("top-k, penalties, draft", 600, P_MIN)
+    assert statistic < critical
     assert 0 < stopped_early(proposals) < len(proposals)
 
 
@@ -301,12 +298,8 @@ class DropsUnlikelyProposals(DraftProposer):
 
 def test_dropping_a_drawn_proposal_for_its_low_probability_fails_the_distribution_test(monkeypatch):
     monkeypatch.setattr(speculative, "DraftProposer", DropsUnlikelyProposals)
-    spec = DISTRIBUTION_CASES["top-k, penalties, draft"][0]
-    target, draft = small_pair()
-    n = 600
-    statistic, df = chi_squared(sampled_continuations(target, spec, Speculation(draft=draft, gamma=2, p_min=P_MIN), n),
-                                exact_continuations(target, spec), n)
-    assert statistic > chi_squared_critical(df)
+    statistic, critical = check_distribution("top-k, penalties, draft", 600, P_MIN)
+    assert statistic > critical
 
 
 @pytest.mark.parametrize("spec", [GREEDY, DecodingSpec(temperature=0.9, top_k=10, repetition_penalty=1.3)])
