@@ -310,11 +310,17 @@ def add_speculation_flags(parser: argparse.ArgumentParser, serving: bool = False
                         "propose what followed the latest earlier occurrence of the last N tokens")
     parser.add_argument("--speculate", type=int, metavar="GAMMA", help="tokens proposed per step with --draft or "
                         f"--prompt-lookup (default {DEFAULT_GAMMA})")
+    parser.add_argument("--draft-p-min", type=float, metavar="P", help="with --draft: stop a step's proposal "
+                        "where the draft's most likely next token has probability below P (0 <= P < 1; the "
+                        "default 0 always proposes GAMMA tokens); the output distribution stays the model's")
 
 
 def speculation_from_args(args: argparse.Namespace, tokenizer: Tokenizer, device: torch.device) -> Speculation | None:
-    """The Speculation of --draft / --prompt-lookup / --speculate (None without them); the
-    draft is loaded here and must have the model's tokenizer."""
+    """The Speculation of --draft / --prompt-lookup / --speculate / --draft-p-min (None
+    without them); the draft is loaded here and must have the model's tokenizer."""
+    if args.draft_p_min is not None and args.draft is None:
+        raise UserError("--draft-p-min needs --draft (prompt lookup's proposals are deterministic: "
+                        "there is no draft confidence to measure)")
     if args.draft is None and args.prompt_lookup is None:
         if args.speculate is not None:
             raise UserError("--speculate needs --draft or --prompt-lookup (what proposes the tokens)")
@@ -330,7 +336,7 @@ def speculation_from_args(args: argparse.Namespace, tokenizer: Tokenizer, device
         return Speculation(lookup=args.prompt_lookup, gamma=gamma)
     draft, draft_tokenizer, _ = load_for_generation(args.draft, device)
     check_same_tokenizer(tokenizer, draft_tokenizer, args.draft)
-    return Speculation(draft=draft, gamma=gamma)
+    return Speculation(draft=draft, gamma=gamma, p_min=args.draft_p_min or 0.0)
 
 
 @torch.inference_mode()

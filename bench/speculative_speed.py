@@ -2,15 +2,18 @@
 
     python bench/speculative_speed.py [--target out/shakespeare_char_large/best.pt]
         [--draft out/shakespeare_char_draft/best.pt] [--tokens 200] [--gamma 4] [--lookup 3]
-        [--repeats 3] [--strategies greedy,sample] [--device cpu] [--out bench/results/speculative_speed.json]
+        [--repeats 3] [--p-min 0] [--strategies greedy,sample] [--device cpu]
+        [--out bench/results/speculative_speed.json]
 
 Batch 1, through `generate` (the events every reader gets). For each strategy, each
 repeat runs plain decoding, speculation with the draft and prompt lookup one after the
-other (alternating, same prompt, seed = repeat) and the table gives the median tokens/s
+other (alternating, same prompt, seed = repeat), with ``--p-min P`` > 0 also the draft
+with its confidence stop at P ("draft p-min"), and the table gives the median tokens/s
 of each and its ratio to plain. Then, untimed:
 
-* acceptance: the share of proposed tokens the target accepted and the mean tokens a
-  target pass released (accepted + its own), stepping the rows directly;
+* acceptance: the share of proposed tokens the target accepted, the mean tokens a
+  target pass released (accepted + its own) and the mean proposal length (proposed
+  tokens per target pass), stepping the rows directly;
 * greedy exactness: whether greedy speculation gave plain greedy's tokens, token for token;
 * where the time goes: median ms of one plain decode step of the target, one verify
   pass over gamma + 1 tokens, and one decode step of the draft, at the prompt's length.
@@ -72,7 +75,8 @@ def acceptance(model, tokenizer, spec, speculation, tokens: int, seeds: range) -
             made += len(step.tokens)
             proposed, accepted, passes = proposed + step.proposed, accepted + step.accepted, passes + 1
     return {"proposed": proposed, "accepted": accepted, "target_passes": passes,
-            "acceptance_rate": accepted / max(proposed, 1), "tokens_per_pass": (accepted + passes) / passes}
+            "acceptance_rate": accepted / max(proposed, 1), "tokens_per_pass": (accepted + passes) / passes,
+            "mean_proposal_length": proposed / passes}
 
 
 @torch.inference_mode()
@@ -113,6 +117,8 @@ def main() -> None:
     parser.add_argument("--gamma", type=int, default=4, help="proposal tokens per step")
     parser.add_argument("--lookup", type=int, default=3, help="prompt lookup's n-gram size")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each side per strategy; medians reported")
+    parser.add_argument("--p-min", type=float, default=0.0, help="with P > 0, one more side: the draft that stops "
+                        "proposing where its largest probability is below P (sample.py --draft-p-min); 0: no such side")
     parser.add_argument("--strategies", default="greedy,sample", help="strategy specs, comma-separated "
                         "(a spec with commas of its own: use ';' between specs)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -129,10 +135,13 @@ def main() -> None:
         check_same_tokenizer(tokenizer, draft_tokenizer, str(args.draft))
     sides = {"plain": None, "draft": Speculation(draft=draft, gamma=args.gamma),
              "prompt lookup": Speculation(lookup=args.lookup, gamma=args.gamma)}
+    if args.p_min > 0:
+        sides["draft p-min"] = Speculation(draft=draft, gamma=args.gamma, p_min=args.p_min)
     separator = ";" if ";" in args.strategies else ","
     specs = {text: parse_strategy_with_defaults(text) for text in args.strategies.split(separator)}
     print(f"target {model.summary()}\ndraft {draft.summary()}\nbatch 1, {args.tokens} tokens, gamma {args.gamma}, "
-          f"lookup n={args.lookup}, {torch.get_num_threads()} threads, {args.repeats} repeats", flush=True)
+          f"lookup n={args.lookup}, p-min {args.p_min}, {torch.get_num_threads()} threads, {args.repeats} repeats",
+          flush=True)
 
     results = {}
     for name, spec in specs.items():
@@ -154,14 +163,16 @@ def main() -> None:
                                       for side in sides), flush=True)
 
     times = step_times(model, draft, tokenizer, args.gamma)
-    print("\n| strategy | side | tokens/s | x plain | acceptance rate | tokens per target pass |\n|---|---|---|---|---|---|")
+    print("\n| strategy | side | tokens/s | x plain | acceptance rate | tokens per target pass | mean proposal length |"
+          "\n|---|---|---|---|---|---|---|")
     for name, row in results.items():
         for side in sides:
             figures = row["acceptance"].get(side)
             rate = f"{figures['acceptance_rate']:.1%}" if figures else "-"
             per_pass = f"{figures['tokens_per_pass']:.2f}" if figures else "1"
+            length = f"{figures['mean_proposal_length']:.2f}" if figures else "0"
             print(f"| {name} | {side} | {row['tokens_per_s'][side]:.1f} | {row['speedup'][side]:.2f} | {rate} | "
-                  f"{per_pass} |")
+                  f"{per_pass} | {length} |")
     for name, row in results.items():
         if "greedy_equals_plain" in row:
             print(f"{name}: the same tokens as plain decoding: {row['greedy_equals_plain']}")
@@ -170,7 +181,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "target": model.summary(), "draft": draft.summary(), "tiny": args.tiny, "batch_size": 1,
-        "tokens": args.tokens, "gamma": args.gamma, "lookup": args.lookup, "device": args.device,
+        "tokens": args.tokens, "gamma": args.gamma, "lookup": args.lookup, "p_min": args.p_min, "device": args.device,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(), "repeats": args.repeats,
         "results": results, "step_times": times,

@@ -19,6 +19,16 @@ proposals are accepted while the argmax agrees and the target's argmax ends the 
 so the text is plain greedy decoding's. Prompt lookup's proposal is deterministic: q_i
 is one-hot at d_i, so d_i is accepted with probability p_i(d_i).
 
+A draft may also stop early, as llama.cpp's ``--draft-p-min`` and transformers' assistant
+confidence threshold do: before drawing d_i it looks at its own processed distribution, and
+when the largest probability there (`draft_confidence`) is below ``p_min`` the step verifies
+d_1..d_{i-1} and the target draws position i itself (with i = 1 the step is a plain one).
+The stop stays exact because whether position i is proposed depends only on the tokens
+before it, and given those the acceptance rule releases a token from p_i whether or not it
+is proposed. Dropping a d_i already drawn because q_i(d_i) is small would not: the proposals
+that survive are then drawn from q_i cut to its likely tokens, not from the q_i the rule
+divides by.
+
 Penalties depend on the tokens so far, so p_i and q_i are both computed with the
 penalty state that counts d_1..d_{i-1}. A strategy whose state changes with the sampled
 token in other ways (a "stateful" sampler such as mirostat) has no fixed p_i to accept
@@ -65,11 +75,15 @@ class Speculation:
         target's strategy; or None, with ``lookup`` > 0: prompt lookup with n-grams of
         ``lookup`` tokens.
     gamma: proposal tokens per step (>= 1); a step releases at most gamma + 1 tokens.
+    p_min: the draft's confidence stop, in [0, 1): the draft proposes no further token once
+        its `draft_confidence` is below p_min (0: always gamma tokens). A draft only: prompt
+        lookup's proposal is deterministic, so it has no confidence to measure.
     """
 
     draft: GPT | None = None
     lookup: int = 0
     gamma: int = DEFAULT_GAMMA
+    p_min: float = 0.0
 
     def __post_init__(self) -> None:
         if (self.draft is None) == (self.lookup == 0):
@@ -82,6 +96,11 @@ class Speculation:
             # a draft that restarts its window mid-proposal must still hold the last accepted token
             raise UserError(f"gamma {self.gamma} is more than half the draft's context "
                             f"({self.draft.config.block_size} tokens)")
+        if not 0 <= self.p_min < 1:
+            raise UserError(f"the draft's p-min must be >= 0 and < 1 (0 is off), got {self.p_min}")
+        if self.p_min > 0 and self.draft is None:
+            raise UserError("p-min stops a draft model's proposal; prompt lookup's is deterministic, "
+                            "with no confidence to measure")
 
     def check(self, model: GPT, tokenizer: Tokenizer, spec: DecodingSpec, window: str, rows: int,
               max_new_tokens: int, longest_prompt: int) -> None:
@@ -166,29 +185,49 @@ def _draw(probs: torch.Tensor, generator: torch.Generator) -> int:
 # Proposal sources.
 
 
+def draft_confidence(processed: torch.Tensor) -> float:
+    """max_j softmax(processed)_j for one row of `process_logits` output (1, V): when
+    sampling, the largest probability of the distribution the draft draws from; for
+    greedy decoding, whose distribution is one-hot, the argmax's probability at
+    temperature 1 after the penalties (the softmax llama.cpp's and transformers' draft
+    confidence reads)."""
+    return float(torch.softmax(processed.to(torch.float64), dim=-1).max())
+
+
 class DraftProposer:
-    """Proposals sampled from a draft model, with the target's strategy and penalties.
+    """Proposals sampled from a draft model, with the target's strategy and penalties,
+    stopped early where the draft's confidence is below ``p_min`` (0: never).
 
     The draft's context holds the same tokens as the target's; its cache holds all but
     the last of them between steps."""
 
-    def __init__(self, draft: GPT, prompt: Sequence[int], spec: DecodingSpec, max_new_tokens: int, vocab: int):
+    def __init__(self, draft: GPT, prompt: Sequence[int], spec: DecodingSpec, max_new_tokens: int, vocab: int,
+                 p_min: float = 0.0):
         self.context = Context(draft, [list(prompt)], max_new_tokens, "shift")
-        self.spec, self.vocab = spec, vocab
+        self.spec, self.vocab, self.p_min = spec, vocab, p_min
 
     def propose(self, g: int, history: torch.Tensor, penalties: PenaltyState,
                 generator: torch.Generator) -> tuple[list[int], torch.Tensor]:
-        """Up to ``g`` tokens and the (g, V) float64 distributions each was drawn from."""
+        """Up to ``g`` tokens and the (len, V) float64 distributions each was drawn from.
+
+        Before drawing token i the draft reads its distribution there; with confidence
+        (`draft_confidence`) below p_min it stops, and the proposal is the i - 1 tokens
+        before (none when i = 1). After a stop the draft's cache already holds its whole
+        context, so `settle` has no token left to feed it."""
         trial = copy.deepcopy(penalties)  # counts the proposal tokens, position by position
         tokens, dists = [], []
         for _ in range(g):
             processed = trial.process(self.context.next_logits()[:, : self.vocab], self.spec)
+            if self.p_min > 0 and draft_confidence(processed) < self.p_min:
+                break
             q = sampling_distribution(processed, self.spec, torch.float64)[0]
             token = _draw(q, generator)
             tokens.append(token)
             dists.append(q)
             trial.add(torch.tensor([token], device=q.device))
             self.context.append(torch.tensor([token], device=q.device))
+        if not dists:
+            return [], torch.zeros(0, self.vocab, dtype=torch.float64, device=history.device)
         return tokens, torch.stack(dists)
 
     def settle(self, length: int, accepted: int, token: int) -> None:
@@ -268,7 +307,7 @@ class SpeculativeRow:
         self.spec, self.speculation, self.vocab = spec, speculation, vocab
         self.generator = torch.Generator(device=device).manual_seed(int(seed))
         self.penalties = PenaltyState(spec, [prompt], vocab, device)
-        self.proposer = (DraftProposer(speculation.draft, prompt, spec, max_new_tokens, vocab)
+        self.proposer = (DraftProposer(speculation.draft, prompt, spec, max_new_tokens, vocab, speculation.p_min)
                          if speculation.draft is not None else LookupProposer(speculation.lookup, vocab))
         context = self.context
         if context.length - context.window_start > 1:  # read all but the last token: the first step can speculate

@@ -4,6 +4,7 @@ out here by enumerating every continuation with uncached forward passes."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -13,11 +14,11 @@ import torch
 
 from model import speculative
 from model.config import ModelConfig
-from model.decoding import process_logits
+from model.decoding import process_logits, sampling_distribution
 from model.errors import UserError
 from model.generate import generate
 from model.gpt import GPT, KVCache
-from model.speculative import Speculation, SpeculativeRow, check_same_tokenizer, lookup_continuation
+from model.speculative import DraftProposer, Speculation, SpeculativeRow, check_same_tokenizer, lookup_continuation
 from model.strategy import DecodingSpec
 from model.tokenizer import CharTokenizer
 from tests.conftest import ROOT, one_line_error, run_cli
@@ -174,10 +175,11 @@ def small_pair():
     return target, draft
 
 
-def check_distribution(case: str, n: int) -> tuple[float, float]:
+def check_distribution(case: str, n: int, p_min: float = 0.0) -> tuple[float, float]:
     spec, source = DISTRIBUTION_CASES[case]
     target, draft = small_pair()
-    speculation = Speculation(draft=draft, gamma=2) if source == "draft" else Speculation(lookup=1, gamma=2)
+    speculation = (Speculation(draft=draft, gamma=2, p_min=p_min) if source == "draft"
+                   else Speculation(lookup=1, gamma=2))
     statistic, df = chi_squared(sampled_continuations(target, spec, speculation, n),
                                 exact_continuations(target, spec), n)
     return statistic, chi_squared_critical(df)
@@ -224,6 +226,118 @@ def test_a_broken_acceptance_rule_fails_the_distribution_test(monkeypatch, broke
     monkeypatch.setattr(speculative, "accept", broken)
     statistic, critical = check_distribution("top-k, penalties, draft", 800)
     assert statistic > critical
+
+
+# ----------------------------------------------------------------------------------------
+# The draft's confidence stop (p_min).
+
+
+@pytest.fixture
+def proposals(monkeypatch):
+    """Every draft proposal made while the test runs, as (tokens asked for, tokens proposed)."""
+    made = []
+    propose = DraftProposer.propose
+
+    def recorded(self, g, *args):
+        tokens, q = propose(self, g, *args)
+        assert q.shape == (len(tokens), self.vocab)
+        made.append((g, len(tokens)))
+        return tokens, q
+
+    monkeypatch.setattr(DraftProposer, "propose", recorded)
+    return made
+
+
+def stopped_early(made: list[tuple[int, int]]) -> int:
+    return sum(proposed < asked for asked, proposed in made)
+
+
+def test_greedy_speculation_with_a_p_min_gives_plain_greedys_tokens(proposals):
+    # the random draft's largest probability is 0.15-0.27 here: p_min 0.2 stops it about half the time
+    target = random_model(0, scale=8)
+    speculation = Speculation(draft=random_model(1, scale=8), gamma=3, p_min=0.2)
+    prompts = ["the cat sat on the mat. the cat", "a", "z" * 40]
+    for window in ("exact", "shift"):
+        plain = generate(target, TOKENIZER, prompts, GREEDY, max_new_tokens=50, window=window)
+        spec = generate(target, TOKENIZER, prompts, GREEDY, max_new_tokens=50, window=window, speculate=speculation)
+        assert [s.tokens for s in spec] == [s.tokens for s in plain]
+    assert 0 < stopped_early(proposals) < len(proposals)
+    assert any(proposed == 0 for _, proposed in proposals)  # a stop before the first proposal: a plain step
+
+
+# The draft of small_pair is at least this sure of its first token in the "top-k,
+# penalties" case (0.454), and below it at some of the second ones (0.35-0.4).
+P_MIN = 0.39
+
+
+def test_speculative_sampling_with_a_p_min_keeps_the_distribution(proposals):
+    statistic, critical = check_distribution("top-k, penalties, draft", 600, P_MIN)
+    assert statistic < critical
+    assert 0 < stopped_early(proposals) < len(proposals)
+
+
+class DropsUnlikelyProposals(DraftProposer):
+    """A broken stop: it draws d_i, then drops it (and stops) when q_i(d_i) < p_min. The
+    decision then depends on d_i itself, so the proposals kept are not draws from q_i."""
+
+    def propose(self, g, history, penalties, generator):
+        trial = copy.deepcopy(penalties)
+        tokens, dists = [], []
+        for _ in range(g):
+            processed = trial.process(self.context.next_logits()[:, : self.vocab], self.spec)
+            q = sampling_distribution(processed, self.spec, torch.float64)[0]
+            token = speculative._draw(q, generator)
+            if q[token] < self.p_min:
+                break
+            tokens.append(token)
+            dists.append(q)
+            trial.add(torch.tensor([token]))
+            self.context.append(torch.tensor([token]))
+        return tokens, torch.stack(dists) if dists else torch.zeros(0, self.vocab, dtype=torch.float64)
+
+
+def test_dropping_a_drawn_proposal_for_its_low_probability_fails_the_distribution_test(monkeypatch):
+    monkeypatch.setattr(speculative, "DraftProposer", DropsUnlikelyProposals)
+    statistic, critical = check_distribution("top-k, penalties, draft", 600, P_MIN)
+    assert statistic > critical
+
+
+@pytest.mark.parametrize("spec", [GREEDY, DecodingSpec(temperature=0.9, top_k=10, repetition_penalty=1.3)])
+def test_a_p_min_near_one_proposes_nothing_and_decodes_as_plain_decoding(proposals, spec):
+    # With no proposal each step draws one token from p with the row's generator, as plain
+    # decoding does: the same tokens for the same seed, sampling included.
+    target = random_model(0, scale=8)
+    options = dict(max_new_tokens=20, seed=5, num_samples=1 if spec.is_greedy else 2)
+    plain = generate(target, TOKENIZER, ["the cat", "a"], spec, **options)
+    speculation = Speculation(draft=target, gamma=3, p_min=0.999)
+    spec_samples = generate(target, TOKENIZER, ["the cat", "a"], spec, speculate=speculation, **options)
+    assert [s.tokens for s in spec_samples] == [s.tokens for s in plain]
+    for a, b in zip(plain, spec_samples):
+        assert b.logprobs == pytest.approx(a.logprobs, abs=1e-9)
+    assert proposals and all(proposed == 0 for _, proposed in proposals)
+
+
+def test_steps_of_an_identical_draft_with_a_p_min_accept_what_it_proposes(proposals):
+    # The target as its own draft accepts every proposal; p_min 0.2 (its confidence is
+    # 0.13-0.27 here) makes steps of none, some and all of the gamma proposals.
+    # Each step releases its proposals and one token, and the draft's context follows.
+    target = random_model(0, scale=4)
+    spec = DecodingSpec(temperature=0.9, top_k=10, repetition_penalty=1.3)
+    row = SpeculativeRow(target, TOKENIZER.encode("hello"), spec, Speculation(draft=target, gamma=4, p_min=0.2),
+                         seed=3, window="exact", max_new_tokens=25, vocab=TOKENIZER.vocab_size)
+    made = 0
+    while made < 25:
+        step = row.step(25 - made)
+        assert step.accepted == step.proposed and len(step.tokens) == step.proposed + 1
+        made += len(step.tokens)
+        draft = row.proposer.context
+        assert draft.length == row.context.length == 5 + made
+        assert torch.equal(draft.tokens[:, : draft.length], row.context.tokens[:, : row.context.length])
+        assert draft.cache.length == draft.length - 1  # the cache lags the context by one token between steps
+    assert made == 25
+    assert [asked for asked, _ in proposals if asked] and all(0 <= proposed <= asked for asked, proposed in proposals)
+    assert {"none", "some", "all"} <= {"none" if proposed == 0 else "all" if proposed == asked else "some"
+                                        for asked, proposed in proposals}
 
 
 # ----------------------------------------------------------------------------------------
@@ -289,6 +403,11 @@ def test_bad_speculation_settings_are_refused():
         Speculation(lookup=2, gamma=0)
     with pytest.raises(UserError, match="more than half the draft's context"):
         Speculation(draft=random_model(1, block_size=8), gamma=5)
+    for p_min in (-0.1, 1.0, 1.5, math.nan):
+        with pytest.raises(UserError, match="p-min must be >= 0 and < 1"):
+            Speculation(draft=random_model(1), p_min=p_min)
+    with pytest.raises(UserError, match="prompt lookup's is deterministic"):
+        Speculation(lookup=2, p_min=0.3)
     with pytest.raises(UserError, match="fewer than the tokenizer's"):
         generate(random_model(0), TOKENIZER, ["ab"], GREEDY, max_new_tokens=4,
                  speculate=Speculation(draft=random_model(1, vocab=10)))
@@ -308,9 +427,19 @@ def test_generate_with_a_draft_or_prompt_lookup_prints_plain_greedys_text(tiny_c
               "--device", "cpu"]
     assert sample.main(common) == 0
     plain = capsys.readouterr().out
-    for extra in (["--draft", str(tiny_checkpoint), "--speculate", "3"], ["--prompt-lookup", "2"]):
+    for extra in (["--draft", str(tiny_checkpoint), "--speculate", "3"], ["--prompt-lookup", "2"],
+                  ["--draft", str(tiny_checkpoint), "--draft-p-min", "0.5"]):
         assert sample.main([*common, *extra]) == 0
         assert capsys.readouterr().out == plain
+
+
+def test_serve_takes_the_draft_p_min_as_generate_does(tiny_checkpoint, loaded):
+    import sample
+
+    _, tokenizer = loaded
+    args = sample.parse_args(["serve", str(tiny_checkpoint), "--draft", str(tiny_checkpoint), "--draft-p-min", "0.4"])
+    speculation = sample.speculation_from_args(args, tokenizer, torch.device("cpu"))
+    assert speculation.p_min == 0.4 and speculation.draft is not None
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -319,11 +448,15 @@ def test_generate_with_a_draft_or_prompt_lookup_prints_plain_greedys_text(tiny_c
     (["--prompt-lookup", "2", "--strategy", "beam"], "cannot speculate: beam search"),
     (["--prompt-lookup", "0"], "--prompt-lookup must be >= 1"),
     (["--prompt-lookup", "2", "--speculate", "0"], "--speculate must be >= 1"),
+    (["--prompt-lookup", "2", "--draft-p-min", "0.3"], "--draft-p-min needs --draft"),
+    (["--draft-p-min", "0.3"], "--draft-p-min needs --draft"),
+    (["--draft", "SELF", "--draft-p-min", "1"], "p-min must be >= 0 and < 1"),
 ])
 def test_generate_refuses_bad_speculation_flags_in_one_line(tiny_checkpoint, capsys, extra, message):
     import sample
 
     capsys.readouterr()
+    extra = [str(tiny_checkpoint) if word == "SELF" else word for word in extra]
     assert sample.main([str(tiny_checkpoint), "--max-new-tokens", "5", "--device", "cpu", *extra]) == 2
     assert message in one_line_error(capsys.readouterr().err)
 
@@ -366,13 +499,16 @@ def test_the_server_with_a_draft_completes_as_plain_greedy(loaded):
 
 def test_speculative_speed_bench_runs(tmp_path):
     out = tmp_path / "speculative_speed.json"
-    result = run_cli("bench/speculative_speed.py", "--tiny", "--tokens", "24", "--repeats", "1", "--out", str(out),
-                     timeout=120)
+    result = run_cli("bench/speculative_speed.py", "--tiny", "--tokens", "24", "--repeats", "1", "--p-min", "0.04",
+                     "--out", str(out), timeout=120)
     assert result.returncode == 0, result.stderr
     saved = json.loads(out.read_text())
     greedy = saved["results"]["greedy"]
-    assert greedy["greedy_equals_plain"] == {"plain": True, "draft": True, "prompt lookup": True}
-    assert set(greedy["tokens_per_s"]) == {"plain", "draft", "prompt lookup"}
+    assert greedy["greedy_equals_plain"] == {"plain": True, "draft": True, "prompt lookup": True, "draft p-min": True}
+    assert set(greedy["tokens_per_s"]) == {"plain", "draft", "prompt lookup", "draft p-min"}
     assert all(rate > 0 for rate in greedy["tokens_per_s"].values())
-    figures = saved["results"]["sample"]["acceptance"]["draft"]
-    assert 0 <= figures["accepted"] <= figures["proposed"] and figures["target_passes"] > 0
+    for side in ("draft", "draft p-min"):
+        figures = saved["results"]["sample"]["acceptance"][side]
+        assert 0 <= figures["accepted"] <= figures["proposed"] and figures["target_passes"] > 0
+        assert figures["mean_proposal_length"] == pytest.approx(figures["proposed"] / figures["target_passes"])
+        assert 0 <= figures["mean_proposal_length"] <= saved["gamma"]
