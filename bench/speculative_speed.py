@@ -15,8 +15,11 @@ of each and its ratio to plain. Then, untimed:
   target pass released (accepted + its own) and the mean proposal length (proposed
   tokens per target pass), stepping the rows directly;
 * greedy exactness: whether greedy speculation gave plain greedy's tokens, token for token;
-* where the time goes: median ms of one plain decode step of the target, one verify
-  pass over gamma + 1 tokens, and one decode step of the draft, at the prompt's length.
+* where the time goes: median ms of a target pass over 1 .. gamma + 1 tokens (a plain
+  step; a verify pass) and of a draft step, warm and alternating (`pass_times`); with
+  them, for each side, the models' time a pass against the measured time a pass, and
+  the model-time bound: the speed-up the models' time alone allows (`model_time_bound`),
+  which says how much of the gap to a goal is the loop and how much the passes' cost.
 
 ``--tiny`` builds two small random models instead of reading checkpoints: a smoke run of
 every measurement, not a measurement. The machine is shared: compare figures of one run.
@@ -29,6 +32,7 @@ import json
 import platform
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -36,10 +40,12 @@ import torch
 from model.checkpoint import load_for_generation
 from model.config import ModelConfig
 from model.generate import Context, generate
-from model.gpt import GPT
+from model.gpt import GPT, KVCache
 from model.speculative import Speculation, SpeculativeRow, check_same_tokenizer
 from model.strategy import parse_strategy_with_defaults
 from model.tokenizer import CharTokenizer
+
+from clock import timer  # bench/clock.py, beside this file
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "ROMEO:\nI will not speak of it; but, good my lord,\n"
@@ -66,6 +72,7 @@ def acceptance(model, tokenizer, spec, speculation, tokens: int, seeds: range) -
     """Proposed and accepted tokens and target passes over ``tokens`` tokens a seed
     (end-of-text does not stop these rows)."""
     proposed = accepted = passes = 0
+    by_proposals: Counter[int] = Counter()
     for seed in seeds:
         row = SpeculativeRow(model, tokenizer.encode(PROMPT), spec, speculation, seed, "exact", tokens,
                              tokenizer.vocab_size)
@@ -74,37 +81,54 @@ def acceptance(model, tokenizer, spec, speculation, tokens: int, seeds: range) -
             step = row.step(tokens - made)
             made += len(step.tokens)
             proposed, accepted, passes = proposed + step.proposed, accepted + step.accepted, passes + 1
+            by_proposals[step.proposed] += 1
     return {"proposed": proposed, "accepted": accepted, "target_passes": passes,
+            "passes_by_proposals": dict(sorted(by_proposals.items())),
             "acceptance_rate": accepted / max(proposed, 1), "tokens_per_pass": (accepted + passes) / passes,
             "mean_proposal_length": proposed / passes}
 
 
 @torch.inference_mode()
-def step_times(model: GPT, draft: GPT | None, tokenizer, gamma: int, repeats: int = 30) -> dict:
-    """Median ms of a target decode step, a target verify pass of gamma + 1 tokens, a draft decode step."""
-    prompt = tokenizer.encode(PROMPT)
-
-    def median_ms(run) -> float:
-        times = []
-        for _ in range(repeats):
-            context = Context(run[0], [prompt], gamma + 2, "exact")
-            context.next_logits()  # prefill, not timed
-            context.append(torch.tensor([prompt[-1]], device=context.tokens.device))
-            started = time.perf_counter()
-            run[1](context)
-            times.append(time.perf_counter() - started)
-        return 1000 * statistics.median(times)
-
-    def verify(context: Context) -> None:
-        for token in prompt[:gamma]:
-            context.append(torch.tensor([token], device=context.tokens.device))
-        context.model(context.tokens[:, context.length - gamma - 1 : context.length], cache=context.cache)
-
-    result = {"target_step_ms": median_ms((model, Context.next_logits)),
-              f"target_verify_{gamma + 1}_tokens_ms": median_ms((model, verify))}
+def pass_times(model: GPT, draft: GPT | None, tokenizer, gamma: int, repeats: int = 30) -> dict:
+    """Median ms of a target pass over t = 1 .. gamma + 1 tokens (t = 1: a plain decode
+    step; t = k + 1: the verify pass after k proposals) and of a draft decode step, each
+    after the same cached context (the prompt but its last gamma + 1 tokens), warm: each
+    model's context is prefilled once, each timed pass is rolled back off its cache, and
+    the passes alternate within each repeat, as they alternate in speculation."""
+    device = next(model.parameters()).device
+    clock = timer(device)
+    ids = torch.tensor([tokenizer.encode(PROMPT)], device=device)
+    cached = ids.size(1) - gamma - 1
+    nets = {"target": model} | ({"draft": draft} if draft is not None else {})
+    caches = {name: KVCache(net.config, 1, net.config.block_size, device) for name, net in nets.items()}
+    for name, net in nets.items():
+        net(ids[:, :cached], cache=caches[name], last_only=True)
+    runs = {f"target_{t}_tokens_ms": ("target", t) for t in range(1, gamma + 2)}
     if draft is not None:
-        result["draft_step_ms"] = median_ms((draft, Context.next_logits))
-    return result
+        runs["draft_step_ms"] = ("draft", 1)
+    times = {key: [] for key in runs}
+    for _ in range(repeats):
+        for key, (name, t) in runs.items():
+            started = clock()
+            nets[name](ids[:, cached : cached + t], cache=caches[name], last_only=t == 1)
+            times[key].append(clock() - started)
+            caches[name].rollback(cached)
+    return {key: 1000 * statistics.median(values) for key, values in times.items()}
+
+
+def model_time_bound(figures: dict, times: dict, drafted: bool) -> dict:
+    """What the models' time alone allows a speculative side: each target pass costs the
+    pass over its own proposal length + 1 tokens (`pass_times`), plus one draft step a
+    proposal for a draft (its catch-up step after a fully accepted proposal not counted,
+    so the bound is a little generous), weighted by how often each length occurred.
+    Returns that model time a pass, the measured time a pass, and the bound: the speed-up
+    over plain decoding's model time (one single-token pass a token) if the loop around
+    the models cost nothing."""
+    passes = sum(figures["passes_by_proposals"].values())
+    model_ms = sum(count * (times[f"target_{k + 1}_tokens_ms"] + (k * times["draft_step_ms"] if drafted else 0))
+                   for k, count in figures["passes_by_proposals"].items()) / passes
+    return {"model_ms_per_pass": model_ms,
+            "bound": figures["tokens_per_pass"] * times["target_1_tokens_ms"] / model_ms}
 
 
 def main() -> None:
@@ -162,21 +186,29 @@ def main() -> None:
         print(f"{name}: " + ", ".join(f"{side} {medians[side]:.1f} tokens/s ({medians[side] / medians['plain']:.2f}x)"
                                       for side in sides), flush=True)
 
-    times = step_times(model, draft, tokenizer, args.gamma)
-    print("\n| strategy | side | tokens/s | x plain | acceptance rate | tokens per target pass | mean proposal length |"
-          "\n|---|---|---|---|---|---|---|")
+    times = pass_times(model, draft, tokenizer, args.gamma)
+    for row in results.values():
+        for side, figures in row["acceptance"].items():
+            figures |= model_time_bound(figures, times, sides[side].draft is not None)
+            figures["measured_ms_per_pass"] = 1000 * figures["tokens_per_pass"] / row["tokens_per_s"][side]
+    print("\n| strategy | side | tokens/s | x plain | acceptance rate | tokens per target pass | mean proposal length "
+          "| ms a pass, models | ms a pass, measured | model-time bound |\n|---|---|---|---|---|---|---|---|---|---|")
     for name, row in results.items():
+        plain_ms = 1000 / row["tokens_per_s"]["plain"]
         for side in sides:
             figures = row["acceptance"].get(side)
-            rate = f"{figures['acceptance_rate']:.1%}" if figures else "-"
-            per_pass = f"{figures['tokens_per_pass']:.2f}" if figures else "1"
-            length = f"{figures['mean_proposal_length']:.2f}" if figures else "0"
-            print(f"| {name} | {side} | {row['tokens_per_s'][side]:.1f} | {row['speedup'][side]:.2f} | {rate} | "
-                  f"{per_pass} | {length} |")
+            if figures:
+                print(f"| {name} | {side} | {row['tokens_per_s'][side]:.1f} | {row['speedup'][side]:.2f} | "
+                      f"{figures['acceptance_rate']:.1%} | {figures['tokens_per_pass']:.2f} | "
+                      f"{figures['mean_proposal_length']:.2f} | {figures['model_ms_per_pass']:.2f} | "
+                      f"{figures['measured_ms_per_pass']:.2f} | {figures['bound']:.2f}x |")
+            else:
+                print(f"| {name} | {side} | {row['tokens_per_s'][side]:.1f} | 1.00 | - | 1 | 0 | "
+                      f"{times['target_1_tokens_ms']:.2f} | {plain_ms:.2f} | 1.00x |")
     for name, row in results.items():
         if "greedy_equals_plain" in row:
             print(f"{name}: the same tokens as plain decoding: {row['greedy_equals_plain']}")
-    print("where the time goes: " + ", ".join(f"{key} {value:.2f}" for key, value in times.items()))
+    print("model passes, median ms (warm, alternating): " + ", ".join(f"{key} {value:.2f}" for key, value in times.items()))
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
@@ -184,7 +216,7 @@ def main() -> None:
         "tokens": args.tokens, "gamma": args.gamma, "lookup": args.lookup, "p_min": args.p_min, "device": args.device,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(), "repeats": args.repeats,
-        "results": results, "step_times": times,
+        "results": results, "pass_times": times,
     }, indent=2) + "\n")
     print(f"\nwrote {args.out}")
 

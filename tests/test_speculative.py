@@ -512,3 +512,26 @@ def test_speculative_speed_bench_runs(tmp_path):
         assert 0 <= figures["accepted"] <= figures["proposed"] and figures["target_passes"] > 0
         assert figures["mean_proposal_length"] == pytest.approx(figures["proposed"] / figures["target_passes"])
         assert 0 <= figures["mean_proposal_length"] <= saved["gamma"]
+    passes = saved["results"]["sample"]["acceptance"]["draft"]
+    histogram = {int(k): count for k, count in passes["passes_by_proposals"].items()}
+    assert sum(histogram.values()) == passes["target_passes"]
+    assert sum(k * count for k, count in histogram.items()) == passes["proposed"]
+    assert set(saved["pass_times"]) == {f"target_{t}_tokens_ms" for t in range(1, saved["gamma"] + 2)} | {"draft_step_ms"}
+    assert passes["model_ms_per_pass"] > 0 and passes["measured_ms_per_pass"] > 0 and passes["bound"] > 0
+
+
+def test_the_model_time_bound_weighs_each_pass_by_its_own_length():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from speculative_speed import model_time_bound
+
+    # one plain pass (2 ms) and three passes of 4 proposals (a 5-token pass of 3 ms and
+    # four 0.5 ms draft steps each): (2 + 3 * (3 + 2)) / 4 = 4.25 ms a pass; 3 tokens a
+    # pass against 2 ms a token plain: 6 / 4.25
+    figures = {"passes_by_proposals": {0: 1, 4: 3}, "tokens_per_pass": 3.0}
+    times = {"target_1_tokens_ms": 2.0, "target_5_tokens_ms": 3.0, "draft_step_ms": 0.5}
+    assert model_time_bound(figures, times, drafted=True) == pytest.approx({"model_ms_per_pass": 4.25,
+                                                                             "bound": 6 / 4.25})
+    # prompt lookup has no draft steps: (2 + 3 * 3) / 4
+    assert model_time_bound(figures, times, drafted=False)["model_ms_per_pass"] == pytest.approx(11 / 4)
