@@ -16,7 +16,8 @@ of each and its ratio to plain. Then, untimed:
   tokens per target pass), stepping the rows directly;
 * greedy exactness: whether greedy speculation gave plain greedy's tokens, token for token;
 * where the time goes: median ms of a target pass over 1 .. gamma + 1 tokens (a plain
-  step; a verify pass) and of a draft step, warm and alternating (`pass_times`); with
+  step; a verify pass) and of a draft step, warm and alternating, averaged over the
+  start, middle and end of a generation's context (`pass_times`); with
   them, for each side, the models' time a pass against the measured time a pass, and
   the model-time bound: the speed-up the models' time alone allows (`model_time_bound`),
   which says how much of the gap to a goal is the loop and how much the passes' cost.
@@ -89,31 +90,38 @@ def acceptance(model, tokenizer, spec, speculation, tokens: int, seeds: range) -
 
 
 @torch.inference_mode()
-def pass_times(model: GPT, draft: GPT | None, tokenizer, gamma: int, repeats: int = 30) -> dict:
+def pass_times(model: GPT, draft: GPT | None, tokenizer, gamma: int, tokens: int, repeats: int = 20) -> dict:
     """Median ms of a target pass over t = 1 .. gamma + 1 tokens (t = 1: a plain decode
-    step; t = k + 1: the verify pass after k proposals) and of a draft decode step, each
-    after the same cached context (the prompt but its last gamma + 1 tokens), warm: each
-    model's context is prefilled once, each timed pass is rolled back off its cache, and
-    the passes alternate within each repeat, as they alternate in speculation."""
+    step; t = k + 1: the verify pass after k proposals) and of a draft decode step, warm:
+    each model's cache is filled once, each timed pass is rolled back off it, and the
+    passes alternate within each repeat, as they alternate in speculation. A pass costs
+    more as the context grows, so this is done after the prompt, halfway through the
+    ``tokens`` new tokens and at their end (within the context), and the three medians
+    are averaged: the mean cost over a generation."""
     device = next(model.parameters()).device
     clock = timer(device)
-    ids = torch.tensor([tokenizer.encode(PROMPT)], device=device)
-    cached = ids.size(1) - gamma - 1
+    prompt = tokenizer.encode(PROMPT)
+    longest = min(len(prompt) + tokens, model.config.block_size) - gamma - 1
+    ids = torch.tensor([(prompt * (longest // len(prompt) + 2))[: longest + gamma + 1]], device=device)
     nets = {"target": model} | ({"draft": draft} if draft is not None else {})
-    caches = {name: KVCache(net.config, 1, net.config.block_size, device) for name, net in nets.items()}
-    for name, net in nets.items():
-        net(ids[:, :cached], cache=caches[name], last_only=True)
     runs = {f"target_{t}_tokens_ms": ("target", t) for t in range(1, gamma + 2)}
     if draft is not None:
         runs["draft_step_ms"] = ("draft", 1)
-    times = {key: [] for key in runs}
-    for _ in range(repeats):
-        for key, (name, t) in runs.items():
-            started = clock()
-            nets[name](ids[:, cached : cached + t], cache=caches[name], last_only=t == 1)
-            times[key].append(clock() - started)
-            caches[name].rollback(cached)
-    return {key: 1000 * statistics.median(values) for key, values in times.items()}
+    medians = {key: [] for key in runs}
+    for cached in sorted({min(len(prompt), longest), (len(prompt) + longest) // 2, longest}):
+        caches = {name: KVCache(net.config, 1, net.config.block_size, device) for name, net in nets.items()}
+        for name, net in nets.items():
+            net(ids[:, :cached], cache=caches[name], last_only=True)
+        times = {key: [] for key in runs}
+        for _ in range(repeats):
+            for key, (name, t) in runs.items():
+                started = clock()
+                nets[name](ids[:, cached : cached + t], cache=caches[name], last_only=t == 1)
+                times[key].append(clock() - started)
+                caches[name].rollback(cached)
+        for key, values in times.items():
+            medians[key].append(statistics.median(values))
+    return {key: 1000 * statistics.mean(values) for key, values in medians.items()}
 
 
 def model_time_bound(figures: dict, times: dict, drafted: bool) -> dict:
@@ -186,7 +194,7 @@ def main() -> None:
         print(f"{name}: " + ", ".join(f"{side} {medians[side]:.1f} tokens/s ({medians[side] / medians['plain']:.2f}x)"
                                       for side in sides), flush=True)
 
-    times = pass_times(model, draft, tokenizer, args.gamma)
+    times = pass_times(model, draft, tokenizer, args.gamma, args.tokens)
     for row in results.values():
         for side, figures in row["acceptance"].items():
             figures |= model_time_bound(figures, times, sides[side].draft is not None)
