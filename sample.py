@@ -47,7 +47,7 @@ from model.export import export_gpt2_folder
 from model.generate import (
     WINDOW_MODES, Event, Sample, encode_prompt, generate_events, long_prompt_note, new_samples,
 )
-from model.speculative import DEFAULT_GAMMA, Speculation, check_same_tokenizer
+from model.speculative import DEFAULT_GAMMA, Speculation, check_p_min, check_same_tokenizer
 from model.score import TextScore, score_tokens, token_byte_lengths, windows
 from model.strategy import (
     CHAIN_ORDERS, DEFAULT_ORDER, DecodingSpec, chain_order_text, parse_strategy_with_defaults, strategy_kind,
@@ -311,8 +311,9 @@ def add_speculation_flags(parser: argparse.ArgumentParser, serving: bool = False
     parser.add_argument("--speculate", type=int, metavar="GAMMA", help="tokens proposed per step with --draft or "
                         f"--prompt-lookup (default {DEFAULT_GAMMA})")
     parser.add_argument("--draft-p-min", type=float, metavar="P", help="with --draft: stop a step's proposal "
-                        "where the draft's most likely next token has probability below P (0 <= P < 1; the "
-                        "default 0 always proposes GAMMA tokens); the output distribution stays the model's")
+                        "where the draft's most likely next token has probability below P (with greedy decoding: "
+                        "its probability at temperature 1; 0 <= P < 1; the default 0 always proposes GAMMA tokens); "
+                        "the output distribution stays the model's")
 
 
 def speculation_from_args(args: argparse.Namespace, tokenizer: Tokenizer, device: torch.device) -> Speculation | None:
@@ -321,6 +322,8 @@ def speculation_from_args(args: argparse.Namespace, tokenizer: Tokenizer, device
     if args.draft_p_min is not None and args.draft is None:
         raise UserError("--draft-p-min needs --draft (prompt lookup's proposals are deterministic: "
                         "there is no draft confidence to measure)")
+    if args.draft_p_min is not None:
+        check_p_min(args.draft_p_min, "--draft-p-min")  # before the draft is loaded
     if args.draft is None and args.prompt_lookup is None:
         if args.speculate is not None:
             raise UserError("--speculate needs --draft or --prompt-lookup (what proposes the tokens)")

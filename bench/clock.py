@@ -1,8 +1,9 @@
 """The benches' clock: time.perf_counter read after the device has finished its work.
 
-CUDA runs kernels asynchronously, so a clock read right after a call measures when the
-work was queued, not when it was done. ``timer(device)`` waits for the device
-(torch.cuda.synchronize) before each reading; elsewhere it is time.perf_counter itself.
+CUDA (and Apple's MPS) run kernels asynchronously, so a clock read right after a call
+measures when the work was queued, not when it was done. ``timer(device)`` waits for the
+device (torch.cuda.synchronize, torch.mps.synchronize) before each reading; on the CPU it
+is time.perf_counter itself.
 Only the standard library at import (torch when a CUDA timer is asked for), so that
 bench/hf_side.py can use it in the transformers venv as well as our side does.
 """
@@ -15,12 +16,15 @@ from typing import Callable
 
 def timer(device) -> Callable[[], float]:
     """time.perf_counter, after ``device`` (a torch.device) has finished its queued work."""
-    if device.type != "cuda":
+    if device.type not in ("cuda", "mps"):
         return time.perf_counter
     import torch
 
     def synchronized() -> float:
-        torch.cuda.synchronize(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        else:
+            torch.mps.synchronize()
         return time.perf_counter()
     return synchronized
 

@@ -17,11 +17,7 @@
 # comparison with the tiny model of sample_speed.py --tiny: a check that the script itself
 # works, on any machine. Work files go to a temporary folder.
 #
-# Expected on one H200 (estimates, not measurements; the script has not run on a GPU yet):
-# prepare ~5 s; train the target, 300 steps ~60-90 s (torch.compile's first steps are most of
-# it; max_seconds=100 caps each run); train the draft ~40-60 s (compile again); sample ~10 s;
-# decode speed ~60 s (two vocabularies, each starting a transformers side: ~10 s of imports
-# and CUDA start-up each); speculative decoding ~30 s. About 3.5-4.5 minutes in all.
+# Meant to take under 5 minutes on one GPU; not yet run on one (bench/README.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -53,8 +49,8 @@ if [ "$DEVICE" = cuda ]; then
 else
     HF_SIDE=${HF_PYTHON:-.venv-hf/bin/python}
 fi
-if ! "$HF_SIDE" -c "import torch, transformers" 2>/dev/null; then
-    echo "note: $HF_SIDE cannot import torch and transformers: the decode step skips the comparison with transformers"
+if ! "$HF_SIDE" -c "import torch, transformers; assert '$DEVICE' == 'cpu' or torch.cuda.is_available()" 2>/dev/null; then
+    echo "note: $HF_SIDE cannot import torch and transformers, or sees no $DEVICE device: the decode step skips the comparison with transformers"
     HF_SIDE=none
 fi
 step "prepare"

@@ -70,6 +70,7 @@ from hf_client import DEFAULT_HF_PYTHON, HuggingFaceSide  # bench/hf_client.py, 
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = dict(block_size=256, n_layer=6, n_head=6, n_embd=384)
+READS_PER_TIMING = 20  # on a GPU: sums per clock reading of streaming_read_bandwidth
 TINY = dict(block_size=32, n_layer=2, n_head=2, n_embd=32)  # --tiny: a smoke run of every code path
 
 
@@ -102,12 +103,17 @@ def describe_precision(precision: dict) -> str:
 
 def tokens_per_second(model, new_tokens: int, window: str, repeats: int, first_seed: int = 0) -> float:
     """The token loop (model, strategy, sampling), without stopping at end-of-text:
-    random weights would end samples at random lengths."""
+    random weights would end samples at random lengths. Each step's token is read back,
+    as every reader of the loop (the events) does: on CUDA that waits for the step, as
+    transformers' generate() does, instead of queueing the whole generation ahead."""
     clock = timer(next(model.parameters()).device)
     rates = []
     for repeat in range(first_seed, first_seed + repeats):
         started = clock()
-        steps = sum(1 for _ in decode_steps(model, [[0]], DecodingSpec(), new_tokens, [repeat], window=window))
+        steps = 0
+        for step in decode_steps(model, [[0]], DecodingSpec(), new_tokens, [repeat], window=window):
+            int(step.tokens[0])
+            steps += 1
         rates.append(steps / (clock() - started))
     return statistics.median(rates)
 
@@ -156,14 +162,18 @@ def bytes_per_decode_step(model: GPT, context: float, cache_dtype: torch.dtype =
 def streaming_read_bandwidth(data: torch.Tensor, passes: int = 5) -> float:
     """Bytes/s of ``data.sum()`` (with torch's threads), median of ``passes`` after one
     untimed pass: a read that streams from memory when ``data`` is larger than the
-    last-level cache, the same access pattern as a matrix-vector product's weights."""
+    last-level cache, the same access pattern as a matrix-vector product's weights. On a
+    GPU each timing covers READS_PER_TIMING sums, so that a read of a few MB (microseconds
+    there) is not lost in the launch and the synchronisation around it."""
     clock = timer(data.device)
+    reads = 1 if data.device.type == "cpu" else READS_PER_TIMING
     data.sum()
     times = []
     for _ in range(passes):
         started = clock()
-        data.sum()
-        times.append(clock() - started)
+        for _ in range(reads):
+            data.sum()
+        times.append((clock() - started) / reads)
     return data.nbytes / statistics.median(times)
 
 

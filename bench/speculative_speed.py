@@ -70,21 +70,32 @@ def timed(model, tokenizer, spec, tokens: int, seed: int, speculation) -> tuple[
 
 
 def acceptance(model, tokenizer, spec, speculation, tokens: int, seeds: range) -> dict:
-    """Proposed and accepted tokens and target passes over ``tokens`` tokens a seed
-    (end-of-text does not stop these rows)."""
+    """Proposed and accepted tokens, target passes (and how many had each proposal length)
+    and the draft's one-token steps (every proposal's, those stopped by p-min and the
+    catch-up steps; its prefills not counted) over ``tokens`` tokens a seed (end-of-text
+    does not stop these rows)."""
     proposed = accepted = passes = 0
     by_proposals: Counter[int] = Counter()
-    for seed in seeds:
-        row = SpeculativeRow(model, tokenizer.encode(PROMPT), spec, speculation, seed, "exact", tokens,
-                             tokenizer.vocab_size)
-        made = 0
-        while made < tokens:
-            step = row.step(tokens - made)
-            made += len(step.tokens)
-            proposed, accepted, passes = proposed + step.proposed, accepted + step.accepted, passes + 1
-            by_proposals[step.proposed] += 1
+    draft_steps = Counter()
+    hook = None
+    if speculation.draft is not None:
+        hook = speculation.draft.register_forward_pre_hook(
+            lambda module, inputs: draft_steps.update(steps=int(inputs[0].size(1) == 1)))
+    try:
+        for seed in seeds:
+            row = SpeculativeRow(model, tokenizer.encode(PROMPT), spec, speculation, seed, "exact", tokens,
+                                 tokenizer.vocab_size)
+            made = 0
+            while made < tokens:
+                step = row.step(tokens - made)
+                made += len(step.tokens)
+                proposed, accepted, passes = proposed + step.proposed, accepted + step.accepted, passes + 1
+                by_proposals[step.proposed] += 1
+    finally:
+        if hook is not None:
+            hook.remove()
     return {"proposed": proposed, "accepted": accepted, "target_passes": passes,
-            "passes_by_proposals": dict(sorted(by_proposals.items())),
+            "passes_by_proposals": dict(sorted(by_proposals.items())), "draft_steps": draft_steps["steps"],
             "acceptance_rate": accepted / max(proposed, 1), "tokens_per_pass": (accepted + passes) / passes,
             "mean_proposal_length": proposed / passes}
 
@@ -94,10 +105,11 @@ def pass_times(model: GPT, draft: GPT | None, tokenizer, gamma: int, tokens: int
     """Median ms of a target pass over t = 1 .. gamma + 1 tokens (t = 1: a plain decode
     step; t = k + 1: the verify pass after k proposals) and of a draft decode step, warm:
     each model's cache is filled once, each timed pass is rolled back off it, and the
-    passes alternate within each repeat, as they alternate in speculation. A pass costs
-    more as the context grows, so this is done after the prompt, halfway through the
-    ``tokens`` new tokens and at their end (within the context), and the three medians
-    are averaged: the mean cost over a generation."""
+    passes alternate within each repeat, as they alternate in speculation. Each model runs
+    as the token loop runs it (`Context`: its cache's dtype, its autocast on CUDA). A pass
+    costs more as the context grows, so this is done after the prompt, halfway through the
+    ``tokens`` new tokens and at their end (within each model's context), and the three
+    medians are averaged: the mean cost over a generation."""
     device = next(model.parameters()).device
     clock = timer(device)
     prompt = tokenizer.encode(PROMPT)
@@ -108,33 +120,38 @@ def pass_times(model: GPT, draft: GPT | None, tokenizer, gamma: int, tokens: int
     if draft is not None:
         runs["draft_step_ms"] = ("draft", 1)
     medians = {key: [] for key in runs}
-    for cached in sorted({min(len(prompt), longest), (len(prompt) + longest) // 2, longest}):
-        caches = {name: KVCache(net.config, 1, net.config.block_size, device) for name, net in nets.items()}
+    for length in sorted({min(len(prompt), longest), (len(prompt) + longest) // 2, longest}):
+        contexts, cached = {}, {}
         for name, net in nets.items():
-            net(ids[:, :cached], cache=caches[name], last_only=True)
+            cached[name] = min(length, net.config.block_size - gamma - 1)  # a draft may have a shorter context
+            contexts[name] = context = Context(net, [ids[0, : cached[name]].tolist()], gamma + 1, "exact")
+            with context.precision.autocast():
+                net(ids[:, : cached[name]], cache=context.cache, last_only=True)
         times = {key: [] for key in runs}
         for _ in range(repeats):
             for key, (name, t) in runs.items():
-                started = clock()
-                nets[name](ids[:, cached : cached + t], cache=caches[name], last_only=t == 1)
-                times[key].append(clock() - started)
-                caches[name].rollback(cached)
+                context, start = contexts[name], cached[name]
+                with context.precision.autocast():
+                    started = clock()
+                    nets[name](ids[:, start : start + t], cache=context.cache, last_only=t == 1)
+                    times[key].append(clock() - started)
+                context.cache.rollback(start)
         for key, values in times.items():
             medians[key].append(statistics.median(values))
     return {key: 1000 * statistics.mean(values) for key, values in medians.items()}
 
 
-def model_time_bound(figures: dict, times: dict, drafted: bool) -> dict:
+def model_time_bound(figures: dict, times: dict) -> dict:
     """What the models' time alone allows a speculative side: each target pass costs the
-    pass over its own proposal length + 1 tokens (`pass_times`), plus one draft step a
-    proposal for a draft (its catch-up step after a fully accepted proposal not counted,
-    so the bound is a little generous), weighted by how often each length occurred.
-    Returns that model time a pass, the measured time a pass, and the bound: the speed-up
-    over plain decoding's model time (one single-token pass a token) if the loop around
-    the models cost nothing."""
+    pass over its own proposal length + 1 tokens (`pass_times`), weighted by how often each
+    length occurred, plus, for a draft, its one-token steps (``figures["draft_steps"]``, as
+    `acceptance` counted them) at a draft step's time. Returns that model time a pass and
+    the bound: the speed-up over plain decoding's model time (one single-token pass a
+    token) if the loop around the models cost nothing."""
     passes = sum(figures["passes_by_proposals"].values())
-    model_ms = sum(count * (times[f"target_{k + 1}_tokens_ms"] + (k * times["draft_step_ms"] if drafted else 0))
-                   for k, count in figures["passes_by_proposals"].items()) / passes
+    target_ms = sum(count * times[f"target_{k + 1}_tokens_ms"] for k, count in figures["passes_by_proposals"].items())
+    draft_ms = figures.get("draft_steps", 0) * times.get("draft_step_ms", 0.0)
+    model_ms = (target_ms + draft_ms) / passes
     return {"model_ms_per_pass": model_ms,
             "bound": figures["tokens_per_pass"] * times["target_1_tokens_ms"] / model_ms}
 
@@ -158,6 +175,8 @@ def main() -> None:
                         "a smoke run of every measurement, not a measurement")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "speculative_speed.json")
     args = parser.parse_args()
+    if not 0 <= args.p_min < 1:
+        parser.error(f"--p-min must be >= 0 and < 1 (0: no such side), got {args.p_min}")
     device = torch.device(args.device)
     if args.tiny:
         model, draft, tokenizer = tiny_models(args.device)
@@ -197,7 +216,7 @@ def main() -> None:
     times = pass_times(model, draft, tokenizer, args.gamma, args.tokens)
     for row in results.values():
         for side, figures in row["acceptance"].items():
-            figures |= model_time_bound(figures, times, sides[side].draft is not None)
+            figures |= model_time_bound(figures, times)
             figures["measured_ms_per_pass"] = 1000 * figures["tokens_per_pass"] / row["tokens_per_s"][side]
     print("\n| strategy | side | tokens/s | x plain | acceptance rate | tokens per target pass | mean proposal length "
           "| ms a pass, models | ms a pass, measured | model-time bound |\n|---|---|---|---|---|---|---|---|---|---|")

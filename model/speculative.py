@@ -19,15 +19,17 @@ proposals are accepted while the argmax agrees and the target's argmax ends the 
 so the text is plain greedy decoding's. Prompt lookup's proposal is deterministic: q_i
 is one-hot at d_i, so d_i is accepted with probability p_i(d_i).
 
-A draft may also stop early, as llama.cpp's ``--draft-p-min`` and transformers' assistant
-confidence threshold do: before drawing d_i it looks at its own processed distribution, and
-when the largest probability there (`draft_confidence`) is below ``p_min`` the step verifies
-d_1..d_{i-1} and the target draws position i itself (with i = 1 the step is a plain one).
-The stop stays exact because whether position i is proposed depends only on the tokens
-before it, and given those the acceptance rule releases a token from p_i whether or not it
-is proposed. Dropping a d_i already drawn because q_i(d_i) is small would not: the proposals
-that survive are then drawn from q_i cut to its likely tokens, not from the q_i the rule
-divides by.
+A draft may also stop early on its own confidence (llama.cpp's ``--draft-p-min`` and
+transformers' assistant confidence threshold are stops of that kind, read at other points of
+the draft's step). Here, before drawing d_i, the draft looks at its own processed
+distribution, and when the largest probability there (`draft_confidence`) is below
+``p_min`` the step verifies d_1..d_{i-1} and the target draws position i itself (with i = 1
+the step is a plain one). The stop stays exact because it is decided before d_i and
+position i's acceptance coin are drawn, from what is fixed by then (the tokens before i and
+the draft's own state), and whichever way it goes the acceptance rule releases a token from
+p_i at position i. Dropping a d_i already drawn because q_i(d_i) is small would not be: the
+proposals that survive are then drawn from q_i cut to its likely tokens, not from the q_i
+the rule divides by.
 
 Penalties depend on the tokens so far, so p_i and q_i are both computed with the
 penalty state that counts d_1..d_{i-1}. A strategy whose state changes with the sampled
@@ -67,6 +69,13 @@ from model.tokenizer import Tokenizer
 DEFAULT_GAMMA = 4
 
 
+def check_p_min(p_min: float, name: str = "the draft's p-min") -> None:
+    """The draft's confidence stop is a probability below which it stops: 0 <= p_min < 1
+    (0 is off; at 1 it would never propose). ``name``: what the error calls it."""
+    if not 0 <= p_min < 1:  # NaN fails too
+        raise UserError(f"{name} must be >= 0 and < 1 (0 is off), got {p_min}")
+
+
 @dataclass(frozen=True)
 class Speculation:
     """Where proposals come from, and how many per step.
@@ -96,8 +105,7 @@ class Speculation:
             # a draft that restarts its window mid-proposal must still hold the last accepted token
             raise UserError(f"gamma {self.gamma} is more than half the draft's context "
                             f"({self.draft.config.block_size} tokens)")
-        if not 0 <= self.p_min < 1:
-            raise UserError(f"the draft's p-min must be >= 0 and < 1 (0 is off), got {self.p_min}")
+        check_p_min(self.p_min)
         if self.p_min > 0 and self.draft is None:
             raise UserError("p-min stops a draft model's proposal; prompt lookup's is deterministic, "
                             "with no confidence to measure")
@@ -188,9 +196,10 @@ def _draw(probs: torch.Tensor, generator: torch.Generator) -> int:
 def draft_confidence(processed: torch.Tensor) -> float:
     """max_j softmax(processed)_j for one row of `process_logits` output (1, V): when
     sampling, the largest probability of the distribution the draft draws from; for
-    greedy decoding, whose distribution is one-hot, the argmax's probability at
-    temperature 1 after the penalties (the softmax llama.cpp's and transformers' draft
-    confidence reads)."""
+    greedy decoding, whose distribution is one-hot and so always sure, the argmax's
+    probability at temperature 1 after the penalties. So greedy's stop reads the draft's
+    t = 1 softmax, while a sampling strategy with a sharp distribution (t near 0, top-k
+    with k = 1) has a confidence near 1 and rarely stops."""
     return float(torch.softmax(processed.to(torch.float64), dim=-1).max())
 
 

@@ -2,9 +2,12 @@
 optional dependency it drives (transformers, for bench/hf_side.py) is not installed.
 
 One fresh Python runs every script's --help in turn, each as ``__main__`` with its own
-folder first on the import path (as ``python bench/NAME.py`` has it), and reports, per
-script, the exit status and what the script printed; importing torch once instead of once
-a script keeps this a second or two."""
+folder first on the import path and the working folder not on it (as ``python
+bench/NAME.py`` has it: ``-P``), and reports, per script, the exit status and what the
+script printed. After each script the import path is put back as it was and the project's own modules
+(the checkout's) are unloaded, so no script can lean on what an earlier one imported or
+added to the path; torch and the other libraries stay loaded, imported once instead of
+once a script, which keeps this a second or two."""
 
 from __future__ import annotations
 
@@ -17,12 +20,15 @@ from tests.conftest import ROOT, run_cli
 SCRIPTS = sorted(path.relative_to(ROOT).as_posix() for path in (ROOT / "bench").glob("*.py"))
 
 RUN_EACH_HELP = r"""
-import contextlib, io, json, runpy, sys, traceback
+import contextlib, io, json, os, runpy, sys, traceback
+import torch
+scripts, path, modules = sys.argv[1:], sys.path[:], set(sys.modules)
+root = os.getcwd() + os.sep
 results = {}
-for script in sys.argv[1:]:
+for script in scripts:
     out, err, status = io.StringIO(), io.StringIO(), 0
     sys.argv = [script, "--help"]
-    sys.path.insert(0, script.rsplit("/", 1)[0])
+    sys.path[:] = [os.path.abspath(os.path.dirname(script))] + path
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             runpy.run_path(script, run_name="__main__")
@@ -31,7 +37,10 @@ for script in sys.argv[1:]:
         except BaseException:
             traceback.print_exc()
             status = 1
-    sys.path.pop(0)
+    sys.path[:] = path
+    for name in set(sys.modules) - modules:  # the project's own (model, sample, bench modules)
+        if (getattr(sys.modules[name], "__file__", None) or "").startswith(root):
+            del sys.modules[name]
     results[script] = {"status": status, "stdout": out.getvalue(), "stderr": err.getvalue()}
 print(json.dumps(results))
 """
@@ -39,7 +48,7 @@ print(json.dumps(results))
 
 @pytest.fixture(scope="module")
 def helps() -> dict:
-    result = run_cli("-c", RUN_EACH_HELP, *SCRIPTS, timeout=300)
+    result = run_cli("-P", "-c", RUN_EACH_HELP, *SCRIPTS, timeout=300)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.splitlines()[-1])
 

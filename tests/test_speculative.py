@@ -450,7 +450,8 @@ def test_serve_takes_the_draft_p_min_as_generate_does(tiny_checkpoint, loaded):
     (["--prompt-lookup", "2", "--speculate", "0"], "--speculate must be >= 1"),
     (["--prompt-lookup", "2", "--draft-p-min", "0.3"], "--draft-p-min needs --draft"),
     (["--draft-p-min", "0.3"], "--draft-p-min needs --draft"),
-    (["--draft", "SELF", "--draft-p-min", "1"], "p-min must be >= 0 and < 1"),
+    (["--draft", "SELF", "--draft-p-min", "1"], "--draft-p-min must be >= 0 and < 1"),
+    (["--draft", "NOT-LOADED", "--draft-p-min", "nan"], "--draft-p-min must be >= 0 and < 1"),
 ])
 def test_generate_refuses_bad_speculation_flags_in_one_line(tiny_checkpoint, capsys, extra, message):
     import sample
@@ -518,6 +519,11 @@ def test_speculative_speed_bench_runs(tmp_path):
     assert sum(k * count for k, count in histogram.items()) == passes["proposed"]
     assert set(saved["pass_times"]) == {f"target_{t}_tokens_ms" for t in range(1, saved["gamma"] + 2)} | {"draft_step_ms"}
     assert passes["model_ms_per_pass"] > 0 and passes["measured_ms_per_pass"] > 0 and passes["bound"] > 0
+    for side in ("draft", "draft p-min"):  # each proposal is a draft step; catch-ups and p-min's stops are more
+        figures = saved["results"]["sample"]["acceptance"][side]
+        assert figures["draft_steps"] >= figures["proposed"]
+    stopped = saved["results"]["sample"]["acceptance"]["draft p-min"]
+    assert stopped["draft_steps"] > stopped["proposed"]
 
 
 def test_the_model_time_bound_weighs_each_pass_by_its_own_length():
@@ -526,12 +532,38 @@ def test_the_model_time_bound_weighs_each_pass_by_its_own_length():
     sys.path.insert(0, str(ROOT / "bench"))
     from speculative_speed import model_time_bound
 
-    # one plain pass (2 ms) and three passes of 4 proposals (a 5-token pass of 3 ms and
-    # four 0.5 ms draft steps each): (2 + 3 * (3 + 2)) / 4 = 4.25 ms a pass; 3 tokens a
-    # pass against 2 ms a token plain: 6 / 4.25
-    figures = {"passes_by_proposals": {0: 1, 4: 3}, "tokens_per_pass": 3.0}
+    # one plain pass (2 ms) and three 5-token passes (3 ms) after 4 proposals each, with 13
+    # draft steps of 0.5 ms in all (12 proposals and a catch-up step):
+    # (2 + 3 * 3 + 13 * 0.5) / 4 = 4.375 ms a pass; 3 tokens a pass against 2 ms a token plain
+    figures = {"passes_by_proposals": {0: 1, 4: 3}, "tokens_per_pass": 3.0, "draft_steps": 13}
     times = {"target_1_tokens_ms": 2.0, "target_5_tokens_ms": 3.0, "draft_step_ms": 0.5}
-    assert model_time_bound(figures, times, drafted=True) == pytest.approx({"model_ms_per_pass": 4.25,
-                                                                             "bound": 6 / 4.25})
+    assert model_time_bound(figures, times) == pytest.approx({"model_ms_per_pass": 4.375, "bound": 6 / 4.375})
     # prompt lookup has no draft steps: (2 + 3 * 3) / 4
-    assert model_time_bound(figures, times, drafted=False)["model_ms_per_pass"] == pytest.approx(11 / 4)
+    lookup = {"passes_by_proposals": {0: 1, 4: 3}, "tokens_per_pass": 3.0}
+    assert model_time_bound(lookup, times)["model_ms_per_pass"] == pytest.approx(11 / 4)
+
+
+def test_pass_times_runs_each_model_as_the_token_loop_does(monkeypatch):
+    # On CUDA the loop runs under bf16 autocast with a bf16 cache: pretend the CPU does, and
+    # check every timed pass ran so. The draft has half the target's context.
+    import sys
+
+    from model.device import Precision
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from speculative_speed import PROMPT as BENCH_PROMPT
+    from speculative_speed import pass_times
+
+    tokenizer = CharTokenizer(sorted(set(BENCH_PROMPT)))
+    monkeypatch.setattr(Precision, "for_device", classmethod(lambda cls, device: cls(device, torch.bfloat16)))
+    torch.manual_seed(0)
+    target = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=16)).eval()
+    draft = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layer=1, n_head=1, n_embd=8)).eval()
+    seen = []
+    for net in (target, draft):
+        net.register_forward_pre_hook(lambda module, args, kwargs: seen.append(
+            (kwargs["cache"].keys.dtype, torch.is_autocast_enabled("cpu"))), with_kwargs=True)
+    times = pass_times(target, draft, tokenizer, gamma=3, tokens=40, repeats=2)
+    assert set(times) == {"target_1_tokens_ms", "target_2_tokens_ms", "target_3_tokens_ms", "target_4_tokens_ms",
+                          "draft_step_ms"}
+    assert seen and set(seen) == {(torch.bfloat16, True)}
