@@ -16,6 +16,7 @@ import prepare_memory  # noqa: E402
 import train_speed  # noqa: E402
 
 
+@pytest.mark.slow  # trains both loops of the bench for a few steps each: 5-7 s
 def test_train_speed_bench_compares_the_loops_and_writes_its_table(tmp_path, capsys):
     out = tmp_path / "train_speed.json"
     assert train_speed.main(["--cases", "char-4x4x128", "--device", "cpu", "--steps", "1", "--window", "1",
@@ -54,6 +55,7 @@ def test_train_speed_bench_refuses_bad_settings(capsys):
     assert errors == ["error: --steps (10) must be a multiple of --window (3)", "error: --repeats must be >= 1, got 0"]
 
 
+@pytest.mark.slow  # prepares a corpus in child processes: about 3 s
 def test_prepare_memory_bench_runs_and_writes_its_table(tmp_path, capsys):
     out = tmp_path / "prepare_memory.json"
     prepare_memory.main(["--size-mb", "1", "--tokenizer", "char", "--out", str(out)])

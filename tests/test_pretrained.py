@@ -416,6 +416,7 @@ def test_parity_with_transformers_gpt2(tmp_path):
     assert tokens[0, 4:].tolist() == their_tokens.tolist()
 
 
+@pytest.mark.slow  # builds and times a GPT-2 shaped model: about 3 s
 def test_gpt2_speed_bench_smoke(tmp_path, monkeypatch, capsys):
     sys.path.insert(0, str(ROOT / "bench"))
     import gpt2_speed

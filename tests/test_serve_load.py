@@ -26,6 +26,7 @@ def check_every_request_served_or_refused(load: dict) -> None:
     assert load["running_after"] == 0 and load["waiting_after"] == 0
 
 
+@pytest.mark.slow  # starts a server and runs every client count of the bench: 4-5 s
 def test_load_bench_smoke(tiny_checkpoint, tmp_path):
     result = run_bench(tiny_checkpoint, tmp_path, "--clients", "3", "--seconds", "0.5", "--rate-clients", "1",
                        "--rate-seconds", "0.3", "--max-tokens", "16", "--abandon-every", "2",

@@ -35,6 +35,7 @@ def churn_faults(mode: str) -> int:
     return int(result.stdout)
 
 
+@pytest.mark.slow  # allocates and frees large buffers for many rounds: 3-7 s
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_freed_buffers_are_reused_instead_of_faulted_in_again():
     default, kept = churn_faults("default"), churn_faults("keep")
