@@ -41,7 +41,7 @@ import torch
 from model.checkpoint import load_for_generation
 from model.config import ModelConfig
 from model.generate import Context, generate
-from model.gpt import GPT, KVCache
+from model.gpt import GPT
 from model.speculative import Speculation, SpeculativeRow, check_same_tokenizer
 from model.strategy import parse_strategy_with_defaults
 from model.tokenizer import CharTokenizer
@@ -76,11 +76,13 @@ def acceptance(model, tokenizer, spec, speculation, tokens: int, seeds: range) -
     does not stop these rows)."""
     proposed = accepted = passes = 0
     by_proposals: Counter[int] = Counter()
-    draft_steps = Counter()
-    hook = None
-    if speculation.draft is not None:
-        hook = speculation.draft.register_forward_pre_hook(
-            lambda module, inputs: draft_steps.update(steps=int(inputs[0].size(1) == 1)))
+    draft_steps = 0
+
+    def count_draft_step(module, inputs) -> None:
+        nonlocal draft_steps
+        draft_steps += inputs[0].size(1) == 1  # a one-token forward; a prefill reads several
+
+    hook = speculation.draft.register_forward_pre_hook(count_draft_step) if speculation.draft is not None else None
     try:
         for seed in seeds:
             row = SpeculativeRow(model, tokenizer.encode(PROMPT), spec, speculation, seed, "exact", tokens,
@@ -95,7 +97,7 @@ def acceptance(model, tokenizer, spec, speculation, tokens: int, seeds: range) -
         if hook is not None:
             hook.remove()
     return {"proposed": proposed, "accepted": accepted, "target_passes": passes,
-            "passes_by_proposals": dict(sorted(by_proposals.items())), "draft_steps": draft_steps["steps"],
+            "passes_by_proposals": dict(sorted(by_proposals.items())), "draft_steps": draft_steps,
             "acceptance_rate": accepted / max(proposed, 1), "tokens_per_pass": (accepted + passes) / passes,
             "mean_proposal_length": proposed / passes}
 
@@ -235,7 +237,8 @@ def main() -> None:
     for name, row in results.items():
         if "greedy_equals_plain" in row:
             print(f"{name}: the same tokens as plain decoding: {row['greedy_equals_plain']}")
-    print("model passes, median ms (warm, alternating): " + ", ".join(f"{key} {value:.2f}" for key, value in times.items()))
+    print("model passes, median ms (warm, alternating): "
+          + ", ".join(f"{key} {value:.2f}" for key, value in times.items()))
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
