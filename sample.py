@@ -45,7 +45,7 @@ from model.device import resolve_device
 from model.errors import UserError
 from model.export import export_gpt2_folder
 from model.generate import (
-    WINDOW_MODES, Event, Sample, encode_prompt, generate_events, long_prompt_note, new_samples,
+    WINDOW_MODES, Event, Sample, SpeculationCounts, encode_prompt, generate_events, long_prompt_note, new_samples,
 )
 from model.speculative import DEFAULT_GAMMA, Speculation, check_p_min, check_same_tokenizer
 from model.score import TextScore, score_tokens, token_byte_lengths, windows
@@ -379,6 +379,9 @@ def run_generate(args: argparse.Namespace) -> None:
                 # a speculative step releases several tokens for a row: the bar follows the furthest row
                 bar.update(max(collections.Counter(event.row for event in step).values(), default=0)
                            if speculation is not None else 1)
+        if speculation is not None:  # how the proposals went, on stderr beside the text
+            counts = sum((sample.speculation for sample in samples if sample.speculation), SpeculationCounts())
+            print(counts.summary(), file=sys.stderr)
         if args.explain:
             write_text(sys.stdout, f"{spec.label}: {' > '.join(spec.chain)} ({chain_order_text(spec.order)})\n")
             print_explanation(samples[0], tokenizer)

@@ -276,6 +276,37 @@ class TokenDetail:
 
 
 @dataclass(frozen=True)
+class SpeculationCounts:
+    """How one row's speculative decoding went: the proposal tokens the target checked,
+    those the acceptance rule kept, and the target's passes (one a step; a plain step
+    counts, with nothing proposed)."""
+
+    proposed: int = 0
+    accepted: int = 0
+    passes: int = 0
+
+    def __add__(self, other: SpeculationCounts) -> SpeculationCounts:
+        return SpeculationCounts(self.proposed + other.proposed, self.accepted + other.accepted,
+                                 self.passes + other.passes)
+
+    @property
+    def acceptance_rate(self) -> float:
+        """accepted / proposed; 0 when nothing was proposed."""
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def tokens_per_pass(self) -> float:
+        """Tokens a target pass released: the accepted ones and its own (0 without passes)."""
+        return (self.accepted + self.passes) / self.passes if self.passes else 0.0
+
+    def summary(self) -> str:
+        """One line, as sample.py generate prints it after a speculative generation."""
+        return (f"speculative decoding: {self.accepted:,} of {self.proposed:,} proposed tokens accepted "
+                f"({self.acceptance_rate:.1%}), {self.tokens_per_pass:.2f} tokens per target pass "
+                f"({self.passes:,} passes)")
+
+
+@dataclass(frozen=True)
 class Event:
     """One token released for one row of a generation, or the end of a row.
 
@@ -292,6 +323,7 @@ class Event:
     offset: int  # characters of the row's text before this token's text (at most the final text's length)
     detail: TokenDetail | None = None  # the top candidates, when asked for (top > 0)
     finish: str | None = None  # on the row's last event: "eot", "stop" or "length"
+    speculation: SpeculationCounts | None = None  # on a speculative row's last event: how it went
 
 
 @dataclass
@@ -305,6 +337,7 @@ class Sample:
     logprobs: list[float] = field(default_factory=list)  # log p(token) under the model's raw distribution
     finish: str = "length"  # "eot", "stop" or "length"
     details: list[TokenDetail] = field(default_factory=list)  # one per token when asked for (top > 0)
+    speculation: SpeculationCounts | None = None  # decoded speculatively: its proposals and passes
 
     def add(self, event: Event) -> None:
         if event.token is not None:
@@ -316,6 +349,8 @@ class Sample:
         self.text += event.text
         if event.finish is not None:
             self.finish = event.finish
+        if event.speculation is not None:
+            self.speculation = event.speculation
 
 
 class RowEnd:

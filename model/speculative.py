@@ -53,7 +53,7 @@ it only proposes, so what it sees changes the speed, never the output distributi
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, Sequence
 
 import torch
@@ -61,7 +61,9 @@ import torch.nn.functional as F
 
 from model.decoding import PenaltyState, draw_tokens, sampling_distribution
 from model.errors import UserError
-from model.generate import Context, Event, RowEnd, Step, _token_details, check_batch_memory, prefill
+from model.generate import (
+    Context, Event, RowEnd, SpeculationCounts, Step, _token_details, check_batch_memory, prefill,
+)
 from model.gpt import GPT
 from model.strategy import DecodingSpec
 from model.tokenizer import Tokenizer
@@ -386,19 +388,27 @@ def speculative_events(model: GPT, tokenizer: Tokenizer, prompts: list[list[int]
                        speculation: Speculation, *, max_new_tokens: int, seed: int, stop: Sequence[str],
                        window: str, top: int) -> Iterator[list[Event]]:
     """`generate_events`' stream (one row per prompt given, row r seeded ``seed + r``),
-    with each step's tokens made speculatively: a row gets one event per released token.
-    The arguments are checked by the caller (`check_speculation`)."""
+    with each step's tokens made speculatively: a row gets one event per released token,
+    and its last event carries the row's `SpeculationCounts`. The arguments are checked
+    by the caller (`check_speculation`)."""
     ends = [RowEnd(row, tokenizer, stop, max_new_tokens) for row in range(len(prompts))]
     if max_new_tokens == 0:
-        yield [end.empty_end() for end in ends]
+        yield [replace(end.empty_end(), speculation=SpeculationCounts()) for end in ends]
         return
     rows = [SpeculativeRow(model, prompt, spec, speculation, seed + row, window, max_new_tokens, tokenizer.vocab_size)
             for row, prompt in enumerate(prompts)]
+    counts = [SpeculationCounts() for _ in prompts]
     while not all(end.ended for end in ends):
         events = []
-        for row, end in zip(rows, ends):
-            if not end.ended:
-                events += _row_events(end, row.step(end.max_tokens - end.taken), top, spec)
+        for r, (row, end) in enumerate(zip(rows, ends)):
+            if end.ended:
+                continue
+            step = row.step(end.max_tokens - end.taken)
+            counts[r] += SpeculationCounts(step.proposed, step.accepted, 1)
+            released = _row_events(end, step, top, spec)
+            if end.ended:
+                released[-1] = replace(released[-1], speculation=counts[r])
+            events += released
         yield events
 
 

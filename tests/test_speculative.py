@@ -16,7 +16,7 @@ from model import speculative
 from model.config import ModelConfig
 from model.decoding import process_logits, sampling_distribution
 from model.errors import UserError
-from model.generate import generate
+from model.generate import SpeculationCounts, generate
 from model.gpt import GPT, KVCache
 from model.speculative import DraftProposer, Speculation, SpeculativeRow, check_same_tokenizer, lookup_continuation
 from model.strategy import DecodingSpec
@@ -78,6 +78,45 @@ def test_an_identical_draft_has_every_proposal_accepted_when_sampling():
     steps = [row.step(25 - 5 * i) for i in range(5)]
     assert [(s.proposed, s.accepted) for s in steps] == [(4, 4)] * 5
     assert row.context.length == 5 + 25
+
+
+def test_a_sample_counts_its_proposals_and_passes():
+    # The target as its own draft accepts all 4 proposals of every step (the test above):
+    # 25 tokens in 5 passes of 5, 20 of 20 proposals accepted.
+    target = random_model(0, scale=4)
+    spec = DecodingSpec(temperature=0.9, top_k=10, repetition_penalty=1.3)
+    sample = generate(target, TOKENIZER, ["hello"], spec, max_new_tokens=25, seed=3,
+                      speculate=Speculation(draft=target, gamma=4))[0]
+    assert sample.finish == "length" and len(sample.tokens) == 25
+    assert sample.speculation == SpeculationCounts(proposed=20, accepted=20, passes=5)
+    assert sample.speculation.acceptance_rate == 1.0 and sample.speculation.tokens_per_pass == 5.0
+    plain = generate(target, TOKENIZER, ["hello"], spec, max_new_tokens=25, seed=3)[0]
+    assert plain.speculation is None
+
+
+def test_each_target_pass_releases_its_accepted_tokens_and_one_more():
+    # With a draft that is often rejected, a row that runs to its length released exactly
+    # accepted + passes tokens: every pass its accepted proposals and the target's own token.
+    target, draft = random_model(0, scale=4), random_model(1, scale=4)
+    spec = DecodingSpec(temperature=0.9, top_k=10)
+    samples = generate(target, TOKENIZER, ["hello", "ab"], spec, max_new_tokens=30, seed=5, num_samples=2,
+                       speculate=Speculation(draft=draft, gamma=3))
+    lengths = [s for s in samples if s.finish == "length"]
+    assert lengths
+    for sample in lengths:
+        counts = sample.speculation
+        assert len(sample.tokens) == 30 == counts.accepted + counts.passes
+        assert counts.proposed <= 3 * counts.passes
+    assert sum(s.speculation.accepted for s in samples) < sum(s.speculation.proposed for s in samples)
+
+
+def test_speculation_counts_add_up_and_summarise():
+    total = SpeculationCounts(10, 6, 4) + SpeculationCounts(2, 0, 3)
+    assert total == SpeculationCounts(12, 6, 7)
+    assert total.acceptance_rate == pytest.approx(0.5) and total.tokens_per_pass == pytest.approx(13 / 7)
+    assert total.summary() == ("speculative decoding: 6 of 12 proposed tokens accepted (50.0%), "
+                               "1.86 tokens per target pass (7 passes)")
+    assert SpeculationCounts().acceptance_rate == 0.0 and SpeculationCounts().tokens_per_pass == 0.0
 
 
 def test_details_of_speculative_tokens_are_those_of_plain_decoding():
@@ -568,3 +607,26 @@ def test_pass_times_runs_each_model_as_the_token_loop_does(monkeypatch):
     assert set(times) == {"target_1_tokens_ms", "target_2_tokens_ms", "target_3_tokens_ms", "target_4_tokens_ms",
                           "draft_step_ms"}
     assert seen and set(seen) == {(torch.bfloat16, True)}
+
+
+@pytest.mark.parametrize("flags, rate", [(["--draft", "SELF"], "(100.0%)"), (["--prompt-lookup", "1"], "%)")])
+def test_generate_prints_how_the_speculation_went(tiny_checkpoint, capsys, flags, rate):
+    # the model as its own draft has every proposal accepted; the line goes to stderr, beside the text
+    import sample
+
+    capsys.readouterr()
+    flags = [str(tiny_checkpoint) if word == "SELF" else word for word in flags]
+    assert sample.main([str(tiny_checkpoint), "--max-new-tokens", "12", "--device", "cpu", "--seed", "1",
+                        "--num-samples", "2", *flags]) == 0
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.startswith("speculative decoding: ")]
+    assert len(lines) == 1 and rate in lines[0] and "tokens per target pass" in lines[0]
+    assert "speculative decoding" not in out
+
+
+def test_plain_generate_prints_no_speculation_line(tiny_checkpoint, capsys):
+    import sample
+
+    capsys.readouterr()
+    assert sample.main([str(tiny_checkpoint), "--max-new-tokens", "5", "--device", "cpu"]) == 0
+    assert "speculative decoding" not in capsys.readouterr().err
