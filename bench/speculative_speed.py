@@ -40,7 +40,7 @@ import torch
 
 from model.checkpoint import load_for_generation
 from model.config import ModelConfig
-from model.generate import Context, generate
+from model.generate import Context, SpeculationCounts, generate
 from model.gpt import GPT
 from model.speculative import Speculation, SpeculativeRow, check_same_tokenizer
 from model.strategy import parse_strategy_with_defaults
@@ -96,9 +96,10 @@ def acceptance(model, tokenizer, spec, speculation, tokens: int, seeds: range) -
     finally:
         if hook is not None:
             hook.remove()
+    counts = SpeculationCounts(proposed, accepted, passes)
     return {"proposed": proposed, "accepted": accepted, "target_passes": passes,
             "passes_by_proposals": dict(sorted(by_proposals.items())), "draft_steps": draft_steps,
-            "acceptance_rate": accepted / max(proposed, 1), "tokens_per_pass": (accepted + passes) / passes,
+            "acceptance_rate": counts.acceptance_rate, "tokens_per_pass": counts.tokens_per_pass,
             "mean_proposal_length": proposed / passes}
 
 
