@@ -19,6 +19,8 @@ Endpoints:
 Extensions to OpenAI's completions: ``strategy``, a spec such as "top-p:p=0.9" instead of
 the sampling fields (the page sends only these), and in each choice's ``logprobs``,
 ``display_tokens`` and ``top_display``: the tokens as `Tokenizer.display` shows them.
+Served with a draft (``serve --draft``), a choice ends with ``speculation``: its
+``proposed`` and ``accepted`` tokens and ``target_passes``.
 
 Every request is validated before any work: a bad one gets a 4xx whose body is one line
 of JSON, ``{"error": {"message": ..., "type": ..., "param": <the field>, "code": null}}``;
@@ -756,6 +758,10 @@ class Server:
                 choice["token_ids"].append(event.token)
         if event.finish is not None:
             choice["finish_reason"] = "length" if event.finish == "length" else "stop"
+        if event.speculation is not None:  # decoded speculatively (serve --draft): how its proposals went
+            counts = event.speculation
+            choice["speculation"] = {"proposed": counts.proposed, "accepted": counts.accepted,
+                                     "target_passes": counts.passes}
 
     def app(self) -> Starlette:
         """The Starlette app; ``app.state.server`` is this object."""

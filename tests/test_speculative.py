@@ -532,9 +532,18 @@ def test_the_server_with_a_draft_completes_as_plain_greedy(loaded):
             model="tiny", prompt="The quick", max_tokens=30, temperature=0, stream=True))
         beam = client.completions.create(model="tiny", prompt="The quick", max_tokens=5,
                                          extra_body={"strategy": "beam:n=2"})  # not speculative: decoded plainly
+        last = list(client.completions.create(model="tiny", prompt="The quick", max_tokens=30, temperature=0,
+                                              stream=True))[-1]
     assert greedy.choices[0].text == expected
     assert streamed == expected
     assert beam.choices[0].finish_reason in ("length", "stop")
+    # the model as its own draft: every proposal accepted, each of the passes releasing its
+    # proposals and one token, 30 in all
+    assert greedy.choices[0].finish_reason == "length"
+    for counts in (greedy.choices[0].model_extra["speculation"], last.choices[0].model_extra["speculation"]):
+        assert counts["accepted"] == counts["proposed"] > 0
+        assert counts["accepted"] + counts["target_passes"] == 30
+    assert "speculation" not in (beam.choices[0].model_extra or {})
 
 
 def test_speculative_speed_bench_runs(tmp_path):
