@@ -19,8 +19,8 @@ Endpoints:
 Extensions to OpenAI's completions: ``strategy``, a spec such as "top-p:p=0.9" instead of
 the sampling fields (the page sends only these), and in each choice's ``logprobs``,
 ``display_tokens`` and ``top_display``: the tokens as `Tokenizer.display` shows them.
-Served speculatively (``serve --draft`` or ``--prompt-lookup``), a choice ends with ``speculation``: its
-``proposed`` and ``accepted`` tokens and ``target_passes``.
+Served speculatively (``serve --draft`` or ``--prompt-lookup``), a choice ends with
+``speculation``: its ``proposed`` and ``accepted`` tokens and ``target_passes``.
 
 Every request is validated before any work: a bad one gets a 4xx whose body is one line
 of JSON, ``{"error": {"message": ..., "type": ..., "param": <the field>, "code": null}}``;
