@@ -319,10 +319,10 @@ def add_speculation_flags(parser: argparse.ArgumentParser, serving: bool = False
 def speculation_from_args(args: argparse.Namespace, tokenizer: Tokenizer, device: torch.device) -> Speculation | None:
     """The Speculation of --draft / --prompt-lookup / --speculate / --draft-p-min (None
     without them); the draft is loaded here and must have the model's tokenizer."""
-    if args.draft_p_min is not None and args.draft is None:
-        raise UserError("--draft-p-min needs --draft (prompt lookup's proposals are deterministic: "
-                        "there is no draft confidence to measure)")
     if args.draft_p_min is not None:
+        if args.draft is None:
+            raise UserError("--draft-p-min needs --draft (prompt lookup's proposals are deterministic: "
+                            "there is no draft confidence to measure)")
         check_p_min(args.draft_p_min, "--draft-p-min")  # before the draft is loaded
     if args.draft is None and args.prompt_lookup is None:
         if args.speculate is not None:

@@ -40,7 +40,7 @@ import torch
 
 from model.checkpoint import load_for_generation
 from model.config import ModelConfig
-from model.generate import Context, SpeculationCounts, generate
+from model.generate import Context, SpeculationCounts, generate, prefill
 from model.gpt import GPT
 from model.speculative import Speculation, SpeculativeRow, check_same_tokenizer
 from model.strategy import parse_strategy_with_defaults
@@ -129,7 +129,7 @@ def pass_times(model: GPT, draft: GPT | None, tokenizer, gamma: int, tokens: int
             cached[name] = min(length, net.config.block_size - gamma - 1)  # a draft may have a shorter context
             contexts[name] = context = Context(net, [ids[0, : cached[name]].tolist()], gamma + 1, "exact")
             with context.precision.autocast():
-                net(ids[:, : cached[name]], cache=context.cache, last_only=True)
+                prefill(net, ids[:, : cached[name]], context.cache, None)
         times = {key: [] for key in runs}
         for _ in range(repeats):
             for key, (name, t) in runs.items():
