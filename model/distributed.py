@@ -92,6 +92,12 @@ def start(ddp: Distributed, device: torch.device) -> None:
     """Join the process group (a no-op for a single process)."""
     if not ddp.enabled:
         return
+    # DDP imports torch.distributed.nn on first use, and its functions take group=group.WORLD
+    # as a default argument. Imported after the group exists, they would hold the group for
+    # the life of the process: destroy_process_group could not free it, gloo's worker threads
+    # would outlive the interpreter, and one still dropping a tensor at exit aborts the process.
+    import torch.distributed.nn  # noqa: F401  (imported while there is no group: the defaults are None)
+
     if device.type == "cuda":
         torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl", device_id=device)

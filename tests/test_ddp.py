@@ -7,8 +7,9 @@ DDP averages the two processes' gradients (each a mean over half the batch) wher
 process takes one mean over the whole batch. So we assert (1) the two ranks hold
 bit-identical parameters (DDP hands both the same averaged gradient), (2) the losses
 and final parameters match the single process to float32 rounding, amplified a little
-by a few Adam steps, and (3) gradient accumulation under DDP skips the all-reduce on
-every micro-step but the last.
+by a few Adam steps, (3) gradient accumulation under DDP skips the all-reduce on
+every micro-step but the last, and (4) a finished run leaves no gloo thread behind: one
+still running when the interpreter shuts down can abort the process at exit.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,6 +44,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def native_threads() -> int | None:
+    """The process's threads that Python did not start (gloo's among them); None off Linux."""
+    tasks = Path("/proc/self/task")
+    return len(list(tasks.iterdir())) - threading.active_count() if tasks.is_dir() else None
+
+
 def worker(rank: int, world_size: int, port: int, args: list[str], out: str) -> None:
     """One torchrun-like process: the environment torchrun would set, then train()."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
@@ -56,8 +65,10 @@ def worker(rank: int, world_size: int, port: int, args: list[str], out: str) -> 
     torch.nn.parallel.DistributedDataParallel.no_sync = counting_no_sync
     models, real_build_optimizers = [], train.build_optimizers  # every rank's model, to compare their weights
     train.build_optimizers = lambda model, *more: models.append(model) or real_build_optimizers(model, *more)
+    threads_before = native_threads()
     train.train(load_config(None, args), progress=False)
-    torch.save({"params": models[0].state_dict(), "no_sync": len(no_sync_calls)}, f"{out}/rank{rank}.pt")
+    torch.save({"params": models[0].state_dict(), "no_sync": len(no_sync_calls),
+                "threads": (threads_before, native_threads())}, f"{out}/rank{rank}.pt")
 
 
 def run_ddp(tmp_path, args: list[str], world_size: int = 2) -> list[dict]:
@@ -86,6 +97,11 @@ def test_two_gloo_processes_match_one_process(micro, tiny_dataset, tmp_path):
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)  # the mean over both processes
     # with two micro-steps per step, the first of each step skipped the all-reduce
     assert [r["no_sync"] for r in ranks] == [STEPS if micro else 0] * 2
+    # the process group and its threads are gone once train() returns (they were not
+    # while a module imported after the group held it as a default argument)
+    for r in ranks:
+        before, after = r["threads"]
+        assert after == before, f"{after - before} native thread(s) outlived train()"
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["best.pt", "last.pt", "metrics.jsonl"]
 
 
