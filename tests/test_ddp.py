@@ -97,8 +97,7 @@ def test_two_gloo_processes_match_one_process(micro, tiny_dataset, tmp_path):
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)  # the mean over both processes
     # with two micro-steps per step, the first of each step skipped the all-reduce
     assert [r["no_sync"] for r in ranks] == [STEPS if micro else 0] * 2
-    # the process group and its threads are gone once train() returns (they were not
-    # while a module imported after the group held it as a default argument)
+    # by the time train() returns, the process group is freed and its threads are joined
     for r in ranks:
         before, after = r["threads"]
         assert after == before, f"{after - before} native thread(s) outlived train()"
