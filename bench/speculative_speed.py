@@ -74,7 +74,7 @@ def acceptance(model, tokenizer, spec, speculation, tokens: int, seeds: range) -
     and the draft's one-token steps (every proposal's, those stopped by p-min and the
     catch-up steps; its prefills not counted) over ``tokens`` tokens a seed (end-of-text
     does not stop these rows)."""
-    proposed = accepted = passes = 0
+    counts = SpeculationCounts()
     by_proposals: Counter[int] = Counter()
     draft_steps = 0
 
@@ -91,16 +91,15 @@ def acceptance(model, tokenizer, spec, speculation, tokens: int, seeds: range) -
             while made < tokens:
                 step = row.step(tokens - made)
                 made += len(step.tokens)
-                proposed, accepted, passes = proposed + step.proposed, accepted + step.accepted, passes + 1
+                counts += SpeculationCounts(step.proposed, step.accepted, 1)
                 by_proposals[step.proposed] += 1
     finally:
         if hook is not None:
             hook.remove()
-    counts = SpeculationCounts(proposed, accepted, passes)
-    return {"proposed": proposed, "accepted": accepted, "target_passes": passes,
+    return {"proposed": counts.proposed, "accepted": counts.accepted, "target_passes": counts.passes,
             "passes_by_proposals": dict(sorted(by_proposals.items())), "draft_steps": draft_steps,
             "acceptance_rate": counts.acceptance_rate, "tokens_per_pass": counts.tokens_per_pass,
-            "mean_proposal_length": proposed / passes}
+            "mean_proposal_length": counts.proposed / counts.passes}
 
 
 @torch.inference_mode()
